@@ -1,0 +1,618 @@
+/**
+ * tcp_server.ts: a TCP echo and chat server on `Deno.listen`.
+ *
+ * What it shows: TCP gives you a reliable, ordered *byte stream* and nothing
+ * else. A `read()` returns some bytes, not one message: one message can arrive
+ * in many reads and many messages in one read. So the echo mode needs no
+ * framing (bytes in, the same bytes out), while the chat mode must cut the
+ * stream into lines itself. It also shows the half-close (a peer that has
+ * finished sending can still receive), backpressure (await every write), and a
+ * server that one misbehaving client cannot crash.
+ *
+ * Run it (least privilege, from a checkout or straight from its URL):
+ *
+ *     deno run --allow-net=127.0.0.1:9000 tcp_server.ts
+ *     deno run --allow-net=127.0.0.1:9000 tcp_server.ts --mode chat
+ *     deno run -N https://raw.githubusercontent.com/OWNER/REPO/main/tcp_server.ts
+ *
+ * Poke it with netcat (`-N` sends EOF, a half-close, when stdin ends):
+ *
+ *     printf 'hello\n' | nc -N 127.0.0.1 9000     # echo: prints hello
+ *     nc 127.0.0.1 9000                           # chat: type lines, Ctrl-D leaves
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+const DEFAULT_HOSTNAME = "127.0.0.1";
+const DEFAULT_PORT = 9000;
+const DEFAULT_MAX_LINE = 64 * 1024;
+const DEFAULT_MAX_QUEUE = 2 * 1024 * 1024;
+const DEFAULT_MAX_CONNECTIONS = 8192;
+const DEFAULT_CHAT_IDLE_TIMEOUT = 300;
+// One buffer per connection, reused for every read: 64 KiB moves bulk data in
+// few reads, and a reused buffer costs no garbage per message.
+const READ_BUFFER_SIZE = 64 * 1024;
+// After an error line and our FIN, how long we keep reading (and discarding)
+// what the peer still sends. Closing a socket with unread input makes the
+// kernel send a reset, which can destroy the error line before it is read.
+const LINGER_MS = 2000;
+// How often the idle sweep runs, at most.
+const SWEEP_MS = 1000;
+
+const encoder = new TextEncoder();
+// Not `fatal`: bytes that are not UTF-8 become U+FFFD instead of an error.
+const decoder = new TextDecoder();
+
+/** What the server does with the bytes a client sends. */
+export type Mode = "echo" | "chat";
+
+/** Options for {@linkcode startTcpServer}. Sizes are in bytes. */
+export interface TcpServerOptions {
+  /** Address to bind. Default `127.0.0.1` (this machine only). */
+  hostname?: string;
+  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 9000. */
+  port?: number;
+  /** `echo` (default) sends every byte back; `chat` relays lines to everyone. */
+  mode?: Mode;
+  /** Chat: longest line accepted, without its line ending. Default 65536. */
+  maxLine?: number;
+  /** Chat: bytes queued for one client before it is dropped as too slow. Default 2 MiB. */
+  maxQueue?: number;
+  /** Connections served at once; the next one is told the server is full. Default 8192. */
+  maxConnections?: number;
+  /** Seconds without a byte from a client before it is dropped; 0 = never. Default 0 (echo), 300 (chat). */
+  idleTimeout?: number;
+  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
+  log?: (line: string) => void;
+}
+
+/** A running server, returned by {@linkcode startTcpServer}. */
+export interface TcpServer extends AsyncDisposable {
+  /** The address actually bound (with the real port when you asked for 0). */
+  readonly addr: Deno.NetAddr;
+  /** Connections open right now. */
+  readonly connections: number;
+  /** Stop accepting, close every connection, and wait until all are gone. */
+  close(): Promise<void>;
+}
+
+interface Client {
+  conn: Deno.TcpConn;
+  peer: string;
+  name: string;
+  /** Chat: bytes waiting to be written, written together in one write. */
+  queue: Uint8Array[];
+  /** Bytes queued or being written: what this client costs us right now. */
+  queued: number;
+  /** Set while a flush is writing; awaiting it waits until the queue is empty. */
+  flushing: Promise<void> | undefined;
+  /** Echo: a write is in progress (an idle client is never mid-write). */
+  writing: boolean;
+  /** Idle sweeps since the last byte arrived. */
+  idleSweeps: number;
+  /** No more input is processed; the connection is on its way out. */
+  ending: boolean;
+  /** Why the connection ended, for the log. */
+  reason: string;
+  /** Counted against `maxConnections` (clients turned away are not). */
+  counted: boolean;
+  linger: ReturnType<typeof setTimeout> | undefined;
+}
+
+interface ServerState {
+  mode: Mode;
+  maxLine: number;
+  maxQueue: number;
+  maxConnections: number;
+  log: (line: string) => void;
+  listener: Deno.TcpListener;
+  /** Every connection that is being served. */
+  clients: Set<Client>;
+  /** Chat: the clients that receive broadcasts. */
+  room: Set<Client>;
+  tasks: Set<Promise<void>>;
+  guests: number;
+  closing: boolean;
+}
+
+/**
+ * Starts a TCP echo or chat server and returns at once; it serves in the
+ * background until `close()`.
+ *
+ * @example Echo server on a free port
+ * ```ts
+ * await using server = startTcpServer({ port: 0, log: () => {} });
+ * using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+ * await conn.write(new TextEncoder().encode("hi\n"));
+ * const buf = new Uint8Array(3);
+ * await conn.read(buf); // "hi\n" (for 3 bytes, one read is enough on loopback)
+ * ```
+ *
+ * @throws {Deno.errors.AddrInUse} when the port is taken.
+ * @throws {Deno.errors.NotCapable} without `--allow-net` for the address.
+ */
+export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
+  const mode = options.mode ?? "echo";
+  const listener = Deno.listen({
+    hostname: options.hostname ?? DEFAULT_HOSTNAME,
+    port: options.port ?? DEFAULT_PORT,
+  });
+  const state: ServerState = {
+    mode,
+    maxLine: options.maxLine ?? DEFAULT_MAX_LINE,
+    maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
+    maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
+    log: options.log ?? console.error,
+    listener,
+    clients: new Set(),
+    room: new Set(),
+    tasks: new Set(),
+    guests: 0,
+    closing: false,
+  };
+  const idleTimeout = options.idleTimeout ??
+    (mode === "chat" ? DEFAULT_CHAT_IDLE_TIMEOUT : 0);
+  const sweeper = idleTimeout > 0 ? startIdleSweeper(state, idleTimeout) : undefined;
+  const accepting = acceptLoop(state);
+  let closed: Promise<void> | undefined;
+  async function close() {
+    state.closing = true;
+    clearInterval(sweeper);
+    closeQuietly(listener);
+    // Nobody needs "* NAME left" while the whole server goes away, and
+    // `closing` stops it: otherwise N leaves go to N-1 peers, N² writes.
+    for (const client of state.clients) closeQuietly(client.conn);
+    await accepting;
+    while (state.tasks.size > 0) await Promise.all(state.tasks);
+  }
+  return {
+    addr: listener.addr,
+    get connections() {
+      return state.clients.size;
+    },
+    close: () => closed ??= close(),
+    [Symbol.asyncDispose]: () => closed ??= close(),
+  };
+}
+
+/**
+ * Cuts a byte stream into lines. TCP delivers bytes, not messages: a line can
+ * arrive in pieces across many reads, and one read can hold many lines, so
+ * the framer keeps the unfinished tail of each chunk for the next one.
+ *
+ * Returns a `push(chunk, onLine)` function that calls `onLine` once per
+ * complete line (without `\n` or a trailing `\r`; a view that is only valid
+ * during the call) and returns `false` as soon as a line is longer than
+ * `maxLine` bytes, even one whose end has not arrived yet. Push `null` at
+ * the end of the stream to get a last line that had no `\n`.
+ *
+ * @example
+ * ```ts
+ * const push = createLineFramer(1024);
+ * const lines: string[] = [];
+ * const decode = (line: Uint8Array) => lines.push(new TextDecoder().decode(line));
+ * push(new TextEncoder().encode("hel"), decode);
+ * push(new TextEncoder().encode("lo\r\nworld\n"), decode);
+ * // lines is ["hello", "world"]
+ * ```
+ */
+export function createLineFramer(
+  maxLine: number,
+): (chunk: Uint8Array | null, onLine: (line: Uint8Array) => void) => boolean {
+  // Room for a full line plus its "\r", allocated only when a line is split.
+  let pending = new Uint8Array(0);
+  let pendingLength = 0;
+  return function push(chunk, onLine) {
+    if (chunk === null) {
+      if (pendingLength > 0) chunk = Uint8Array.of(10);
+      else return true;
+    }
+    let start = 0;
+    for (let end = chunk.indexOf(10, start); end !== -1; end = chunk.indexOf(10, start)) {
+      let line = chunk.subarray(start, end);
+      start = end + 1;
+      if (pendingLength > 0) {
+        if (pendingLength + line.length > maxLine + 1) return false;
+        line = append(line);
+        pendingLength = 0;
+      }
+      if (line[line.length - 1] === 13) line = line.subarray(0, line.length - 1);
+      if (line.length > maxLine) return false;
+      onLine(line);
+    }
+    const tail = chunk.subarray(start);
+    if (pendingLength + tail.length > maxLine + 1) return false;
+    if (tail.length > 0) append(tail);
+    return true;
+  };
+  function append(bytes: Uint8Array): Uint8Array {
+    const needed = pendingLength + bytes.length;
+    if (needed > pending.length) {
+      const grown = new Uint8Array(
+        Math.min(maxLine + 1, Math.max(needed, 2 * pending.length, 256)),
+      );
+      grown.set(pending.subarray(0, pendingLength));
+      pending = grown;
+    }
+    pending.set(bytes, pendingLength);
+    pendingLength = needed;
+    return pending.subarray(0, needed);
+  }
+}
+
+// One connection failing must never stop the others, so `accept()` errors are
+// survived: a client that resets before we accept it makes accept() throw
+// (NotConnected), and running out of file descriptors is temporary.
+async function acceptLoop(state: ServerState): Promise<void> {
+  while (!state.closing) {
+    let conn: Deno.TcpConn;
+    try {
+      conn = await state.listener.accept();
+    } catch (error) {
+      if (state.closing || error instanceof Deno.errors.BadResource) return;
+      state.log(`accept failed: ${describe(error)}`);
+      if (!(error instanceof Deno.errors.NotConnected)) await delay(100);
+      continue;
+    }
+    const task = serveClient(state, conn);
+    state.tasks.add(task);
+    task.finally(() => state.tasks.delete(task));
+  }
+}
+
+async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void> {
+  const { hostname, port } = conn.remoteAddr;
+  const client: Client = {
+    conn,
+    peer: `${hostname}:${port}`,
+    name: "",
+    queue: [],
+    queued: 0,
+    flushing: undefined,
+    writing: false,
+    idleSweeps: 0,
+    ending: false,
+    reason: "closed by peer",
+    counted: false,
+    linger: undefined,
+  };
+  if (state.clients.size >= state.maxConnections) {
+    end(state, client, "server full");
+  } else {
+    client.counted = true;
+    state.clients.add(client);
+    if (state.mode === "chat") join(state, client);
+    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
+  }
+  try {
+    await (state.mode === "chat" ? chatLoop(state, client) : echoLoop(client));
+  } catch (error) {
+    if (!client.ending) client.reason = describe(error);
+  }
+  // The peer sent EOF (a half-close), reset, or we closed it. It may still
+  // be owed data; send that, then close for real.
+  end(state, client);
+  await client.flushing;
+  clearTimeout(client.linger);
+  closeQuietly(conn);
+  if (client.counted) {
+    state.clients.delete(client);
+    if (!state.closing) {
+      state.log(
+        `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${client.reason}`,
+      );
+    }
+  }
+}
+
+// Echo needs no framing: whatever bytes arrive go straight back. Awaiting each
+// write before the next read is the backpressure: a client that sends without
+// reading fills its own buffers and stalls, while we hold one 64 KiB buffer.
+async function echoLoop(client: Client): Promise<void> {
+  const { conn } = client;
+  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  for (;;) {
+    const n = await conn.read(buf);
+    if (n === null) return;
+    client.idleSweeps = 0;
+    if (client.ending) continue;
+    client.writing = true;
+    await writeAll(conn, buf.subarray(0, n));
+    client.writing = false;
+  }
+}
+
+async function chatLoop(state: ServerState, client: Client): Promise<void> {
+  const { conn } = client;
+  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  const push = createLineFramer(state.maxLine);
+  const relay = (line: Uint8Array) => broadcast(state, `${client.name}: ${decoder.decode(line)}\n`);
+  for (;;) {
+    const n = await conn.read(buf);
+    client.idleSweeps = 0;
+    // At EOF (null), a last line without "\n" still counts.
+    const chunk = n === null ? null : buf.subarray(0, n);
+    if (!client.ending && !push(chunk, relay)) {
+      end(state, client, `line too long (max ${state.maxLine} bytes)`);
+    }
+    if (chunk === null) return;
+  }
+}
+
+function join(state: ServerState, client: Client): void {
+  client.name = `guest-${++state.guests}`;
+  broadcast(state, `* ${client.name} joined\n`);
+  state.room.add(client);
+}
+
+// One message is encoded once and the same bytes are queued to every client.
+function broadcast(state: ServerState, text: string): void {
+  const bytes = encoder.encode(text);
+  for (const client of state.room) send(state, client, bytes);
+}
+
+// Queue bytes for a client and make sure a flush will write them. Messages
+// queued while a write is in progress go out together in the next write, so
+// a busy client costs one write per turn, not one per message.
+function send(state: ServerState, client: Client, bytes: Uint8Array): void {
+  client.queue.push(bytes);
+  client.queued += bytes.length;
+  if (client.queued > state.maxQueue) {
+    // It stopped reading, or reads slower than the room talks. Everything
+    // still queued is dropped so its memory is bounded; the error line goes
+    // last, after whatever the kernel already holds.
+    client.queued -= client.queue.reduce((sum, chunk) => sum + chunk.length, 0);
+    client.queue = [];
+    end(state, client, "too slow, disconnected");
+    return;
+  }
+  client.flushing ??= flush(client);
+}
+
+async function flush(client: Client): Promise<void> {
+  // Start after the current turn's synchronous work, so that everything it
+  // queued (all the lines of one read, say) leaves in the same write.
+  await null;
+  try {
+    while (client.queue.length > 0) {
+      const chunks = client.queue;
+      client.queue = [];
+      const bytes = chunks.length === 1 ? chunks[0] : concat(chunks);
+      await writeAll(client.conn, bytes);
+      client.queued -= bytes.length;
+    }
+    if (client.ending) await client.conn.closeWrite();
+  } catch {
+    // The peer is gone; closing makes its read loop end and clean up.
+    client.queue = [];
+    closeQuietly(client.conn);
+  } finally {
+    client.flushing = undefined;
+  }
+}
+
+// Stops processing a client's input and takes it out of the chat. With an
+// error, the client is told why in a last line, then gets our FIN
+// (closeWrite, a half-close: "I am done sending") while we keep reading and
+// discarding what it still sends, until it closes or LINGER_MS passes.
+function end(state: ServerState, client: Client, error?: string): void {
+  if (client.ending) return;
+  client.ending = true;
+  if (state.room.delete(client) && !state.closing) {
+    broadcast(state, `* ${client.name} left\n`);
+  }
+  if (!error) return;
+  client.reason = error;
+  const line = encoder.encode(`* error: ${error}\n`);
+  client.queue.push(line);
+  client.queued += line.length;
+  client.flushing ??= flush(client);
+  client.linger = setTimeout(() => closeQuietly(client.conn), LINGER_MS);
+}
+
+// Every sweep counts one more idle period for each client; reading a byte
+// resets the count (a single store in the hot path, no timer per client).
+function startIdleSweeper(state: ServerState, idleTimeout: number): ReturnType<typeof setInterval> {
+  const every = Math.min(SWEEP_MS, (idleTimeout * 1000) / 4);
+  const limit = Math.ceil((idleTimeout * 1000) / every);
+  return setInterval(() => {
+    for (const client of state.clients) {
+      if (client.ending || client.writing || ++client.idleSweeps < limit) continue;
+      end(state, client, "idle timeout");
+    }
+  }, every);
+}
+
+// A write may take only part of the bytes (a "partial send"); loop until all
+// are written. Each await waits for room in the kernel's send buffer.
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  let length = 0;
+  for (const chunk of chunks) length += chunk.length;
+  const out = new Uint8Array(length);
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return out;
+}
+
+function closeQuietly(resource: { close(): void }): void {
+  try {
+    resource.close();
+  } catch {
+    // Already closed.
+  }
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function describe(error: unknown): string {
+  if (error instanceof Deno.errors.ConnectionReset) return "connection reset by peer";
+  if (error instanceof Deno.errors.BrokenPipe) return "peer stopped reading (broken pipe)";
+  if (error instanceof Deno.errors.Interrupted || error instanceof Deno.errors.BadResource) {
+    return "closed";
+  }
+  return error instanceof Error ? error.message : String(error);
+}
+
+// ---------------------------------------------------------------- command line
+
+const USAGE = `Usage: tcp_server.ts [options]
+
+A TCP echo (default) or chat server. Prints "listening on tcp://HOST:PORT".
+
+Options:
+  --host HOST             address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
+  --port PORT             port to bind, 0 = any free port (default ${DEFAULT_PORT})
+  --mode echo|chat        echo bytes back, or relay lines to everyone (default echo)
+  --max-line BYTES        chat: longest line accepted (default ${DEFAULT_MAX_LINE})
+  --max-queue BYTES       chat: unsent bytes a client may fall behind by (default ${DEFAULT_MAX_QUEUE})
+  --max-connections N     clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
+  --idle-timeout SECONDS  drop clients silent this long, 0 = never
+                          (default 0 for echo, ${DEFAULT_CHAT_IDLE_TIMEOUT} for chat)
+  --quiet                 no connection log on stderr
+  -h, --help              show this help`;
+
+/** A command-line mistake: reported as one line plus the usage, exit code 2. */
+class UsageError extends Error {}
+
+// parseArgs explains itself over several sentences; keep the first, and say
+// how to pass a value that starts with "-" (a negative number, say).
+function parseArgsMessage(error: Error): string {
+  const first = error.message.split(/\.\s/)[0];
+  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
+  return option
+    ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE`
+    : first;
+}
+
+function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; help: boolean } {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      options: {
+        host: { type: "string", default: DEFAULT_HOSTNAME },
+        port: { type: "string", default: String(DEFAULT_PORT) },
+        mode: { type: "string", default: "echo" },
+        "max-line": { type: "string", default: String(DEFAULT_MAX_LINE) },
+        "max-queue": { type: "string", default: String(DEFAULT_MAX_QUEUE) },
+        "max-connections": { type: "string", default: String(DEFAULT_MAX_CONNECTIONS) },
+        "idle-timeout": { type: "string" },
+        quiet: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }).values;
+  } catch (error) {
+    throw new UsageError(parseArgsMessage(error as Error));
+  }
+  const mode = parsed.mode;
+  if (mode !== "echo" && mode !== "chat") {
+    throw new UsageError(`--mode must be echo or chat, got "${mode}"`);
+  }
+  return {
+    hostname: parsed.host,
+    port: integerOption("--port", parsed.port, 0, 65535),
+    mode,
+    maxLine: integerOption("--max-line", parsed["max-line"], 1),
+    maxQueue: integerOption("--max-queue", parsed["max-queue"], 1),
+    maxConnections: integerOption("--max-connections", parsed["max-connections"], 1),
+    idleTimeout: parsed["idle-timeout"] === undefined
+      ? undefined
+      : numberOption("--idle-timeout", parsed["idle-timeout"]),
+    quiet: parsed.quiet,
+    help: parsed.help,
+  };
+}
+
+function integerOption(
+  name: string,
+  text: string,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < min || value > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
+  }
+  return value;
+}
+
+function numberOption(name: string, text: string): number {
+  const value = Number(text);
+  if (text.trim() === "" || !Number.isFinite(value) || value < 0) {
+    throw new UsageError(`${name} must be a number of seconds, 0 or more, got "${text}"`);
+  }
+  return value;
+}
+
+function formatHost(hostname: string): string {
+  return hostname.includes(":") ? `[${hostname}]` : hostname;
+}
+
+async function main(args: string[]): Promise<number> {
+  let options;
+  try {
+    options = parseCommandLine(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`tcp_server: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (options.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const address = `${formatHost(options.hostname!)}:${options.port}`;
+  let server: TcpServer;
+  try {
+    server = startTcpServer({ ...options, log: options.quiet ? () => {} : console.error });
+  } catch (error) {
+    console.error(
+      `tcp_server: cannot listen on ${address}: ${
+        startError(error, options.hostname!, options.port!)
+      }`,
+    );
+    return 1;
+  }
+  console.log(`listening on tcp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    if (Deno.build.os !== "windows" || signal === "SIGINT") {
+      Deno.addSignalListener(signal, stop.resolve);
+    }
+  }
+  await stop.promise;
+  // Closing is quick; the timer is a guarantee that a stuck peer cannot hold
+  // the process past a second.
+  setTimeout(() => Deno.exit(0), 900);
+  await server.close();
+  return 0;
+}
+
+function startError(error: unknown, hostname: string, port: number): string {
+  if (error instanceof Deno.errors.AddrInUse) {
+    return "address already in use (is another server running? try --port 0 for any free port)";
+  }
+  if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+    return `permission denied (run with --allow-net=${formatHost(hostname)}:${port}` +
+      (port > 0 && port < 1024 ? ", and ports below 1024 need root" : "") + ")";
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) return "that address is not on this machine";
+  return error instanceof Error ? error.message : String(error);
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
