@@ -1,0 +1,544 @@
+/**
+ * ws_server.ts: a WebSocket echo and chat server on `Deno.serve` and
+ * `Deno.upgradeWebSocket`, which also serves a browser client at `/`.
+ *
+ * What it shows: a WebSocket starts life as an HTTP/1.1 request carrying
+ * `Upgrade: websocket` and a random `Sec-WebSocket-Key`; the server answers
+ * `101 Switching Protocols` with `Sec-WebSocket-Accept` (the key, hashed), and
+ * from then on the same TCP connection carries *frames*, not a byte stream.
+ * So, unlike `tcp_server.ts`, this server never splits or joins anything:
+ * each `message` event is exactly one message the peer sent, text or binary.
+ * It also shows close codes (1001 going away, 1003 unsupported data, 1008
+ * policy, 1009 too big), ping/pong to find dead peers, and backpressure
+ * through `bufferedAmount`.
+ *
+ * Run it (least privilege, from a checkout or straight from its URL):
+ *
+ *     deno run --allow-net=127.0.0.1:8080 ws_server.ts
+ *     deno run --allow-net=127.0.0.1:8080 ws_server.ts --mode chat
+ *     deno run -N https://raw.githubusercontent.com/OWNER/REPO/main/ws_server.ts
+ *
+ * Then open http://127.0.0.1:8080/ in a browser, or poke it by hand: the
+ * upgrade is plain HTTP, so even `nc` shows the handshake.
+ *
+ *     deno run -N ws_client.ts hello
+ *     printf 'GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n'\
+ *     'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n' | nc 127.0.0.1 8080
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+const DEFAULT_HOSTNAME = "127.0.0.1";
+const DEFAULT_PORT = 8080;
+const DEFAULT_MAX_MESSAGE = 1024 * 1024;
+const DEFAULT_MAX_QUEUE = 2 * 1024 * 1024;
+const DEFAULT_MAX_CONNECTIONS = 8192;
+// Seconds of silence before Deno pings a peer; a peer that does not answer
+// with a pong within as long again is dead (a cable pulled, a laptop asleep)
+// and is dropped. TCP alone would not notice for hours.
+const DEFAULT_IDLE_TIMEOUT = 30;
+// How long peers get to answer our close frame on shutdown.
+const CLOSE_GRACE_MS = 500;
+// Deno refuses frames over 64 MiB on its own, before we ever see them.
+const DENO_MAX_FRAME = 64 * 1024 * 1024;
+
+// Close codes (RFC 6455, section 7.4.1).
+const GOING_AWAY = 1001;
+const UNSUPPORTED_DATA = 1003;
+const POLICY_VIOLATION = 1008;
+const MESSAGE_TOO_BIG = 1009;
+
+const encoder = new TextEncoder();
+
+/** What the server does with the messages a client sends. */
+export type Mode = "echo" | "chat";
+
+/** Options for {@linkcode startWsServer}. Sizes are in bytes. */
+export interface WsServerOptions {
+  /** Address to bind. Default `127.0.0.1` (this machine only). */
+  hostname?: string;
+  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 8080. */
+  port?: number;
+  /** `echo` (default) sends every message back; `chat` relays text to everyone. */
+  mode?: Mode;
+  /** Largest message accepted; a bigger one closes that client with 1009. Default 1 MiB. */
+  maxMessage?: number;
+  /** Chat: bytes buffered for one client before it is closed with 1008 as too slow. Default 2 MiB. */
+  maxQueue?: number;
+  /** WebSockets open at once; further upgrades get HTTP 503. Default 8192. */
+  maxConnections?: number;
+  /** Seconds of silence before a ping; no pong as long again drops the peer. 0 = never. Default 30. */
+  idleTimeout?: number;
+  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
+  log?: (line: string) => void;
+}
+
+/** A running server, returned by {@linkcode startWsServer}. */
+export interface WsServer extends AsyncDisposable {
+  /** The address actually bound (with the real port when you asked for 0). */
+  readonly addr: Deno.NetAddr;
+  /** WebSockets open right now. */
+  readonly connections: number;
+  /** Close every WebSocket with 1001, stop the HTTP server, and wait until it is down. */
+  close(): Promise<void>;
+}
+
+interface Client {
+  socket: WebSocket;
+  peer: string;
+  name: string;
+  /** Set once the client is gone: Deno can fire `close` twice for one socket. */
+  gone: boolean;
+}
+
+interface ServerState {
+  mode: Mode;
+  maxMessage: number;
+  maxQueue: number;
+  maxConnections: number;
+  idleTimeout: number;
+  log: (line: string) => void;
+  /** Every open WebSocket, and upgrades on their way to being one. */
+  clients: Set<Client>;
+  guests: number;
+  closing: boolean;
+  /** Resolved when the last client is gone while closing. */
+  allGone: PromiseWithResolvers<void>;
+}
+
+/**
+ * Starts a WebSocket echo or chat server (plus the browser page at `/`) and
+ * returns at once; it serves in the background until `close()`.
+ *
+ * @example Echo one message
+ * ```ts
+ * await using server = startWsServer({ port: 0, log: () => {} });
+ * const ws = new WebSocket(`ws://127.0.0.1:${server.addr.port}/`);
+ * await new Promise((resolve) => ws.onopen = resolve);
+ * ws.send("hi");
+ * const reply = await new Promise((resolve) => ws.onmessage = (e) => resolve(e.data)); // "hi"
+ * ws.close();
+ * ```
+ *
+ * @throws {Deno.errors.AddrInUse} when the port is taken.
+ * @throws {Deno.errors.NotCapable} without `--allow-net` for the address.
+ */
+export function startWsServer(options: WsServerOptions = {}): WsServer {
+  const state: ServerState = {
+    mode: options.mode ?? "echo",
+    maxMessage: Math.min(options.maxMessage ?? DEFAULT_MAX_MESSAGE, DENO_MAX_FRAME),
+    maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
+    maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
+    idleTimeout: options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT,
+    log: options.log ?? console.error,
+    clients: new Set(),
+    guests: 0,
+    closing: false,
+    allGone: Promise.withResolvers(),
+  };
+  const server = Deno.serve({
+    hostname: options.hostname ?? DEFAULT_HOSTNAME,
+    port: options.port ?? DEFAULT_PORT,
+    onListen: () => {},
+  }, (request, info) => handleRequest(state, request, info));
+  let closed: Promise<void> | undefined;
+  // The close handshake: we send 1001, each peer answers with its own close
+  // frame. Peers get a moment to answer; then the server shuts down anyway.
+  async function close() {
+    state.closing = true;
+    if (state.clients.size === 0) state.allGone.resolve();
+    for (const { socket } of state.clients) closeSocket(socket, GOING_AWAY, "server shutting down");
+    let timer;
+    await Promise.race([
+      state.allGone.promise,
+      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_GRACE_MS)),
+    ]);
+    clearTimeout(timer);
+    await server.shutdown();
+  }
+  return {
+    addr: server.addr,
+    get connections() {
+      return state.clients.size;
+    },
+    close: () => closed ??= close(),
+    [Symbol.asyncDispose]: () => closed ??= close(),
+  };
+}
+
+function handleRequest(
+  state: ServerState,
+  request: Request,
+  info: Deno.ServeHandlerInfo,
+): Response {
+  // Header values are case-insensitive: "WebSocket" is as valid as "websocket".
+  if (request.headers.get("upgrade")?.toLowerCase() === "websocket") {
+    return upgrade(state, request, info);
+  }
+  const { host, pathname } = new URL(request.url);
+  if ((request.method === "GET" || request.method === "HEAD") && pathname === "/") {
+    return new Response(PAGE, { headers: { "content-type": "text/html; charset=utf-8" } });
+  }
+  return new Response(
+    `not found: the browser client is at http://${host}/ and the WebSocket endpoint is ws://${host}/\n`,
+    { status: 404, headers: { "content-type": "text/plain; charset=utf-8" } },
+  );
+}
+
+// The HTTP upgrade handshake. Everything up to the 101 response is ordinary
+// HTTP, which is why a WebSocket server can refuse with a status code (400,
+// 503) and a reason, something a raw TCP server can only do by closing.
+function upgrade(state: ServerState, request: Request, info: Deno.ServeHandlerInfo): Response {
+  if (!request.headers.has("sec-websocket-key")) {
+    return plain(400, "bad WebSocket handshake: the Sec-WebSocket-Key header is missing");
+  }
+  if (state.closing) return plain(503, "server shutting down");
+  if (state.clients.size >= state.maxConnections) {
+    return plain(503, `server full (max ${state.maxConnections} connections), try again later`);
+  }
+  // remoteAddr can only be read while the request is being handled.
+  const { hostname, port } = info.remoteAddr as Deno.NetAddr;
+  let upgraded;
+  try {
+    upgraded = Deno.upgradeWebSocket(request, { idleTimeout: state.idleTimeout });
+  } catch (error) {
+    return plain(400, `bad WebSocket handshake: ${(error as Error).message}`);
+  }
+  const client: Client = {
+    socket: upgraded.socket,
+    peer: `${hostname}:${port}`,
+    name: "",
+    gone: false,
+  };
+  state.clients.add(client);
+  serveSocket(state, client);
+  return upgraded.response;
+}
+
+function serveSocket(state: ServerState, client: Client): void {
+  const { socket } = client;
+  // Binary messages arrive as ArrayBuffer (the browser default is Blob).
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
+    if (state.mode === "chat") join(state, client);
+    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
+  };
+  socket.onmessage = state.mode === "chat"
+    ? (event) => chatMessage(state, client, event.data)
+    : (event) => echoMessage(state, client, event.data);
+  // An error (a reset, a failed pong) is always followed by close.
+  socket.onerror = () => {};
+  socket.onclose = (event) => leave(state, client, event);
+}
+
+// Echo needs no framing: the WebSocket hands us whole messages, and
+// `send` keeps text as text and binary as binary.
+function echoMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
+  if (tooBig(state, client, data)) return;
+  client.socket.send(data);
+}
+
+function chatMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
+  if (tooBig(state, client, data)) return;
+  if (typeof data !== "string") {
+    closeSocket(client.socket, UNSUPPORTED_DATA, "text messages only");
+    return;
+  }
+  broadcast(state, `${client.name}: ${data}`);
+}
+
+function tooBig(state: ServerState, client: Client, data: string | ArrayBuffer): boolean {
+  // A string's UTF-8 size is between its length and three times that; only
+  // count the bytes when the quick bounds cannot decide.
+  const size = typeof data !== "string"
+    ? data.byteLength
+    : data.length * 3 <= state.maxMessage
+    ? 0
+    : encoder.encode(data).length;
+  if (size <= state.maxMessage) return false;
+  closeSocket(client.socket, MESSAGE_TOO_BIG, `message too big (max ${state.maxMessage} bytes)`);
+  return true;
+}
+
+function join(state: ServerState, client: Client): void {
+  client.name = `guest-${++state.guests}`;
+  broadcast(state, `* ${client.name} joined`, client);
+}
+
+function leave(state: ServerState, client: Client, event: CloseEvent): void {
+  if (client.gone) return;
+  client.gone = true;
+  state.clients.delete(client);
+  if (state.closing) {
+    if (state.clients.size === 0) state.allGone.resolve();
+    return;
+  }
+  state.log(
+    `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ` +
+      `code ${event.code || "none (connection lost)"}${event.reason ? ` ${event.reason}` : ""}`,
+  );
+  if (state.mode === "chat" && client.name) broadcast(state, `* ${client.name} left`);
+}
+
+// `send` never blocks: Deno queues the frame and `bufferedAmount` says how
+// much is still waiting for the peer. That is the backpressure signal; a
+// client that lets it grow past the bound is dropped rather than let it
+// hold the server's memory hostage.
+function broadcast(state: ServerState, text: string, except?: Client): void {
+  for (const client of state.clients) {
+    const { socket } = client;
+    if (client === except || socket.readyState !== WebSocket.OPEN || !client.name) continue;
+    if (socket.bufferedAmount > state.maxQueue) {
+      closeSocket(socket, POLICY_VIOLATION, "too slow, disconnected");
+      continue;
+    }
+    socket.send(text);
+  }
+}
+
+function closeSocket(socket: WebSocket, code: number, reason: string): void {
+  try {
+    socket.close(code, reason);
+  } catch {
+    // Already closing.
+  }
+}
+
+function plain(status: number, text: string): Response {
+  return new Response(`${text}\n`, {
+    status,
+    headers: { "content-type": "text/plain; charset=utf-8" },
+  });
+}
+
+// The browser client: one self-contained page, no external assets. It uses
+// the same standard WebSocket API as ws_client.ts.
+const PAGE = `<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>WebSocket client</title>
+<style>
+  body { font: 16px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #1b1b1b; }
+  h1 { font-size: 1.3rem; margin: 0 0 .75rem; }
+  form { display: flex; gap: .5rem; margin: .5rem 0; }
+  input { flex: 1; font: inherit; padding: .4rem .5rem; border: 1px solid #999; border-radius: 4px; }
+  button { font: inherit; padding: .4rem .9rem; border-radius: 4px; border: 1px solid #555; background: #f2f2f2; cursor: pointer; }
+  button:disabled { opacity: .5; cursor: default; }
+  #status { font-size: .9rem; color: #555; margin: .25rem 0; }
+  #log { list-style: none; margin: .5rem 0; padding: .5rem; height: 22rem; overflow-y: auto; border: 1px solid #ccc; border-radius: 4px; background: #fafafa; font: 15px/1.5 ui-monospace, monospace; }
+  #log li { white-space: pre-wrap; word-break: break-word; }
+  #log .sent { color: #1a5fb4; }
+  #log .note { color: #777; font-style: italic; }
+</style>
+<h1>WebSocket client</h1>
+<form id="connect-form">
+  <input id="url" aria-label="Server URL" spellcheck="false">
+  <button id="connect">Connect</button>
+</form>
+<div id="status" role="status">Not connected.</div>
+<ul id="log" aria-live="polite"></ul>
+<form id="send-form">
+  <input id="message" aria-label="Message" placeholder="Type a message" autocomplete="off" disabled>
+  <button id="send" disabled>Send</button>
+</form>
+<script type="module">
+  const $ = (id) => document.getElementById(id);
+  $("url").value = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
+  let socket;
+
+  function show(text, kind) {
+    const item = document.createElement("li");
+    item.textContent = text;
+    if (kind) item.className = kind;
+    $("log").append(item);
+    $("log").scrollTop = $("log").scrollHeight;
+  }
+
+  function setConnected(connected) {
+    $("connect").textContent = connected ? "Disconnect" : "Connect";
+    $("message").disabled = $("send").disabled = !connected;
+    if (connected) $("message").focus();
+  }
+
+  $("connect-form").onsubmit = (event) => {
+    event.preventDefault();
+    if (socket) return socket.close(1000, "bye");
+    socket = new WebSocket($("url").value);
+    socket.binaryType = "arraybuffer";
+    $("status").textContent = "Connecting to " + socket.url + " …";
+    socket.onopen = () => {
+      $("status").textContent = "Connected to " + socket.url;
+      setConnected(true);
+    };
+    socket.onmessage = (event) =>
+      show(typeof event.data === "string" ? event.data : "<binary " + event.data.byteLength + " bytes>");
+    // The close event carries the code and reason from the close frame;
+    // 1006 means there was none (the connection just dropped).
+    socket.onclose = (event) => {
+      $("status").textContent = "Closed: code " + event.code + (event.reason ? " (" + event.reason + ")" : "") +
+        (event.code === 1006 ? " — the connection was lost or refused" : "");
+      show("connection closed, code " + event.code, "note");
+      socket = undefined;
+      setConnected(false);
+    };
+  };
+
+  $("send-form").onsubmit = (event) => {
+    event.preventDefault();
+    const text = $("message").value;
+    if (!socket || socket.readyState !== WebSocket.OPEN || text === "") return;
+    socket.send(text);
+    show("→ " + text, "sent");
+    $("message").value = "";
+  };
+
+  $("connect-form").requestSubmit();
+</script>
+</html>
+`;
+
+// ---------------------------------------------------------------- command line
+
+const USAGE = `Usage: ws_server.ts [options]
+
+A WebSocket echo (default) or chat server; GET / serves a browser client.
+Prints "listening on ws://HOST:PORT/".
+
+Options:
+  --host HOST             address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
+  --port PORT             port to bind, 0 = any free port (default ${DEFAULT_PORT})
+  --mode echo|chat        echo messages back, or relay text to everyone (default echo)
+  --max-message BYTES     largest message; bigger closes with 1009 (default ${DEFAULT_MAX_MESSAGE}, at most 64 MiB)
+  --max-queue BYTES       chat: unsent bytes a client may fall behind by; past it, close 1008
+                          (default ${DEFAULT_MAX_QUEUE})
+  --max-connections N     WebSockets open at once; more get HTTP 503 (default ${DEFAULT_MAX_CONNECTIONS})
+  --idle-timeout SECONDS  ping a peer silent this long, drop it if no pong as long again;
+                          0 = never (default ${DEFAULT_IDLE_TIMEOUT})
+  --quiet                 no connection log on stderr
+  -h, --help              show this help`;
+
+/** A command-line mistake: reported as one line plus the usage, exit code 2. */
+class UsageError extends Error {}
+
+// parseArgs explains itself over several sentences; keep the first, and say
+// how to pass a value that starts with "-" (a negative number, say).
+function parseArgsMessage(error: Error): string {
+  const first = error.message.split(/\.\s/)[0];
+  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
+  return option
+    ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE`
+    : first;
+}
+
+function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; help: boolean } {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      options: {
+        host: { type: "string", default: DEFAULT_HOSTNAME },
+        port: { type: "string", default: String(DEFAULT_PORT) },
+        mode: { type: "string", default: "echo" },
+        "max-message": { type: "string", default: String(DEFAULT_MAX_MESSAGE) },
+        "max-queue": { type: "string", default: String(DEFAULT_MAX_QUEUE) },
+        "max-connections": { type: "string", default: String(DEFAULT_MAX_CONNECTIONS) },
+        "idle-timeout": { type: "string", default: String(DEFAULT_IDLE_TIMEOUT) },
+        quiet: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }).values;
+  } catch (error) {
+    throw new UsageError(parseArgsMessage(error as Error));
+  }
+  const mode = parsed.mode;
+  if (mode !== "echo" && mode !== "chat") {
+    throw new UsageError(`--mode must be echo or chat, got "${mode}"`);
+  }
+  return {
+    hostname: parsed.host,
+    port: integerOption("--port", parsed.port, 0, 65535),
+    mode,
+    maxMessage: integerOption("--max-message", parsed["max-message"], 1, DENO_MAX_FRAME),
+    maxQueue: integerOption("--max-queue", parsed["max-queue"], 1),
+    maxConnections: integerOption("--max-connections", parsed["max-connections"], 1),
+    idleTimeout: integerOption("--idle-timeout", parsed["idle-timeout"], 0),
+    quiet: parsed.quiet,
+    help: parsed.help,
+  };
+}
+
+function integerOption(
+  name: string,
+  text: string,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < min || value > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
+  }
+  return value;
+}
+
+function formatHost(hostname: string): string {
+  return hostname.includes(":") ? `[${hostname}]` : hostname;
+}
+
+async function main(args: string[]): Promise<number> {
+  let options;
+  try {
+    options = parseCommandLine(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`ws_server: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (options.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const address = `${formatHost(options.hostname!)}:${options.port}`;
+  let server: WsServer;
+  try {
+    server = startWsServer({ ...options, log: options.quiet ? () => {} : console.error });
+  } catch (error) {
+    console.error(
+      `ws_server: cannot listen on ${address}: ${
+        startError(error, options.hostname!, options.port!)
+      }`,
+    );
+    return 1;
+  }
+  console.log(`listening on ws://${formatHost(server.addr.hostname)}:${server.addr.port}/`);
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    if (Deno.build.os !== "windows" || signal === "SIGINT") {
+      Deno.addSignalListener(signal, stop.resolve);
+    }
+  }
+  await stop.promise;
+  // Closing is quick; the timer is a guarantee that a stuck peer cannot hold
+  // the process past a second.
+  setTimeout(() => Deno.exit(0), 900);
+  await server.close();
+  return 0;
+}
+
+function startError(error: unknown, hostname: string, port: number): string {
+  if (error instanceof Deno.errors.AddrInUse) {
+    return "address already in use (is another server running? try --port 0 for any free port)";
+  }
+  if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+    return `permission denied (run with --allow-net=${formatHost(hostname)}:${port}` +
+      (port > 0 && port < 1024 ? ", and ports below 1024 need root" : "") + ")";
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) return "that address is not on this machine";
+  return error instanceof Error ? error.message : String(error);
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
