@@ -1,0 +1,684 @@
+/**
+ * main_test.ts: the tests for all four scripts, in-process through their
+ * exported functions and as real processes through their command lines.
+ *
+ *     deno test -A
+ *
+ * Every server binds port 0 and reports the real port. Nothing sleeps to
+ * wait for something to happen: each test awaits the event itself (a line,
+ * a message, a close, an exit). Deno's op and resource sanitizers are on
+ * (deno.json), so a test that leaks a socket, a timer or a process fails.
+ */
+
+import assert from "node:assert/strict";
+import { createLineFramer, startTcpServer } from "./tcp_server.ts";
+import { runTcpClient } from "./tcp_client.ts";
+import { startWsServer } from "./ws_server.ts";
+import { runWsClient } from "./ws_client.ts";
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+const quiet = () => {};
+
+// ------------------------------------------------------------------ helpers
+
+function scriptPath(name: string): string {
+  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
+}
+
+/** Runs a script to completion and returns its exit code and output. */
+async function runScript(name: string, args: string[], stdin?: string) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath(name), ...args],
+    stdin: stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (stdin !== undefined) {
+    const writer = child.stdin.getWriter();
+    await writer.write(encoder.encode(stdin));
+    await writer.close();
+  }
+  const { code, stdout, stderr } = await child.output();
+  return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
+}
+
+/** A server started as a real process; `stop` signals it and collects its output. */
+async function spawnServer(name: string, args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath(name), "--port", "0", ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  while (!printed.includes("\n")) {
+    const { done, value } = await stdout.read();
+    if (done) break;
+    printed += value;
+  }
+  let stopped: Promise<{ code: number; signal: string | null; stdout: string; stderr: string }>;
+  async function stop(signal: Deno.Signal) {
+    try {
+      child.kill(signal);
+    } catch {
+      // Already exited.
+    }
+    const status = await child.status;
+    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
+    return { code: status.code, signal: status.signal, stdout: printed, stderr: await stderr };
+  }
+  const line = printed.split("\n")[0];
+  const port = Number(line.match(/:(\d+)\/?$/)?.[1]);
+  if (!port) {
+    const { stderr } = await stop("SIGKILL");
+    throw new Error(`${name} did not start: ${stderr}`);
+  }
+  return {
+    line,
+    port,
+    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+/** A TCP connection with buffered reads: whole lines, exact lengths, or everything. */
+async function connectTcp(port: number) {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  let buffered = new Uint8Array(0);
+  let eof = false;
+  async function fill(): Promise<boolean> {
+    if (eof) return false;
+    const chunk = new Uint8Array(64 * 1024);
+    const n = await conn.read(chunk);
+    if (n === null) {
+      eof = true;
+      return false;
+    }
+    const joined = new Uint8Array(buffered.length + n);
+    joined.set(buffered);
+    joined.set(chunk.subarray(0, n), buffered.length);
+    buffered = joined;
+    return true;
+  }
+  function take(n: number): Uint8Array {
+    const head = buffered.slice(0, n);
+    buffered = buffered.subarray(n);
+    return head;
+  }
+  return {
+    conn,
+    async write(data: string | Uint8Array) {
+      const bytes = typeof data === "string" ? encoder.encode(data) : data;
+      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+    },
+    /** The next line without its "\n", or null at EOF. */
+    async readLine(): Promise<string | null> {
+      for (;;) {
+        const end = buffered.indexOf(10);
+        if (end !== -1) return decoder.decode(take(end + 1)).slice(0, -1);
+        if (!await fill()) {
+          return buffered.length > 0 ? decoder.decode(take(buffered.length)) : null;
+        }
+      }
+    },
+    async readBytes(n: number): Promise<Uint8Array> {
+      while (buffered.length < n && await fill());
+      return take(n);
+    },
+    async readToEnd(): Promise<Uint8Array> {
+      while (await fill());
+      return take(buffered.length);
+    },
+    [Symbol.dispose]() {
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    },
+  };
+}
+
+/** A WebSocket with awaitable messages and close. */
+async function openWs(url: string) {
+  const socket = new WebSocket(url);
+  socket.binaryType = "arraybuffer";
+  const messages: (string | ArrayBuffer)[] = [];
+  let wake = () => {};
+  const closed = new Promise<CloseEvent>((resolve) => {
+    socket.onclose = (event) => {
+      resolve(event);
+      wake();
+    };
+  });
+  socket.onmessage = (event) => {
+    messages.push(event.data);
+    wake();
+  };
+  let isClosed = false;
+  closed.then(() => isClosed = true);
+  await new Promise((resolve, reject) => {
+    socket.onopen = resolve;
+    closed.then(() => reject(new Error(`could not open ${url}`)));
+  });
+  return {
+    socket,
+    closed,
+    /** The next message; throws if the socket closes first. */
+    async next(): Promise<string | ArrayBuffer> {
+      while (messages.length === 0) {
+        if (isClosed) throw new Error("closed before the next message");
+        await new Promise<void>((resolve) => wake = resolve);
+      }
+      return messages.shift()!;
+    },
+    async [Symbol.asyncDispose]() {
+      if (socket.readyState === WebSocket.OPEN) socket.close();
+      await closed;
+    },
+  };
+}
+
+/** A port nothing listens on (bound, read, released). */
+function closedPort(): number {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return listener.addr.port;
+}
+
+function concat(chunks: Uint8Array[]): Uint8Array {
+  const out = new Uint8Array(chunks.reduce((sum, chunk) => sum + chunk.length, 0));
+  let offset = 0;
+  for (const chunk of chunks) {
+    out.set(chunk, offset);
+    offset += chunk.length;
+  }
+  return out;
+}
+
+function allBytes(): Uint8Array {
+  return Uint8Array.from({ length: 256 }, (_, i) => i);
+}
+
+function randomBytes(n: number): Uint8Array {
+  const bytes = new Uint8Array(n);
+  for (let i = 0; i < n; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+  return bytes;
+}
+
+function assertNoStackTrace(stderr: string) {
+  assert.doesNotMatch(stderr, /^\s+at /m, `stack trace in stderr:\n${stderr}`);
+  assert.doesNotMatch(stderr, /Uncaught|error: Uncaught/);
+}
+
+// --------------------------------------------------------------- TCP: echo
+
+Deno.test("tcp echo: text, every byte value, and binary come back unchanged", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  using client = await connectTcp(server.addr.port);
+  await client.write("hello\n");
+  assert.equal(await client.readLine(), "hello");
+  await client.write(allBytes());
+  assert.deepEqual(await client.readBytes(256), allBytes());
+});
+
+Deno.test("tcp echo: 1 MiB sent while reading comes back intact, then half-close ends it", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  using client = await connectTcp(server.addr.port);
+  const payload = randomBytes(1024 * 1024);
+  // The server applies backpressure, so we must read while we write.
+  const sending = client.write(payload).then(() => client.conn.closeWrite());
+  const echoed = await client.readToEnd();
+  await sending;
+  assert.equal(echoed.length, payload.length);
+  assert.deepEqual(echoed, payload);
+});
+
+Deno.test("tcp echo: a client that resets mid-transfer does not disturb the next one", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  {
+    using rude = await connectTcp(server.addr.port);
+    // Send a lot and hang up without reading the echo: the server's writes fail.
+    await rude.write(randomBytes(256 * 1024)).catch(() => {});
+  }
+  using polite = await connectTcp(server.addr.port);
+  await polite.write("still there?\n");
+  assert.equal(await polite.readLine(), "still there?");
+});
+
+// --------------------------------------------------------------- TCP: chat
+
+Deno.test("tcp chat: three clients, everyone gets every line, joins and leaves announced", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  using a = await connectTcp(server.addr.port);
+  using b = await connectTcp(server.addr.port);
+  assert.equal(await a.readLine(), "* guest-2 joined");
+  const c = await connectTcp(server.addr.port);
+  assert.equal(await a.readLine(), "* guest-3 joined");
+  assert.equal(await b.readLine(), "* guest-3 joined");
+
+  await a.write("hello everyone\r\n");
+  for (const peer of [a, b, c]) assert.equal(await peer.readLine(), "guest-1: hello everyone");
+
+  // Many messages in one write: framed into three lines.
+  await b.write("one\ntwo\nthree\n");
+  for (const peer of [a, b, c]) {
+    assert.deepEqual(
+      [await peer.readLine(), await peer.readLine(), await peer.readLine()],
+      ["guest-2: one", "guest-2: two", "guest-2: three"],
+    );
+  }
+
+  // One message in many writes, a byte at a time.
+  c.conn.setNoDelay(true);
+  for (const byte of encoder.encode("split ✓\n")) await c.write(Uint8Array.of(byte));
+  for (const peer of [a, b, c]) assert.equal(await peer.readLine(), "guest-3: split ✓");
+
+  c[Symbol.dispose]();
+  assert.equal(await a.readLine(), "* guest-3 left");
+  assert.equal(await b.readLine(), "* guest-3 left");
+});
+
+Deno.test("tcp chat: line framing across arbitrary chunk boundaries", () => {
+  const text = "alpha\nbeta\r\n\ngamma ünïcödé\ndelta";
+  const bytes = encoder.encode(text);
+  for (let size = 1; size <= bytes.length; size++) {
+    const lines: string[] = [];
+    const push = createLineFramer(64);
+    for (let i = 0; i < bytes.length; i += size) {
+      assert.ok(push(bytes.subarray(i, i + size), (line) => lines.push(decoder.decode(line))));
+    }
+    push(null, (line) => lines.push(decoder.decode(line)));
+    assert.deepEqual(lines, ["alpha", "beta", "", "gamma ünïcödé", "delta"], `chunk size ${size}`);
+  }
+});
+
+Deno.test("tcp chat: the line limit holds whether or not the newline ever comes", () => {
+  const ignore = () => {};
+  assert.ok(createLineFramer(4)(encoder.encode("abcd\r\n"), ignore));
+  assert.equal(createLineFramer(4)(encoder.encode("abcde\n"), ignore), false);
+  const push = createLineFramer(4);
+  assert.ok(push(encoder.encode("abc"), ignore));
+  assert.equal(push(encoder.encode("def"), ignore), false, "no newline yet, already too long");
+});
+
+Deno.test("tcp chat: a line too long closes only its sender, with a reason", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", maxLine: 16, log: quiet });
+  using talker = await connectTcp(server.addr.port);
+  using listener = await connectTcp(server.addr.port);
+  assert.equal(await talker.readLine(), "* guest-2 joined");
+  await talker.write("x".repeat(40) + "\n");
+  assert.equal(await talker.readLine(), "* error: line too long (max 16 bytes)");
+  assert.equal(await talker.readLine(), null, "then the server closes");
+  assert.equal(await listener.readLine(), "* guest-1 left");
+  await listener.write("still here\n");
+  assert.equal(await listener.readLine(), "guest-2: still here");
+});
+
+Deno.test("tcp chat: a last line without a newline is delivered at EOF", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  using client = await connectTcp(server.addr.port);
+  await client.write("no newline");
+  await client.conn.closeWrite();
+  assert.equal(await client.readLine(), "guest-1: no newline");
+  assert.equal(await client.readLine(), null);
+});
+
+Deno.test("tcp chat: bytes that are not UTF-8 arrive as U+FFFD", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  using client = await connectTcp(server.addr.port);
+  await client.write(Uint8Array.of(0x68, 0xff, 0x69, 0x0a));
+  assert.equal(await client.readLine(), "guest-1: h\uFFFDi");
+});
+
+// ---------------------------------------------------------- TCP: the client
+
+Deno.test("tcp client: sends its input, half-closes, and returns everything until the server closes", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  const received: Uint8Array[] = [];
+  await runTcpClient({
+    port: server.addr.port,
+    input: ReadableStream.from([encoder.encode("hello\n"), allBytes()]),
+    output: (bytes) => void received.push(bytes.slice()),
+  });
+  assert.deepEqual(concat(received), new Uint8Array([...encoder.encode("hello\n"), ...allBytes()]));
+});
+
+Deno.test("tcp client: connection refused is an error of its own kind", async () => {
+  await assert.rejects(
+    runTcpClient({ port: closedPort(), input: ReadableStream.from([]), output: () => {} }),
+    Deno.errors.ConnectionRefused,
+  );
+});
+
+// ---------------------------------------------------------- WebSocket: echo
+
+Deno.test("ws echo: text stays text, binary stays binary, every byte value intact", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  await using ws = await openWs(`ws://127.0.0.1:${server.addr.port}/`);
+  ws.socket.send("hello ✓");
+  assert.equal(await ws.next(), "hello ✓");
+  ws.socket.send(allBytes());
+  assert.deepEqual(new Uint8Array(await ws.next() as ArrayBuffer), allBytes());
+});
+
+Deno.test("ws echo: 1 MiB messages, text and binary", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  await using ws = await openWs(`ws://127.0.0.1:${server.addr.port}/`);
+  const text = "é".repeat(512 * 1024); // 1 MiB of UTF-8
+  ws.socket.send(text);
+  assert.equal(await ws.next(), text);
+  const bytes = randomBytes(1024 * 1024);
+  ws.socket.send(bytes);
+  assert.deepEqual(new Uint8Array(await ws.next() as ArrayBuffer), bytes);
+});
+
+Deno.test("ws echo: a message over --max-message closes with 1009", async () => {
+  await using server = startWsServer({ port: 0, maxMessage: 1000, log: quiet });
+  await using ws = await openWs(`ws://127.0.0.1:${server.addr.port}/`);
+  ws.socket.send("x".repeat(1001));
+  const event = await ws.closed;
+  assert.equal(event.code, 1009);
+  assert.match(event.reason, /too big/);
+});
+
+// ---------------------------------------------------------- WebSocket: chat
+
+Deno.test("ws chat: three clients, everyone gets every message, joins and leaves announced", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  await using a = await openWs(url);
+  await using b = await openWs(url);
+  assert.equal(await a.next(), "* guest-2 joined");
+  const c = await openWs(url);
+  assert.equal(await a.next(), "* guest-3 joined");
+  assert.equal(await b.next(), "* guest-3 joined");
+  a.socket.send("hello\nwith a newline");
+  for (const peer of [a, b, c]) assert.equal(await peer.next(), "guest-1: hello\nwith a newline");
+  c.socket.send("bye");
+  for (const peer of [a, b, c]) assert.equal(await peer.next(), "guest-3: bye");
+  await c[Symbol.asyncDispose]();
+  assert.equal(await a.next(), "* guest-3 left");
+  assert.equal(await b.next(), "* guest-3 left");
+});
+
+Deno.test("ws chat: binary closes its sender with 1003, too big with 1009, others carry on", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", maxMessage: 100, log: quiet });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  await using stays = await openWs(url);
+  await using binary = await openWs(url);
+  await using big = await openWs(url);
+  assert.equal(await stays.next(), "* guest-2 joined");
+  assert.equal(await stays.next(), "* guest-3 joined");
+  binary.socket.send(Uint8Array.of(1, 2, 3));
+  assert.equal((await binary.closed).code, 1003);
+  big.socket.send("x".repeat(101));
+  assert.equal((await big.closed).code, 1009);
+  assert.equal(await stays.next(), "* guest-2 left");
+  assert.equal(await stays.next(), "* guest-3 left");
+  stays.socket.send("fine");
+  assert.equal(await stays.next(), "guest-1: fine");
+});
+
+// ------------------------------------------------ WebSocket: HTTP and close
+
+Deno.test("ws server: GET / is the browser client, other paths 404, a bad upgrade 400", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  const base = `http://127.0.0.1:${server.addr.port}`;
+  const page = await fetch(`${base}/`);
+  assert.equal(page.status, 200);
+  assert.match(page.headers.get("content-type")!, /text\/html/);
+  const html = await page.text();
+  assert.match(html, /new WebSocket\(/);
+  assert.doesNotMatch(
+    html,
+    /<script[^>]+src=|<link[^>]+href=/,
+    "self-contained: no external assets",
+  );
+
+  const missing = await fetch(`${base}/nope`);
+  assert.equal(missing.status, 404);
+  assert.match(await missing.text(), /ws:\/\/127\.0\.0\.1:\d+\//);
+
+  const noKey = await fetch(`${base}/`, {
+    headers: { Upgrade: "WebSocket", Connection: "Upgrade" },
+  });
+  assert.equal(noKey.status, 400);
+  assert.match(await noKey.text(), /Sec-WebSocket-Key/);
+});
+
+Deno.test("ws server: the Upgrade header matches in any case, and any path upgrades", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+  const request =
+    "GET /any/path HTTP/1.1\r\nHost: x\r\nUpgrade: WebSocket\r\nConnection: upgrade\r\n" +
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+  await conn.write(encoder.encode(request));
+  let response = "";
+  const buf = new Uint8Array(4096);
+  while (!response.includes("\r\n\r\n")) {
+    const n = await conn.read(buf);
+    if (n === null) break;
+    response += decoder.decode(buf.subarray(0, n));
+  }
+  assert.match(response, /^HTTP\/1\.1 101 /);
+  // RFC 6455's own example: this key must give this accept value.
+  assert.match(response, /sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK\+xOo=/i);
+});
+
+Deno.test("ws server: close() sends every client 1001", async () => {
+  const server = startWsServer({ port: 0, log: quiet });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  const a = await openWs(url);
+  const b = await openWs(url);
+  await server.close();
+  assert.equal((await a.closed).code, 1001);
+  assert.equal((await b.closed).code, 1001);
+});
+
+// --------------------------------------------------- WebSocket: the client
+
+Deno.test("ws client: sends, collects one reply per message, closes with 1000", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  const received: unknown[] = [];
+  const close = await runWsClient({
+    url: `ws://127.0.0.1:${server.addr.port}/`,
+    messages: ["one", "two"],
+    replies: 2,
+    onMessage: (data) => received.push(data),
+  });
+  assert.deepEqual(received, ["one", "two"]);
+  assert.deepEqual(close, { code: 1000, reason: "", byServer: false });
+});
+
+Deno.test("ws client: a server that never replies times out", async () => {
+  await using server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: quiet },
+    (request) => {
+      const { response } = Deno.upgradeWebSocket(request);
+      return response;
+    },
+  );
+  await assert.rejects(
+    runWsClient({
+      url: `ws://127.0.0.1:${server.addr.port}/`,
+      messages: ["anyone?"],
+      replies: 1,
+      timeout: 200,
+      onMessage: () => {},
+    }),
+    /timed out: 0 of 1 replies/,
+  );
+});
+
+Deno.test("ws client: refused, and not a WebSocket server, are clear errors", async () => {
+  const options = { messages: ["x"], replies: 1, onMessage: () => {} };
+  await assert.rejects(
+    runWsClient({ ...options, url: `ws://127.0.0.1:${closedPort()}/` }),
+    /connection refused/,
+  );
+  await using http = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: quiet },
+    () => new Response("just a web page", { status: 200 }),
+  );
+  await assert.rejects(
+    runWsClient({ ...options, url: `ws://127.0.0.1:${http.addr.port}/` }),
+    /HTTP 200 instead of 101/,
+  );
+});
+
+// ------------------------------------------------------- the command lines
+
+const SCRIPTS = ["tcp_server.ts", "tcp_client.ts", "ws_server.ts", "ws_client.ts"];
+
+Deno.test("cli: --help prints usage and exits 0", async () => {
+  for (const script of SCRIPTS) {
+    const { code, stdout } = await runScript(script, ["--help"]);
+    assert.equal(code, 0, script);
+    assert.match(stdout, new RegExp(`^Usage: ${script}`), script);
+  }
+});
+
+Deno.test("cli: bad options print one line plus usage and exit 2", async () => {
+  const cases: [string, string[], RegExp][] = [
+    ["tcp_server.ts", ["--bogus"], /Unknown option '--bogus'/],
+    [
+      "tcp_server.ts",
+      ["--port", "70000"],
+      /--port must be an integer from 0 to 65535, got "70000"/,
+    ],
+    ["tcp_server.ts", ["--mode", "shout"], /--mode must be echo or chat, got "shout"/],
+    ["tcp_server.ts", ["--max-line=-1"], /--max-line must be an integer at least 1, got "-1"/],
+    ["tcp_server.ts", ["--max-line", "-1"], /--max-line needs a value; .* write --max-line=VALUE/],
+    ["tcp_server.ts", ["--port"], /Option '--port <value>' argument missing/],
+    ["tcp_server.ts", ["stray"], /Unexpected argument 'stray'/],
+    ["tcp_client.ts", ["--port", "http"], /--port must be an integer/],
+    ["ws_server.ts", ["--port=-5"], /--port must be an integer/],
+    ["ws_server.ts", ["--max-message", "1.5"], /--max-message must be an integer/],
+    ["ws_client.ts", ["--url", "http://127.0.0.1/"], /--url must be a ws:\/\/ or wss:\/\/ URL/],
+    ["ws_client.ts", ["--timeout", "soon", "x"], /--timeout must be/],
+  ];
+  for (const [script, args, expected] of cases) {
+    const { code, stdout, stderr } = await runScript(script, args);
+    assert.equal(code, 2, `${script} ${args.join(" ")}`);
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.match(first, expected);
+    assert.equal(blank, "");
+    assert.match(usage, /^Usage: /);
+    assertNoStackTrace(stderr);
+  }
+});
+
+Deno.test("cli: clients report a refused connection in one line and exit 1", async () => {
+  const port = closedPort();
+  const tcp = await runScript("tcp_client.ts", ["--port", String(port), "hi"]);
+  assert.equal(tcp.code, 1);
+  assert.equal(
+    tcp.stderr,
+    `tcp_client: 127.0.0.1:${port}: connection refused ` +
+      "(is the server running? start one with: deno run -N tcp_server.ts)\n",
+  );
+  const ws = await runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${port}/`, "hi"]);
+  assert.equal(ws.code, 1);
+  assert.match(ws.stderr, /^ws_client: ws:\/\/127\.0\.0\.1:\d+\/: connection refused .*\n$/);
+  assertNoStackTrace(tcp.stderr + ws.stderr);
+});
+
+Deno.test("cli: a port in use is one clear line and exit 1", async () => {
+  using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  for (const script of ["tcp_server.ts", "ws_server.ts"]) {
+    const { code, stdout, stderr } = await runScript(script, ["--port", String(taken.addr.port)]);
+    assert.equal(code, 1, script);
+    assert.equal(stdout, "");
+    assert.match(stderr, /^\w+: cannot listen on 127\.0\.0\.1:\d+: address already in use .*\n$/);
+  }
+});
+
+Deno.test("cli: tcp_client one-shot against tcp_server, echo and chat", async () => {
+  await using echo = await spawnServer("tcp_server.ts", ["--quiet"]);
+  assert.match(echo.line, /^listening on tcp:\/\/127\.0\.0\.1:\d+$/);
+  const echoed = await runScript("tcp_client.ts", [
+    "--port",
+    String(echo.port),
+    "hello",
+    "two words",
+  ]);
+  assert.equal(echoed.code, 0);
+  assert.equal(echoed.stdout, "hello\ntwo words\n");
+
+  await using chat = await spawnServer("tcp_server.ts", ["--mode", "chat"]);
+  const chatted = await runScript("tcp_client.ts", ["--port", String(chat.port), "hi all"]);
+  assert.equal(chatted.code, 0);
+  assert.equal(chatted.stdout, "guest-1: hi all\n");
+  const { code, stderr } = await chat.stop();
+  assert.equal(code, 0);
+  assert.match(
+    stderr,
+    /\+ 127\.0\.0\.1:\d+ connected as guest-1\n- 127\.0\.0\.1:\d+ disconnected \(guest-1\)/,
+  );
+});
+
+Deno.test("cli: tcp_client interactive sends stdin, half-closes at its end", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  const { code, stdout, stderr } = await runScript(
+    "tcp_client.ts",
+    ["--port", String(server.addr.port)],
+    "typed line\nanother\n",
+  );
+  assert.equal(code, 0);
+  assert.equal(stdout, "typed line\nanother\n");
+  assert.match(stderr, /closed the connection/);
+});
+
+Deno.test("cli: ws_client one-shot and interactive against ws_server", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+  assert.match(server.line, /^listening on ws:\/\/127\.0\.0\.1:\d+\/$/);
+  const url = `ws://127.0.0.1:${server.port}/`;
+  const oneShot = await runScript("ws_client.ts", ["--url", url, "hello", "two words"]);
+  assert.equal(oneShot.code, 0);
+  assert.equal(oneShot.stdout, "hello\ntwo words\n");
+  const interactive = await runScript("ws_client.ts", ["--url", url], "typed\r\nlines\n");
+  assert.equal(interactive.code, 0);
+  assert.equal(interactive.stdout, "typed\nlines\n");
+});
+
+Deno.test("cli: ws_client reports a server that is not a WebSocket server", async () => {
+  await using tcp = startTcpServer({ port: 0, log: quiet });
+  const { code, stderr } = await runScript("ws_client.ts", [
+    "--url",
+    `ws://127.0.0.1:${tcp.addr.port}/`,
+    "x",
+  ]);
+  assert.equal(code, 1);
+  assert.match(stderr, /^ws_client: .*does not speak HTTP.*\n$/);
+});
+
+Deno.test("cli: SIGTERM closes tcp_server's open connections and exits 0", async () => {
+  const server = await spawnServer("tcp_server.ts", ["--mode", "chat"]);
+  using a = await connectTcp(server.port);
+  using b = await connectTcp(server.port);
+  assert.equal(await a.readLine(), "* guest-2 joined");
+  const { code } = await server.stop("SIGTERM");
+  assert.equal(code, 0);
+  assert.equal(await a.readLine(), null, "no '* guest-2 left' while the server goes away");
+  assert.equal(await b.readLine(), null);
+});
+
+Deno.test("cli: SIGTERM sends open WebSockets 1001 and exits 0", async () => {
+  const server = await spawnServer("ws_server.ts", ["--mode", "chat"]);
+  const url = `ws://127.0.0.1:${server.port}/`;
+  const a = await openWs(url);
+  const b = await openWs(url);
+  assert.equal(await a.next(), "* guest-2 joined");
+  const { code } = await server.stop("SIGTERM");
+  assert.equal(code, 0);
+  const [closeA, closeB] = await Promise.all([a.closed, b.closed]);
+  assert.equal(closeA.code, 1001);
+  assert.equal(closeB.code, 1001);
+  assert.equal(closeA.reason, "server shutting down");
+});
