@@ -682,3 +682,26 @@ Deno.test("cli: SIGTERM sends open WebSockets 1001 and exits 0", async () => {
   assert.equal(closeB.code, 1001);
   assert.equal(closeA.reason, "server shutting down");
 });
+
+// ----------------------------------------------------------------- the README
+
+Deno.test("readme: the flag reference is each script's own --help", async () => {
+  const readme = await Deno.readTextFile(scriptPath("README.md"));
+  for (const script of SCRIPTS) {
+    const { stdout } = await runScript(script, ["--help"]);
+    assert.ok(readme.includes("```\n" + stdout + "```\n"), `README's usage block for ${script}`);
+  }
+});
+
+Deno.test("readme: every link to a script line lands on the code it names", async () => {
+  const readme = await Deno.readTextFile(scriptPath("README.md"));
+  const links = [...readme.matchAll(/\[`([^`]+)`\]\((\w+\.ts)#L(\d+)\)/g)];
+  assert.ok(links.length >= 10);
+  for (const [link, code, file, line] of links) {
+    const lines = (await Deno.readTextFile(scriptPath(file))).split("\n");
+    assert.ok(
+      lines[Number(line) - 1]?.includes(code),
+      `${link}: line ${line} is "${lines[Number(line) - 1]}"`,
+    );
+  }
+});
