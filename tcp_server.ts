@@ -283,7 +283,12 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
   } else {
     client.counted = true;
     state.clients.add(client);
-    if (state.mode === "chat") join(state, client);
+    if (state.mode === "chat") {
+      // Chat lines are small and a client both sends and receives: with Nagle
+      // on, its next line waits for the ACK of the last (up to 40 ms).
+      conn.setNoDelay(true);
+      join(state, client);
+    }
     state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
   }
   try {
