@@ -108,8 +108,10 @@ interface ServerState {
   maxConnections: number;
   log: (line: string) => void;
   listener: Deno.TcpListener;
-  /** Every connection that is being served. */
+  /** Every open connection, including those being turned away. */
   clients: Set<Client>;
+  /** Connections counted against maxConnections. */
+  served: number;
   /** Chat: the clients that receive broadcasts. */
   room: Set<Client>;
   tasks: Set<Promise<void>>;
@@ -147,6 +149,7 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     log: options.log ?? console.error,
     listener,
     clients: new Set(),
+    served: 0,
     room: new Set(),
     tasks: new Set(),
     guests: 0,
@@ -170,7 +173,7 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
   return {
     addr: listener.addr,
     get connections() {
-      return state.clients.size;
+      return state.served;
     },
     close: () => closed ??= close(),
     [Symbol.asyncDispose]: () => closed ??= close(),
@@ -278,11 +281,13 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
     counted: false,
     linger: undefined,
   };
-  if (state.clients.size >= state.maxConnections) {
+  state.clients.add(client);
+  if (state.served >= state.maxConnections) {
+    state.log(`! ${client.peer} turned away: server full`);
     end(state, client, "server full");
   } else {
     client.counted = true;
-    state.clients.add(client);
+    state.served++;
     if (state.mode === "chat") {
       // Chat lines are small and a client both sends and receives: with Nagle
       // on, its next line waits for the ACK of the last (up to 40 ms).
@@ -302,8 +307,9 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
   await client.flushing;
   clearTimeout(client.linger);
   closeQuietly(conn);
+  state.clients.delete(client);
   if (client.counted) {
-    state.clients.delete(client);
+    state.served--;
     if (!state.closing) {
       state.log(
         `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${client.reason}`,
