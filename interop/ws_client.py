@@ -1,0 +1,45 @@
+"""ws_client.py: a WebSocket client on python-websockets (Debian's python3-websockets).
+
+The peer for ws_server.ts. Sends each MESSAGE as text, except `binary:N`,
+which is sent as N binary bytes 0, 1, 2, ..., 255, 0, 1, .... Prints each
+message received on its own line (binary as `<binary N bytes sha256 HEX>`),
+closes with 1000 after one reply per message sent, and prints how the
+connection closed: `closed CODE REASON`.
+
+    python3 interop/ws_client.py ws://127.0.0.1:8080/ hello binary:256
+"""
+
+import asyncio
+import hashlib
+import re
+import sys
+
+import websockets
+
+
+def payload(message):
+    size = re.fullmatch(r"binary:(\d+)", message)
+    return bytes(i % 256 for i in range(int(size[1]))) if size else message
+
+
+def describe(data):
+    # websockets gives text frames as str and binary frames as bytes.
+    if isinstance(data, str):
+        return data
+    return f"<binary {len(data)} bytes sha256 {hashlib.sha256(data).hexdigest()}>"
+
+
+async def main(url, messages):
+    async with websockets.connect(url) as socket:
+        for message in messages:
+            await socket.send(payload(message))
+        try:
+            for _ in messages:
+                print(describe(await socket.recv()), flush=True)
+        except websockets.ConnectionClosed:
+            pass  # the server closed first; its code is printed below
+        # Leaving the block runs the close handshake with 1000.
+    print(f"closed {socket.close_code} {socket.close_reason}".rstrip(), flush=True)
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2:]))
