@@ -1,0 +1,1101 @@
+/**
+ * interop_test.ts: the four scripts against networking code nobody here
+ * wrote: Python's `socket` module, Node.js's `net`, OpenBSD netcat, the `ws`
+ * package, python-websockets, and a real Chromium using the page that
+ * ws_server.ts serves. Each peer talks to our servers and, where that makes
+ * sense, our clients talk to a server built on it.
+ *
+ *     npm ci --prefix interop             # the ws package, once
+ *     deno test -A interop_test.ts        # or: deno task test:interop
+ *
+ * The small peer programs are in interop/ (interop/README.md says what each
+ * is). A test whose peer is not installed is skipped, with what to install
+ * in its name; under CI=true it fails instead, so CI never passes by
+ * skipping. Every server binds port 0 and prints its real port, and every
+ * wait is for an event (a line, a close, a DOM change) with a timeout.
+ *
+ * Chromium is driven through the DevTools protocol (CDP) over Deno's own
+ * WebSocket client, not playwright-core. CDP *is* a WebSocket protocol, so
+ * driving the browser is one more interop check of the kind this file is
+ * about; it needs no npm package in a Deno test (Node's module loading, a
+ * driver that spawns its own helpers) and every process, socket and timer
+ * the browser tests open is Deno's own, so the sanitizers see all of them.
+ * The tests use the page as a person would: real mouse clicks and text
+ * input (Input.dispatchMouseEvent, Input.insertText, Input.dispatchKeyEvent),
+ * and they read what the page shows in #status and #log. They never touch
+ * the page's WebSocket. Set UPDATE_SCREENSHOT=1 to write the chat test's
+ * screenshot to docs/chat.png (it is taken and checked on every run).
+ */
+
+import assert from "node:assert/strict";
+
+const TIMEOUT_MS = 15_000;
+const CI = Deno.env.get("CI") === "true";
+const INTEROP_DIR = scriptPath("interop");
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+// --------------------------------------------------------------- the peers
+
+/** A program a test needs: found on this machine or not, and how to get it. */
+interface Peer {
+  found: boolean;
+  install: string;
+}
+
+// Debian's python3-websockets lives in /usr/bin/python3's dist-packages; a
+// python3 earlier on PATH (pyenv, a venv) may not see it, so try that first.
+const PYTHON_CANDIDATES = ["/usr/bin/python3", "python3"];
+const PYTHON = await firstThatRuns(PYTHON_CANDIDATES, ["-c", "import socket"]);
+const PYTHON_WITH_WEBSOCKETS = await firstThatRuns(PYTHON_CANDIDATES, ["-c", "import websockets"]);
+const CHROMIUM = Deno.env.get("CHROMIUM") ?? "/usr/bin/chromium";
+
+const python: Peer = { found: PYTHON !== undefined, install: "python3" };
+const pythonWebsockets: Peer = {
+  found: PYTHON_WITH_WEBSOCKETS !== undefined,
+  install: "python3-websockets (apt-get install python3-websockets)",
+};
+const node: Peer = { found: await runs("node", ["--version"]), install: "Node.js (node)" };
+const nodeWs: Peer = {
+  found: node.found && await exists(`${INTEROP_DIR}/node_modules/ws/package.json`),
+  install: "the ws package (npm ci --prefix interop)",
+};
+// Only OpenBSD's netcat has -N (half-close at the end of stdin).
+const netcat: Peer = {
+  found: (await outputOf("nc", ["-h"])).includes("-N"),
+  install: "OpenBSD netcat (apt-get install netcat-openbsd)",
+};
+const chromium: Peer = {
+  found: await exists(CHROMIUM),
+  install: `Chromium at ${CHROMIUM} (apt-get install chromium, or set CHROMIUM)`,
+};
+
+/**
+ * A test that needs peers: skipped with the reason in its name when one is
+ * missing, except under CI=true, where a missing peer fails the test.
+ */
+function interopTest(name: string, peers: Peer[], fn: () => Promise<void>): void {
+  const missing = peers.filter((peer) => !peer.found).map((peer) => peer.install);
+  if (missing.length > 0 && !CI) {
+    Deno.test({ name: `${name} (skipped: needs ${missing.join(", ")})`, ignore: true, fn });
+    return;
+  }
+  Deno.test(name, async () => {
+    assert.deepEqual(missing, [], "CI=true, so a missing peer is a failure, not a skip");
+    await fn();
+  });
+}
+
+// --------------------------------------------------- the README's one-liners
+
+// One-liners a reader would type to reach the servers, as the tests run
+// them; the README's "Talk to it from anything" shows each with the default
+// port (9000 for TCP, 8080 for WebSocket).
+const ONE_LINERS = {
+  pythonTcp: (port: number) =>
+    `python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", ${port})); ` +
+    `s.sendall(b"hello\\n"); s.shutdown(socket.SHUT_WR); print(s.makefile().read(), end="")'`,
+  nodeTcp: (port: number) =>
+    `node -e 'const s = require("net").connect(${port}, "127.0.0.1", () => s.end("hello\\n")); ` +
+    `s.pipe(process.stdout)'`,
+  netcatEcho: (port: number) => `printf 'hello\\n' | nc -N 127.0.0.1 ${port}`,
+  netcatChat: (port: number) => `nc -N 127.0.0.1 ${port}`,
+  pythonWs: (port: number) => `python3 -m websockets ws://127.0.0.1:${port}/`,
+  nodeWs: (port: number) =>
+    `node -e 'const ws = new (require("ws"))("ws://127.0.0.1:${port}/"); ` +
+    `ws.on("open", () => ws.send("hello")); ` +
+    `ws.on("message", (m) => { console.log(String(m)); ws.close(); })'`,
+  browser: (port: number) => `http://127.0.0.1:${port}/`,
+  devtoolsConsole: (port: number) =>
+    `const ws = new WebSocket("ws://127.0.0.1:${port}/");\n` +
+    `ws.onmessage = (e) => console.log(e.data);\n` +
+    `ws.onopen = () => ws.send("hello from the console");`,
+};
+
+// ------------------------------------------------------------ processes
+
+function scriptPath(name: string): string {
+  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
+}
+
+/** A peer program's path: they live in interop/. */
+function peer(name: string): string {
+  return scriptPath(`interop/${name}`);
+}
+
+function deno(script: string, ...args: string[]): [string, string[]] {
+  return [Deno.execPath(), ["run", "-A", scriptPath(script), ...args]];
+}
+
+// One-liners run through sh, exactly as a reader would type them.
+function shell(line: string): [string, string[]] {
+  return ["sh", ["-c", line]];
+}
+
+// `python3` in a one-liner must be the one that has websockets (and Debian's
+// is not always first on PATH). The tests send UTF-8 text through Python's
+// stdio, whatever the machine's locale.
+function peerEnv(): Record<string, string> {
+  const python = PYTHON_WITH_WEBSOCKETS ?? PYTHON;
+  const env = { PYTHONUTF8: "1" };
+  if (!python?.includes("/")) return env;
+  const dir = python.slice(0, python.lastIndexOf("/"));
+  return { ...env, PATH: `${dir}:${Deno.env.get("PATH") ?? ""}` };
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+async function outputOf(command: string, args: string[]): Promise<string> {
+  try {
+    const { stdout, stderr } = await new Deno.Command(command, { args, stdin: "null" }).output();
+    return decoder.decode(stdout) + decoder.decode(stderr);
+  } catch {
+    return "";
+  }
+}
+
+async function runs(command: string, args: string[]): Promise<boolean> {
+  try {
+    const { success } = await new Deno.Command(command, {
+      args,
+      stdin: "null",
+      stdout: "null",
+      stderr: "null",
+    }).output();
+    return success;
+  } catch {
+    return false;
+  }
+}
+
+async function firstThatRuns(commands: string[], args: string[]): Promise<string | undefined> {
+  for (const command of commands) {
+    if (await runs(command, args)) return command;
+  }
+  return undefined;
+}
+
+/** Rejects with "timed out" if `promise` has not settled within `ms`. */
+async function within<T>(ms: number, what: string, promise: Promise<T>): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+interface RunOptions {
+  stdin?: string | Uint8Array;
+  cwd?: string;
+}
+
+/** Runs a program to completion (killed after TIMEOUT_MS) and returns its exit code and output. */
+async function run([command, args]: [string, string[]], options: RunOptions = {}) {
+  const child = new Deno.Command(command, {
+    args,
+    cwd: options.cwd,
+    env: peerEnv(),
+    stdin: options.stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  // Read while writing: a program that echoes its input would otherwise
+  // block on a full stdout pipe, and then so would our write.
+  const output = child.output();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    timer = setTimeout(() => child.kill("SIGKILL"), TIMEOUT_MS);
+    if (options.stdin !== undefined) {
+      const writer = child.stdin.getWriter();
+      const bytes = typeof options.stdin === "string"
+        ? encoder.encode(options.stdin)
+        : options.stdin;
+      await writer.write(bytes).catch(() => {});
+      await writer.close().catch(() => {});
+    }
+    const { code, signal, stdout, stderr } = await output;
+    const what = `${command} ${args.join(" ")}`;
+    assert.equal(signal, null, `${what} was killed (timed out?): ${decoder.decode(stderr)}`);
+    return { code, bytes: stdout, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** A program left running: read its stdout line by line, write to its stdin, stop it. */
+function spawn(
+  [command, args]: [string, string[]],
+  options: { cwd?: string; stdin?: boolean } = {},
+) {
+  const what = [command, ...args].join(" ");
+  const child = new Deno.Command(command, {
+    args,
+    cwd: options.cwd,
+    env: peerEnv(),
+    stdin: options.stdin ? "piped" : "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  const stdin = options.stdin ? child.stdin.getWriter() : undefined;
+  let buffered = "";
+  let eof = false;
+  let stdinOpen = options.stdin ?? false;
+  // A read that timed out is still pending: the next call must reuse it, or
+  // the text it brings would be lost.
+  let reading: Promise<ReadableStreamReadResult<string>> | undefined;
+  let finished: Promise<{ code: number; signal: string | null; rest: string; stderr: string }>;
+
+  async function nextLine(): Promise<string | null> {
+    for (;;) {
+      const end = buffered.indexOf("\n");
+      if (end !== -1) {
+        const line = buffered.slice(0, end);
+        buffered = buffered.slice(end + 1);
+        return line;
+      }
+      if (eof) {
+        const rest = buffered;
+        buffered = "";
+        return rest === "" ? null : rest;
+      }
+      reading ??= stdout.read().finally(() => reading = undefined);
+      const { done, value } = await within(
+        TIMEOUT_MS,
+        `a line from ${what} (so far: ${JSON.stringify(buffered)})`,
+        reading,
+      );
+      if (done) eof = true;
+      else buffered += value;
+    }
+  }
+
+  async function closeStdin(): Promise<void> {
+    if (!stdinOpen) return;
+    stdinOpen = false;
+    await stdin!.close().catch(() => {});
+  }
+
+  async function finish() {
+    await closeStdin();
+    let status;
+    let stuck: unknown;
+    try {
+      status = await within(TIMEOUT_MS, `${what} to exit`, child.status);
+    } catch (error) {
+      stuck = error;
+      child.kill("SIGKILL");
+      status = await child.status;
+    }
+    let rest = buffered;
+    for (let r = await (reading ?? stdout.read()); !r.done; r = await stdout.read()) {
+      rest += r.value;
+    }
+    buffered = "";
+    if (stuck) throw stuck;
+    return { code: status.code, signal: status.signal, rest, stderr: await stderr };
+  }
+
+  return {
+    nextLine,
+    closeStdin,
+    async write(text: string) {
+      await stdin!.write(encoder.encode(text));
+    },
+    /** Closes stdin, waits for the exit, and returns what it had not read yet. */
+    finish: () => finished ??= finish(),
+    stop(signal: Deno.Signal = "SIGTERM") {
+      try {
+        child.kill(signal);
+      } catch {
+        // Already exited.
+      }
+      return finished ??= finish();
+    },
+    async [Symbol.asyncDispose]() {
+      if (!finished) {
+        try {
+          child.kill("SIGKILL");
+        } catch {
+          // Already exited.
+        }
+      }
+      await (finished ??= finish()).catch(() => {});
+    },
+  };
+}
+
+/** A server that prints "listening on tcp://127.0.0.1:PORT" or "ws://…/" first. */
+async function startServer(program: [string, string[]]) {
+  const server = spawn(program);
+  const line = await server.nextLine().catch(() => null);
+  const port = Number(line?.match(/^listening on (?:tcp|ws):\/\/127\.0\.0\.1:(\d+)\/?$/)?.[1]);
+  if (!port) {
+    const { stderr } = await server.stop("SIGKILL");
+    throw new Error(`${program[1].join(" ")} did not start: ${line}\n${stderr}`);
+  }
+  return Object.assign(server, { port, url: `ws://127.0.0.1:${port}/` });
+}
+
+/** Reads lines until one matches, and returns them all (at most 50). */
+async function linesUntil(
+  program: { nextLine(): Promise<string | null> },
+  pattern: RegExp,
+): Promise<string[]> {
+  const lines: string[] = [];
+  while (lines.length < 50) {
+    const line = await program.nextLine();
+    if (line === null) break;
+    lines.push(line);
+    if (pattern.test(line)) return lines;
+  }
+  throw new Error(`no line matched ${pattern}; got ${JSON.stringify(lines)}`);
+}
+
+async function nextLines(program: { nextLine(): Promise<string | null> }, count: number) {
+  const lines: (string | null)[] = [];
+  for (let i = 0; i < count; i++) lines.push(await program.nextLine());
+  return lines;
+}
+
+function randomBytes(n: number): Uint8Array {
+  const bytes = new Uint8Array(n);
+  for (let i = 0; i < n; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+  return bytes;
+}
+
+function allBytes(): Uint8Array {
+  return Uint8Array.from({ length: 256 }, (_, i) => i);
+}
+
+/** How the peers print a binary message of N bytes 0, 1, 2, …: `binary:N` sends one. */
+async function binaryLine(size: number): Promise<string> {
+  const bytes = Uint8Array.from({ length: size }, (_, i) => i % 256);
+  const digest = new Uint8Array(await crypto.subtle.digest("SHA-256", bytes));
+  const hex = Array.from(digest, (byte) => byte.toString(16).padStart(2, "0")).join("");
+  return `<binary ${size} bytes sha256 ${hex}>`;
+}
+
+// ============================================================ TCP: Python
+
+interopTest("python socket: the README one-liner and tcp_client.py against tcp_server.ts echo", [
+  python,
+], async () => {
+  await using server = await startServer(deno("tcp_server.ts", "--port", "0", "--quiet"));
+  const oneLiner = await run(shell(ONE_LINERS.pythonTcp(server.port)));
+  assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
+  assert.equal(oneLiner.code, 0);
+
+  const lines = await run([PYTHON!, [peer("tcp_client.py"), String(server.port), "hi", "ü ✓"]]);
+  assert.equal(lines.stdout, "hi\nü ✓\n", lines.stderr);
+  // Every byte value, then enough that it takes many reads and writes.
+  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
+  const echoed = await run([PYTHON!, [peer("tcp_client.py"), String(server.port)]], {
+    stdin: payload,
+  });
+  assert.equal(echoed.code, 0, echoed.stderr);
+  assert.deepEqual(echoed.bytes, payload);
+});
+
+interopTest("python socket: tcp_client.py chats through tcp_server.ts with tcp_client.ts", [
+  python,
+], async () => {
+  await using server = await startServer(
+    deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using denoClient = spawn(deno("tcp_client.ts", "--port", String(server.port)), {
+    stdin: true,
+  });
+  await denoClient.write("hi, who's there?\n");
+  assert.equal(await denoClient.nextLine(), "guest-1: hi, who's there?");
+
+  const oneLiner = await run(shell(ONE_LINERS.pythonTcp(server.port)));
+  assert.equal(oneLiner.stdout, "guest-2: hello\n", oneLiner.stderr);
+  const py = await run([PYTHON!, [peer("tcp_client.py"), String(server.port), "Python here"]]);
+  assert.equal(py.stdout, "guest-3: Python here\n", py.stderr);
+  assert.deepEqual(await nextLines(denoClient, 6), [
+    "* guest-2 joined",
+    "guest-2: hello",
+    "* guest-2 left",
+    "* guest-3 joined",
+    "guest-3: Python here",
+    "* guest-3 left",
+  ]);
+  const { code } = await denoClient.finish();
+  assert.equal(code, 0);
+});
+
+interopTest("python socket: tcp_client.ts against a Python echo server", [python], async () => {
+  await using server = await startServer([PYTHON!, [peer("tcp_echo_server.py"), "0"]]);
+  const oneShot = await run(deno("tcp_client.ts", "--port", String(server.port), "hello", "ü ✓"));
+  assert.equal(oneShot.stdout, "hello\nü ✓\n", oneShot.stderr);
+  assert.equal(oneShot.code, 0);
+  // Interactive mode sends stdin as it is: bytes, not lines.
+  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
+  const echoed = await run(deno("tcp_client.ts", "--port", String(server.port)), {
+    stdin: payload,
+  });
+  assert.equal(echoed.code, 0, echoed.stderr);
+  assert.deepEqual(echoed.bytes, payload);
+});
+
+// ============================================================ TCP: Node.js
+
+interopTest("node net: the README one-liner and tcp_client.mjs against tcp_server.ts echo", [
+  node,
+], async () => {
+  await using server = await startServer(deno("tcp_server.ts", "--port", "0", "--quiet"));
+  const oneLiner = await run(shell(ONE_LINERS.nodeTcp(server.port)));
+  assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
+  assert.equal(oneLiner.code, 0);
+  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
+  const echoed = await run(["node", [peer("tcp_client.mjs"), String(server.port)]], {
+    stdin: payload,
+  });
+  assert.equal(echoed.code, 0, echoed.stderr);
+  assert.deepEqual(echoed.bytes, payload);
+});
+
+interopTest("node net: tcp_client.mjs chats through tcp_server.ts with tcp_client.ts", [
+  node,
+], async () => {
+  await using server = await startServer(
+    deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using denoClient = spawn(deno("tcp_client.ts", "--port", String(server.port)), {
+    stdin: true,
+  });
+  await denoClient.write("hi\n");
+  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  const js = await run(["node", [peer("tcp_client.mjs"), String(server.port), "one", "two"]]);
+  assert.equal(js.stdout, "guest-2: one\nguest-2: two\n", js.stderr);
+  assert.deepEqual(await nextLines(denoClient, 4), [
+    "* guest-2 joined",
+    "guest-2: one",
+    "guest-2: two",
+    "* guest-2 left",
+  ]);
+  assert.equal((await denoClient.finish()).code, 0);
+});
+
+interopTest("node net: tcp_client.ts against a Node.js echo server", [node], async () => {
+  await using server = await startServer(["node", [peer("tcp_echo_server.mjs"), "0"]]);
+  const oneShot = await run(deno("tcp_client.ts", "--port", String(server.port), "hello", "ü ✓"));
+  assert.equal(oneShot.stdout, "hello\nü ✓\n", oneShot.stderr);
+  assert.equal(oneShot.code, 0);
+  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
+  const echoed = await run(deno("tcp_client.ts", "--port", String(server.port)), {
+    stdin: payload,
+  });
+  assert.equal(echoed.code, 0, echoed.stderr);
+  assert.deepEqual(echoed.bytes, payload);
+});
+
+// ================================================================= netcat
+
+interopTest("netcat: the README one-liner and every byte value against tcp_server.ts echo", [
+  netcat,
+], async () => {
+  await using server = await startServer(deno("tcp_server.ts", "--port", "0", "--quiet"));
+  const oneLiner = await run(shell(ONE_LINERS.netcatEcho(server.port)));
+  assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
+  assert.equal(oneLiner.code, 0);
+  const payload = new Uint8Array([...allBytes(), ...randomBytes(64 * 1024)]);
+  const echoed = await run(shell(ONE_LINERS.netcatChat(server.port)), { stdin: payload });
+  assert.equal(echoed.code, 0, echoed.stderr);
+  assert.deepEqual(echoed.bytes, payload);
+});
+
+interopTest("netcat: nc chats through tcp_server.ts with tcp_client.ts, then leaves", [
+  netcat,
+], async () => {
+  await using server = await startServer(
+    deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using nc = spawn(shell(ONE_LINERS.netcatChat(server.port)), { stdin: true });
+  await nc.write("netcat here\n");
+  assert.equal(await nc.nextLine(), "guest-1: netcat here");
+  const denoClient = await run(deno("tcp_client.ts", "--port", String(server.port), "hi nc"));
+  assert.equal(denoClient.stdout, "guest-2: hi nc\n", denoClient.stderr);
+  assert.deepEqual(await nextLines(nc, 3), [
+    "* guest-2 joined",
+    "guest-2: hi nc",
+    "* guest-2 left",
+  ]);
+  // -N: the end of stdin sends FIN; the server closes, and nc exits.
+  await nc.write("bye\n");
+  const { code, rest } = await nc.finish();
+  assert.equal(rest, "guest-1: bye\n");
+  assert.equal(code, 0);
+});
+
+// ======================================================= WebSocket: Node ws
+
+interopTest("ws (Node.js): text, binary, every byte value and 1 MiB through ws_server.ts echo", [
+  nodeWs,
+], async () => {
+  await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+  const oneLiner = await run(shell(ONE_LINERS.nodeWs(server.port)), { cwd: INTEROP_DIR });
+  assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
+  assert.equal(oneLiner.code, 0);
+
+  const js = await run([
+    "node",
+    [peer("ws_client.mjs"), server.url, "hello", "ünïcödé ✓", "binary:256", "binary:1048576"],
+  ]);
+  assert.equal(js.code, 0, js.stderr);
+  assert.deepEqual(js.stdout.split("\n"), [
+    "hello",
+    "ünïcödé ✓",
+    await binaryLine(256),
+    await binaryLine(1048576),
+    "closed 1000",
+    "",
+  ]);
+  // One byte over --max-message (1 MiB by default).
+  const tooBig = await run(["node", [peer("ws_client.mjs"), server.url, "binary:1048577"]]);
+  assert.equal(tooBig.stdout, "closed 1009 message too big (max 1048576 bytes)\n", tooBig.stderr);
+});
+
+interopTest("ws (Node.js): chat with ws_client.ts; binary closes 1003, too big 1009", [
+  nodeWs,
+], async () => {
+  await using server = await startServer(
+    deno("ws_server.ts", "--port", "0", "--mode", "chat", "--max-message", "100", "--quiet"),
+  );
+  await using denoClient = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
+  await denoClient.write("hi\n");
+  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+
+  const js = await run(["node", [peer("ws_client.mjs"), server.url, "from ws"]]);
+  assert.equal(js.stdout, "guest-2: from ws\nclosed 1000\n", js.stderr);
+  const binary = await run(["node", [peer("ws_client.mjs"), server.url, "binary:3"]]);
+  assert.equal(binary.stdout, "closed 1003 text messages only\n", binary.stderr);
+  const big = await run(["node", [peer("ws_client.mjs"), server.url, "x".repeat(101)]]);
+  assert.equal(big.stdout, "closed 1009 message too big (max 100 bytes)\n", big.stderr);
+  assert.deepEqual(await nextLines(denoClient, 7), [
+    "* guest-2 joined",
+    "guest-2: from ws",
+    "* guest-2 left",
+    "* guest-3 joined",
+    "* guest-3 left",
+    "* guest-4 joined",
+    "* guest-4 left",
+  ]);
+  assert.equal((await denoClient.finish()).code, 0);
+});
+
+interopTest("ws (Node.js): SIGTERM on ws_server.ts closes a ws client with 1001", [
+  nodeWs,
+], async () => {
+  await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+  await using js = spawn(["node", [peer("ws_client.mjs"), server.url, "--stay", "hello"]]);
+  assert.equal(await js.nextLine(), "hello");
+  const { code } = await server.stop("SIGTERM");
+  assert.equal(code, 0);
+  assert.equal(await js.nextLine(), "closed 1001 server shutting down");
+  const exited = await js.finish();
+  assert.equal(exited.code, 0, exited.stderr);
+});
+
+interopTest("ws (Node.js): ws_client.ts against a ws echo server closes with 1000", [
+  nodeWs,
+], async () => {
+  await using server = await startServer(["node", [peer("ws_echo_server.mjs"), "0"]]);
+  const client = await run(deno("ws_client.ts", "--url", server.url, "hello", "ünïcödé ✓"));
+  assert.equal(client.stdout, "hello\nünïcödé ✓\n", client.stderr);
+  assert.equal(client.code, 0);
+  assert.equal(await server.nextLine(), "closed 1000");
+});
+
+// ==================================================== python-websockets
+
+interopTest("python-websockets: ws_client.py and python -m websockets against ws_server.ts", [
+  pythonWebsockets,
+], async () => {
+  await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+  const py = await run([
+    PYTHON_WITH_WEBSOCKETS!,
+    [peer("ws_client.py"), server.url, "hello", "ünïcödé ✓", "binary:256", "binary:65536"],
+  ]);
+  assert.equal(py.code, 0, py.stderr);
+  assert.deepEqual(py.stdout.split("\n"), [
+    "hello",
+    "ünïcödé ✓",
+    await binaryLine(256),
+    await binaryLine(65536),
+    "closed 1000",
+    "",
+  ]);
+
+  // The interactive client draws a prompt with terminal escapes; what
+  // matters is the "< hello" it prints for the echo.
+  await using repl = spawn(shell(ONE_LINERS.pythonWs(server.port)), { stdin: true });
+  await linesUntil(repl, /Connected to ws:\/\/127\.0\.0\.1:\d+\//);
+  await repl.write("hello\n");
+  await linesUntil(repl, /< hello$/);
+  const { code, rest } = await repl.finish();
+  assert.match(rest, /Connection closed: 1000 \(OK\)/);
+  assert.equal(code, 0);
+});
+
+interopTest("python-websockets: chat with ws_client.ts; binary closes 1003", [
+  pythonWebsockets,
+], async () => {
+  await using server = await startServer(
+    deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using denoClient = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
+  await denoClient.write("hi\n");
+  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  const py = await run([PYTHON_WITH_WEBSOCKETS!, [peer("ws_client.py"), server.url, "from py"]]);
+  assert.equal(py.stdout, "guest-2: from py\nclosed 1000\n", py.stderr);
+  const binary = await run([PYTHON_WITH_WEBSOCKETS!, [
+    peer("ws_client.py"),
+    server.url,
+    "binary:3",
+  ]]);
+  assert.equal(binary.stdout, "closed 1003 text messages only\n", binary.stderr);
+  assert.deepEqual(await nextLines(denoClient, 5), [
+    "* guest-2 joined",
+    "guest-2: from py",
+    "* guest-2 left",
+    "* guest-3 joined",
+    "* guest-3 left",
+  ]);
+  assert.equal((await denoClient.finish()).code, 0);
+});
+
+interopTest("python-websockets: ws_client.ts against a websockets echo server", [
+  pythonWebsockets,
+], async () => {
+  await using server = await startServer([
+    PYTHON_WITH_WEBSOCKETS!,
+    [peer("ws_echo_server.py"), "0"],
+  ]);
+  const client = await run(deno("ws_client.ts", "--url", server.url, "hello", "ünïcödé ✓"));
+  assert.equal(client.stdout, "hello\nünïcödé ✓\n", client.stderr);
+  assert.equal(client.code, 0);
+  assert.equal(await server.nextLine(), "closed 1000");
+});
+
+// ============================================================== Chromium
+
+// Known to work headless as root on a machine without a network: no
+// sandbox (root), no GPU, nothing that phones home.
+const CHROMIUM_FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+// The whole page at its natural size, and no more, so that the README
+// shows it large; pixels at twice the density keep the text sharp there.
+const VIEWPORT = { width: 900, height: 600, deviceScaleFactor: 2, mobile: false };
+
+// deno-lint-ignore no-explicit-any
+type CdpResult = any;
+
+/**
+ * A DevTools protocol connection: JSON commands with ids, answered by
+ * results with the same id, and events without one. With `flatten`
+ * sessions, one WebSocket carries every page; `sessionId` says which.
+ */
+async function connectCdp(url: string) {
+  const socket = new WebSocket(url);
+  const replies = new Map<number, PromiseWithResolvers<CdpResult>>();
+  const waiters = new Set<(message: CdpResult) => boolean>();
+  const closed = Promise.withResolvers<void>();
+  let lastId = 0;
+  socket.onmessage = (event) => {
+    const message = JSON.parse(event.data);
+    const reply = replies.get(message.id);
+    if (reply) {
+      replies.delete(message.id);
+      if (message.error) reply.reject(new Error(`CDP: ${JSON.stringify(message.error)}`));
+      else reply.resolve(message.result);
+      return;
+    }
+    for (const waiter of waiters) if (waiter(message)) waiters.delete(waiter);
+  };
+  socket.onclose = () => {
+    for (const reply of replies.values()) reply.reject(new Error("CDP connection closed"));
+    replies.clear();
+    closed.resolve();
+  };
+  await within(
+    TIMEOUT_MS,
+    "the DevTools WebSocket to open",
+    new Promise((resolve, reject) => {
+      socket.onopen = resolve;
+      socket.onerror = () => reject(new Error(`cannot connect to ${url}`));
+    }),
+  );
+  socket.onerror = () => {};
+
+  function send(method: string, params = {}, sessionId?: string): Promise<CdpResult> {
+    const id = ++lastId;
+    const reply = Promise.withResolvers<CdpResult>();
+    replies.set(id, reply);
+    socket.send(JSON.stringify({ id, method, params, sessionId }));
+    return within(TIMEOUT_MS, method, reply.promise).finally(() => replies.delete(id));
+  }
+
+  /** An event still to come: call before the action that causes it. */
+  function nextEvent(
+    method: string,
+    sessionId: string,
+    matches: (params: CdpResult) => boolean = () => true,
+  ): Promise<CdpResult> {
+    const event = Promise.withResolvers<CdpResult>();
+    const waiter = (message: CdpResult) => {
+      if (message.method !== method || message.sessionId !== sessionId) return false;
+      if (!matches(message.params)) return false;
+      event.resolve(message.params);
+      return true;
+    };
+    waiters.add(waiter);
+    return within(TIMEOUT_MS, `the event ${method}`, event.promise)
+      .finally(() => waiters.delete(waiter));
+  }
+
+  return {
+    send,
+    nextEvent,
+    async close() {
+      socket.close();
+      await closed.promise;
+    },
+  };
+}
+
+type Cdp = Awaited<ReturnType<typeof connectCdp>>;
+
+/** Starts Chromium on a fresh profile with its DevTools on a free port. */
+async function launchChromium() {
+  const profile = await Deno.makeTempDir({ prefix: "interop-chromium-" });
+  const child = new Deno.Command(CHROMIUM, {
+    args: [
+      ...CHROMIUM_FLAGS,
+      `--user-data-dir=${profile}`,
+      "--remote-debugging-port=0",
+      "about:blank",
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new Response(child.stdout).text();
+  // Chromium says where its DevTools listen in one line on stderr.
+  const stderr = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let log = "";
+  let devtools: string | undefined;
+  try {
+    await within(
+      TIMEOUT_MS,
+      "Chromium's DevTools URL",
+      (async () => {
+        while (devtools === undefined) {
+          const { done, value } = await stderr.read();
+          if (done) throw new Error(`Chromium exited:\n${log}`);
+          log += value;
+          devtools = log.match(/DevTools listening on (ws:\/\/\S+)/)?.[1];
+        }
+      })(),
+    );
+  } catch (error) {
+    child.kill("SIGKILL");
+    await Promise.all([child.status, stdout, stderr.cancel()]);
+    await Deno.remove(profile, { recursive: true });
+    throw error;
+  }
+  // Keep draining stderr, or Chromium would block once the pipe is full.
+  const draining = (async () => {
+    for (let r = await stderr.read(); !r.done; r = await stderr.read()) log += r.value;
+  })();
+  const cdp = await connectCdp(devtools!);
+  return {
+    cdp,
+    openPage: (url: string) => openPage(cdp, url),
+    async [Symbol.asyncDispose]() {
+      await cdp.send("Browser.close").catch(() => {});
+      await cdp.close();
+      const exited = await within(TIMEOUT_MS, "Chromium to exit", child.status).catch(() => {
+        child.kill("SIGKILL");
+        return child.status;
+      });
+      await Promise.all([exited, draining, stdout]);
+      await Deno.remove(profile, { recursive: true });
+    },
+  };
+}
+
+/** A new tab, loaded: its CDP session and a way to send commands to it. */
+async function openPage(cdp: Cdp, url: string) {
+  const { targetId } = await cdp.send("Target.createTarget", { url: "about:blank" });
+  const { sessionId } = await cdp.send("Target.attachToTarget", { targetId, flatten: true });
+  const send = (method: string, params = {}) => cdp.send(method, params, sessionId);
+  await send("Page.enable");
+  await send("Runtime.enable");
+  await send("Emulation.setDeviceMetricsOverride", VIEWPORT);
+  const loaded = cdp.nextEvent("Page.loadEventFired", sessionId);
+  const { errorText } = await send("Page.navigate", { url });
+  if (errorText) throw new Error(`cannot load ${url}: ${errorText}`);
+  await loaded;
+  return { cdp, sessionId, send };
+}
+
+type Page = Awaited<ReturnType<typeof openPage>>;
+
+/** Evaluates an expression in the page (awaiting it if it is a promise) and returns its value. */
+async function evaluate(page: Page, expression: string): Promise<CdpResult> {
+  const { result, exceptionDetails } = await page.send("Runtime.evaluate", {
+    expression,
+    awaitPromise: true,
+    returnByValue: true,
+  });
+  if (exceptionDetails) {
+    throw new Error(
+      `in the page: ${exceptionDetails.exception?.description ?? exceptionDetails.text}`,
+    );
+  }
+  return result.value;
+}
+
+/** What #log shows: one entry per `<li>`, with its class (sent, note) if any. */
+const LOG_ITEMS_JS = `[...document.querySelectorAll("#log li")]
+  .map((li) => li.className ? li.className + ": " + li.textContent : li.textContent)`;
+
+/**
+ * Waits until `conditionJs`, evaluated in the page after each DOM change, is
+ * truthy, and returns its value. A MutationObserver makes it an event, not a
+ * polling loop.
+ */
+async function waitForPage(page: Page, conditionJs: string, what: string): Promise<CdpResult> {
+  const expression = `new Promise((resolve) => {
+    const check = () => {
+      const value = ${conditionJs};
+      if (value) { observer.disconnect(); resolve(value); }
+    };
+    const observer = new MutationObserver(check);
+    observer.observe(document.body, { subtree: true, childList: true, characterData: true });
+    check();
+  })`;
+  try {
+    return await evaluate(page, expression);
+  } catch (error) {
+    const shown = await evaluate(
+      page,
+      `[document.getElementById("status").textContent, ${LOG_ITEMS_JS}]`,
+    )
+      .catch(() => "(unreadable)");
+    throw new Error(
+      `waiting for ${what}: ${(error as Error).message}; the page shows ${JSON.stringify(shown)}`,
+    );
+  }
+}
+
+/** The log, once it has at least `count` entries. */
+function waitForLog(page: Page, count: number): Promise<string[]> {
+  return waitForPage(
+    page,
+    `document.querySelectorAll("#log li").length >= ${count} && ${LOG_ITEMS_JS}`,
+    `${count} entries in #log`,
+  );
+}
+
+function waitForStatus(page: Page, startsWith: string): Promise<string> {
+  return waitForPage(
+    page,
+    `document.getElementById("status").textContent.startsWith(${JSON.stringify(startsWith)}) &&
+      document.getElementById("status").textContent`,
+    `#status to start with "${startsWith}"`,
+  );
+}
+
+/** A left click in the middle of the element, as a mouse would do it. */
+async function click(page: Page, selector: string): Promise<void> {
+  const { x, y } = await evaluate(
+    page,
+    `(() => {
+      const box = document.querySelector(${JSON.stringify(selector)}).getBoundingClientRect();
+      return { x: box.x + box.width / 2, y: box.y + box.height / 2 };
+    })()`,
+  );
+  for (const type of ["mousePressed", "mouseReleased"]) {
+    await page.send("Input.dispatchMouseEvent", { type, x, y, button: "left", clickCount: 1 });
+  }
+}
+
+async function pressEnter(page: Page): Promise<void> {
+  const key = { key: "Enter", code: "Enter", windowsVirtualKeyCode: 13 };
+  await page.send("Input.dispatchKeyEvent", { type: "keyDown", text: "\r", ...key });
+  await page.send("Input.dispatchKeyEvent", { type: "keyUp", ...key });
+}
+
+/** Clicks into #message, types the text, and sends it with the button or the Enter key. */
+async function typeMessage(page: Page, text: string, submit: "click" | "enter"): Promise<void> {
+  await page.send("Page.bringToFront");
+  await click(page, "#message");
+  await page.send("Input.insertText", { text });
+  if (submit === "click") await click(page, "#send");
+  else await pressEnter(page);
+}
+
+function isPng(bytes: Uint8Array): boolean {
+  return [0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a].every((byte, i) => bytes[i] === byte);
+}
+
+/** Width and height from a PNG's IHDR chunk. */
+function pngSize(bytes: Uint8Array): { width: number; height: number } {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  return { width: view.getUint32(16), height: view.getUint32(20) };
+}
+
+interopTest("chromium: the page at / echoes what is typed into it, and shows 1001 on shutdown", [
+  chromium,
+], async () => {
+  await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+  await using browser = await launchChromium();
+  const page = await browser.openPage(ONE_LINERS.browser(server.port));
+  assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
+  assert.equal(
+    await evaluate(page, `document.getElementById("connect").textContent`),
+    "Disconnect",
+  );
+
+  await typeMessage(page, "hello from Chromium", "click");
+  await typeMessage(page, "ünïcödé ✓ <b>not bold</b>", "enter");
+  assert.deepEqual(await waitForLog(page, 4), [
+    "sent: → hello from Chromium",
+    "hello from Chromium",
+    "sent: → ünïcödé ✓ <b>not bold</b>",
+    "ünïcödé ✓ <b>not bold</b>",
+  ]);
+  assert.equal(await evaluate(page, `document.getElementById("message").value`), "");
+
+  const { code } = await server.stop("SIGTERM");
+  assert.equal(code, 0);
+  assert.equal(
+    await waitForStatus(page, "Closed"),
+    "Closed: code 1001 (server shutting down)",
+  );
+  assert.equal((await waitForLog(page, 5))[4], "note: connection closed, code 1001");
+});
+
+interopTest("chromium: two pages and ws_client.ts chat, and every one sees every message", [
+  chromium,
+], async () => {
+  await using server = await startServer(
+    deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  const url = ONE_LINERS.browser(server.port);
+  await using browser = await launchChromium();
+  // One at a time, so the names are known: guest-1, guest-2, guest-3.
+  const first = await browser.openPage(url);
+  await waitForStatus(first, "Connected");
+  const second = await browser.openPage(url);
+  await waitForStatus(second, "Connected");
+  assert.deepEqual(await waitForLog(first, 1), ["* guest-2 joined"]);
+  await using terminal = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
+  assert.equal((await waitForLog(first, 2))[1], "* guest-3 joined");
+  assert.deepEqual(await waitForLog(second, 1), ["* guest-3 joined"]);
+
+  // Each message reaches all three before the next is sent.
+  const said = [
+    "Hi! I'm typing this into the page, in Chromium.",
+    "Hello from a second tab.",
+    "And I'm ws_client.ts, in a terminal.",
+    "So all three of us see every message.",
+  ];
+  await typeMessage(first, said[0], "click");
+  assert.equal((await waitForLog(first, 4))[3], `guest-1: ${said[0]}`);
+  assert.equal((await waitForLog(second, 2))[1], `guest-1: ${said[0]}`);
+  assert.equal(await terminal.nextLine(), `guest-1: ${said[0]}`);
+
+  await typeMessage(second, said[1], "enter");
+  assert.equal((await waitForLog(first, 5))[4], `guest-2: ${said[1]}`);
+  assert.equal((await waitForLog(second, 4))[3], `guest-2: ${said[1]}`);
+  assert.equal(await terminal.nextLine(), `guest-2: ${said[1]}`);
+
+  await terminal.write(`${said[2]}\n`);
+  assert.equal(await terminal.nextLine(), `guest-3: ${said[2]}`);
+  await waitForLog(second, 5);
+
+  await typeMessage(first, said[3], "click");
+  assert.equal(await terminal.nextLine(), `guest-1: ${said[3]}`);
+  assert.deepEqual(await waitForLog(first, 8), [
+    "* guest-2 joined",
+    "* guest-3 joined",
+    `sent: → ${said[0]}`,
+    `guest-1: ${said[0]}`,
+    `guest-2: ${said[1]}`,
+    `guest-3: ${said[2]}`,
+    `sent: → ${said[3]}`,
+    `guest-1: ${said[3]}`,
+  ]);
+  assert.deepEqual(await waitForLog(second, 6), [
+    "* guest-3 joined",
+    `guest-1: ${said[0]}`,
+    `sent: → ${said[1]}`,
+    `guest-2: ${said[1]}`,
+    `guest-3: ${said[2]}`,
+    `guest-1: ${said[3]}`,
+  ]);
+
+  await first.send("Page.bringToFront");
+  const { data } = await first.send("Page.captureScreenshot", { format: "png" });
+  const screenshot = Uint8Array.from(atob(data), (char) => char.charCodeAt(0));
+  assert.ok(isPng(screenshot), "the screenshot is a PNG");
+  assert.deepEqual(pngSize(screenshot), {
+    width: VIEWPORT.width * VIEWPORT.deviceScaleFactor,
+    height: VIEWPORT.height * VIEWPORT.deviceScaleFactor,
+  });
+  if (Deno.env.get("UPDATE_SCREENSHOT") === "1") {
+    await Deno.writeFile(scriptPath("docs/chat.png"), screenshot);
+  }
+
+  // The terminal leaves: Ctrl-D, a close with 1000, and both pages say so.
+  const { code, rest } = await terminal.finish();
+  assert.equal(code, 0);
+  assert.equal(rest, "");
+  assert.equal((await waitForLog(first, 9))[8], "* guest-3 left");
+  assert.equal((await waitForLog(second, 7))[6], "* guest-3 left");
+});
+
+interopTest("chromium DevTools console: the README's snippet talks to ws_server.ts", [
+  chromium,
+], async () => {
+  await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+  await using browser = await launchChromium();
+  const page = await browser.openPage(ONE_LINERS.browser(server.port));
+  const logged = browser.cdp.nextEvent(
+    "Runtime.consoleAPICalled",
+    page.sessionId,
+    (event) => event.type === "log",
+  );
+  // replMode evaluates as the console does (top-level const, await).
+  const { exceptionDetails } = await page.send("Runtime.evaluate", {
+    expression: ONE_LINERS.devtoolsConsole(server.port),
+    replMode: true,
+  });
+  assert.equal(exceptionDetails, undefined);
+  const { args } = await logged;
+  assert.deepEqual(args.map((arg: { value: unknown }) => arg.value), ["hello from the console"]);
+});
