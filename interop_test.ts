@@ -90,7 +90,7 @@ function interopTest(name: string, peers: Peer[], fn: () => Promise<void>): void
 
 // One-liners a reader would type to reach the servers, as the tests run
 // them; the README's "Talk to it from anything" shows each with the default
-// port (9000 for TCP, 8080 for WebSocket).
+// port (9000 for TCP, 8080 for WebSocket), and a test keeps the two the same.
 const ONE_LINERS = {
   pythonTcp: (port: number) =>
     `python3 -c 'import socket; s = socket.create_connection(("127.0.0.1", ${port})); ` +
@@ -111,6 +111,7 @@ const ONE_LINERS = {
     `ws.onmessage = (e) => console.log(e.data);\n` +
     `ws.onopen = () => ws.send("hello from the console");`,
 };
+const TCP_ONE_LINERS = new Set(["pythonTcp", "nodeTcp", "netcatEcho", "netcatChat"]);
 
 // ------------------------------------------------------------ processes
 
@@ -1098,4 +1099,18 @@ interopTest("chromium DevTools console: the README's snippet talks to ws_server.
   assert.equal(exceptionDetails, undefined);
   const { args } = await logged;
   assert.deepEqual(args.map((arg: { value: unknown }) => arg.value), ["hello from the console"]);
+});
+
+// =============================================================== the README
+
+Deno.test("readme: 'Talk to it from anything' shows the lines these tests run", async () => {
+  const readme = await Deno.readTextFile(scriptPath("README.md"));
+  const section = readme.split(/^## /m).find((part) => part.startsWith("Talk to it from anything"));
+  assert.ok(section, 'README has a section "## Talk to it from anything"');
+  for (const [name, line] of Object.entries(ONE_LINERS)) {
+    const shown = line(TCP_ONE_LINERS.has(name) ? 9000 : 8080);
+    assert.ok(section.includes(shown), `the README shows ${name}: ${shown}`);
+  }
+  assert.match(section, /!\[[^\]]+\]\(docs\/chat\.png\)/, "and the screenshot");
+  assert.ok(await exists(scriptPath("docs/chat.png")), "docs/chat.png exists");
 });
