@@ -969,36 +969,52 @@ function pngSize(bytes: Uint8Array): { width: number; height: number } {
   return { width: view.getUint32(16), height: view.getUint32(20) };
 }
 
-interopTest("chromium: the page at / echoes what is typed into it, and shows 1001 on shutdown", [
-  chromium,
-], async () => {
-  await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
-  await using browser = await launchChromium();
-  const page = await browser.openPage(ONE_LINERS.browser(server.port));
-  assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
-  assert.equal(
-    await evaluate(page, `document.getElementById("connect").textContent`),
-    "Disconnect",
-  );
+interopTest(
+  "chromium: the page at / echoes what is typed, reconnects, and shows 1001 on shutdown",
+  [
+    chromium,
+  ],
+  async () => {
+    await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+    await using browser = await launchChromium();
+    const page = await browser.openPage(ONE_LINERS.browser(server.port));
+    assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
+    assert.equal(
+      await evaluate(page, `document.getElementById("connect").textContent`),
+      "Disconnect",
+    );
 
-  await typeMessage(page, "hello from Chromium", "click");
-  await typeMessage(page, "ünïcödé ✓ <b>not bold</b>", "enter");
-  assert.deepEqual(await waitForLog(page, 4), [
-    "sent: → hello from Chromium",
-    "hello from Chromium",
-    "sent: → ünïcödé ✓ <b>not bold</b>",
-    "ünïcödé ✓ <b>not bold</b>",
-  ]);
-  assert.equal(await evaluate(page, `document.getElementById("message").value`), "");
+    await typeMessage(page, "hello from Chromium", "click");
+    await typeMessage(page, "ünïcödé ✓ <b>not bold</b>", "enter");
+    assert.deepEqual(await waitForLog(page, 4), [
+      "sent: → hello from Chromium",
+      "hello from Chromium",
+      "sent: → ünïcödé ✓ <b>not bold</b>",
+      "ünïcödé ✓ <b>not bold</b>",
+    ]);
+    assert.equal(await evaluate(page, `document.getElementById("message").value`), "");
 
-  const { code } = await server.stop("SIGTERM");
-  assert.equal(code, 0);
-  assert.equal(
-    await waitForStatus(page, "Closed"),
-    "Closed: code 1001 (server shutting down)",
-  );
-  assert.equal((await waitForLog(page, 5))[4], "note: connection closed, code 1001");
-});
+    // The same button disconnects (close 1000, "bye") and connects again.
+    await click(page, "#connect");
+    assert.equal(await waitForStatus(page, "Closed"), "Closed: code 1000 (bye)");
+    await click(page, "#connect");
+    assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
+    await typeMessage(page, "back again", "click");
+    assert.deepEqual((await waitForLog(page, 7)).slice(4), [
+      "note: connection closed, code 1000",
+      "sent: → back again",
+      "back again",
+    ]);
+
+    const { code } = await server.stop("SIGTERM");
+    assert.equal(code, 0);
+    assert.equal(
+      await waitForStatus(page, "Closed"),
+      "Closed: code 1001 (server shutting down)",
+    );
+    assert.equal((await waitForLog(page, 8))[7], "note: connection closed, code 1001");
+  },
+);
 
 interopTest("chromium: two pages and ws_client.ts chat, and every one sees every message", [
   chromium,
