@@ -1,0 +1,1528 @@
+/**
+ * bench.ts: raw TCP against WebSocket, measured on your machine, over loopback.
+ *
+ * What it shows: what the WebSocket layer costs on top of the TCP connection
+ * it runs on. It starts `tcp_server.ts` and `ws_server.ts` as separate
+ * processes (echo and chat), drives both with the same load, and prints a
+ * table side by side: round-trip latency on one connection, echoes per second
+ * over many connections, bulk MB/s, chat fan-out deliveries per second, the
+ * cost of opening a connection, and server memory per idle connection.
+ * Every echoed byte and every chat delivery is checked, so a server that
+ * answers wrongly fails instead of looking fast.
+ *
+ * Read the absolute figures as a floor: the load generator is this script, in
+ * JavaScript, on the same machine, sharing its CPUs with the server under
+ * test. The ratios between the two transports are the point.
+ *
+ * Run it (least privilege: loopback only, run deno for the servers and ps
+ * for their memory; a default run takes under a minute):
+ *
+ *     deno run --allow-net=127.0.0.1 --allow-run=deno,ps bench.ts
+ *     deno task bench --quick                  # a few seconds, a first look
+ *     deno task bench --json > bench.json      # one JSON object, for machines
+ *     deno task bench --tcp 127.0.0.1:9101 --ws ws://127.0.0.1:9102/   # servers you started
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+
+const DEFAULT_DURATION = 4;
+const DEFAULT_CONNECTIONS = 50;
+const DEFAULT_IDLE = 500;
+const DEFAULT_CLIENTS = 20;
+const DEFAULT_SENDERS = 4;
+// --quick: enough to see every row and its verification work, in a few seconds.
+const QUICK = { duration: 0.4, connections: 10, idle: 100, clients: 6, senders: 2 };
+const MAX_DURATION = 60;
+// A small message, so per-message costs dominate, not copying.
+const MESSAGE_SIZE = 32;
+// Bulk: 64 KiB per write (TCP) or per message (WebSocket); for WebSocket,
+// this many messages travel at once, so neither side ever waits idle.
+const BULK_CHUNK = 64 * 1024;
+const BULK_IN_FLIGHT = 8;
+// Chat: each sender has at most this many messages on their way (sent, not
+// yet relayed back to it), so no client falls behind by more than the server
+// lets it (2 MiB for ours) and the figure is the steady state, not a burst.
+const CHAT_WINDOW = 16;
+// Until every client has heard every other one, it repeats its hello this
+// often: a client whose connect() returned may not be in the room yet.
+const HELLO_EVERY_MS = 50;
+// Time before each timed phase that is run but not counted: connections
+// settle, the JIT compiles the hot paths on both sides.
+const MAX_WARMUP = 0.5;
+// Caps on counts, so that every phase is bounded in count as well as time.
+const MAX_SAMPLES = 1_000_000;
+const MAX_MESSAGES = 50_000_000;
+const MAX_BULK_BYTES = 64 * 1024 ** 3;
+// Connecting (or draining) that takes longer than this means the server is
+// stuck, not slow: the phase fails.
+const STALL_MS = 5000;
+// After opening the idle connections, time for the server to finish its
+// per-connection work before its memory is read.
+const SETTLE_MS = 300;
+const SERVER_START_MS = 15_000;
+const CLOSE_WAIT_MS = 1000;
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** The two transports, in the order of the table's columns. */
+export type Transport = "tcp" | "ws";
+
+/**
+ * Which servers to measure for one transport. Leave it out and `runBench`
+ * starts the project's own (`tcp_server.ts` or `ws_server.ts`, echo and chat).
+ */
+export interface Targets {
+  /** Echo server: `HOST:PORT` (or `tcp://HOST:PORT`) for TCP, a `ws://` URL for WebSocket. */
+  echo?: string;
+  /** Chat server speaking the project's chat protocol, addressed the same way. */
+  chat?: string;
+  /** Process id of the echo server, for memory per connection. */
+  pid?: number;
+}
+
+/** Options for {@linkcode runBench}. Durations are in seconds. */
+export interface BenchOptions {
+  /** Length of each timed phase (after a short warm-up). Default 4. */
+  duration?: number;
+  /** Connections for the echoes-per-second phase. Default 50. */
+  connections?: number;
+  /** Idle connections opened for memory per connection. Default 500. */
+  idle?: number;
+  /** Chat clients in the room. Default 20. */
+  clients?: number;
+  /** How many of the chat clients send. Default 4. */
+  senders?: number;
+  /** TCP servers to measure instead of starting `tcp_server.ts`. */
+  tcp?: Targets;
+  /** WebSocket servers to measure instead of starting `ws_server.ts`. */
+  ws?: Targets;
+  /** Called as each phase starts. */
+  onPhase?: (phase: PhaseInfo) => void;
+  /** Stops the run: the servers it started are stopped and `runBench` rejects with the reason. */
+  signal?: AbortSignal;
+}
+
+/** One step of the run, for a progress display. */
+export interface PhaseInfo {
+  /** 1-based position among `total` phases. */
+  index: number;
+  total: number;
+  transport: Transport;
+  /** What is being measured, e.g. "latency". */
+  name: string;
+  /** Roughly how long it takes, in seconds. */
+  seconds: number;
+}
+
+/** The figures for one transport; `null` where a phase was skipped or failed. */
+export interface TransportResult {
+  /** Round trip of one 32-byte echo on one connection, median, in µs. */
+  latencyP50Us: number | null;
+  /** The same, 99th percentile. */
+  latencyP99Us: number | null;
+  /** Round trips the latency figures come from. */
+  roundTrips: number;
+  /** Opening a connection (TCP connect, plus the HTTP upgrade for WebSocket) and one echo, median µs. */
+  openP50Us: number | null;
+  /** Echoes per second over `connections` connections, one message in flight on each. */
+  messagesPerSecond: number | null;
+  /** Bytes echoed per second on one connection, in MB/s (10^6 bytes). */
+  bulkMBPerSecond: number | null;
+  /** Chat messages delivered per second, summed over all receiving clients. */
+  chatDeliveriesPerSecond: number | null;
+  /** Chat deliveries that never arrived; anything but 0 is a failure. */
+  chatLost: number | null;
+  /** Growth of the server's resident memory per idle connection, in bytes. */
+  memoryPerConnection: number | null;
+  /** Idle connections that memory figure is over. */
+  idleConnections: number;
+  /** Why a phase has no figure: phase name → reason. */
+  skipped: Record<string, string>;
+  /** Phases that failed: phase name → error. */
+  errors: Record<string, string>;
+}
+
+/** Where a transport's servers were. */
+export interface ServerInfo {
+  /** `started` when bench.ts ran the project's server itself, else `given`. */
+  source: "started" | "given";
+  echo: string | null;
+  chat: string | null;
+  /** Process id of the echo server, when known. */
+  pid: number | null;
+}
+
+/** What {@linkcode runBench} measured. */
+export interface BenchReport {
+  machine: { cpus: number; cpuModel: string; os: string; deno: string };
+  settings: Required<Omit<BenchOptions, "tcp" | "ws" | "onPhase" | "signal">>;
+  servers: Record<Transport, ServerInfo>;
+  tcp: TransportResult;
+  ws: TransportResult;
+  /** WebSocket ÷ TCP for every figure both have. */
+  ratios: Partial<Record<Metric, number>>;
+  /** Wall-clock time of the whole run. */
+  seconds: number;
+  /** What the figures are worth: the caveat printed under the table. */
+  note: string;
+}
+
+type Metric =
+  | "latencyP50Us"
+  | "latencyP99Us"
+  | "openP50Us"
+  | "messagesPerSecond"
+  | "bulkMBPerSecond"
+  | "chatDeliveriesPerSecond"
+  | "memoryPerConnection";
+
+const FLOOR_NOTE = "The load generator is JavaScript on this same machine, sharing its CPUs with " +
+  "the server under test, so every absolute figure is a floor for what the server can do; " +
+  "the ratios between the transports are the point.";
+
+const MEANING = [
+  "What the difference means: a WebSocket is a TCP connection plus work on every message.",
+  "The sender wraps each message in a frame (2 to 14 bytes of header), a client masks its",
+  "payload (XOR with a fresh 4-byte key, so that no proxy cache can be poisoned), and the",
+  "receiver parses the frame, unmasks it, and checks that text is UTF-8: that is the gap in the",
+  "round-trip, echoes/s and MB/s rows. Opening one adds an HTTP request and its 101 answer to",
+  "TCP's handshake: the open row, paid once per connection, not per message. Raw TCP does none",
+  "of this, and so gives you no messages either: its chat server cuts the byte stream into",
+  "lines itself. Memory is how much the server's resident set grew while the idle connections",
+  "were open, divided by their number; a garbage collection in between can move it by a few KiB",
+  "either way.",
+];
+
+/**
+ * Runs every phase for both transports, starting (and afterwards stopping)
+ * the servers it was not given, and resolves with the figures. A failed
+ * phase is reported in `errors`, not thrown; a server that cannot start is.
+ *
+ * @example A short run against the project's own servers
+ * ```ts
+ * const report = await runBench({ duration: 0.5, connections: 10, idle: 50 });
+ * console.log(formatReport(report));
+ * // report.ratios.latencyP50Us is how many times longer a WebSocket round trip takes
+ * ```
+ *
+ * @throws {Error} when a server to be started does not print its `listening on` line.
+ */
+export async function runBench(options: BenchOptions = {}): Promise<BenchReport> {
+  const began = performance.now();
+  const settings = {
+    duration: options.duration ?? DEFAULT_DURATION,
+    connections: options.connections ?? DEFAULT_CONNECTIONS,
+    idle: options.idle ?? DEFAULT_IDLE,
+    clients: options.clients ?? DEFAULT_CLIENTS,
+    senders: Math.min(options.senders ?? DEFAULT_SENDERS, options.clients ?? DEFAULT_CLIENTS),
+  };
+  const { signal } = options;
+  const started: Server[] = [];
+  // Aborting stops the servers we started at once; the phase in progress
+  // then fails on its own, and no further phase starts.
+  const aborted = Promise.withResolvers<never>();
+  const abort = () => aborted.reject(signal!.reason);
+  signal?.addEventListener("abort", abort, { once: true });
+  try {
+    signal?.throwIfAborted();
+    const servers = {
+      tcp: await resolveServers("tcp", options.tcp, started),
+      ws: await resolveServers("ws", options.ws, started),
+    };
+    const results = await Promise.race([
+      measureAll({ servers, settings, onPhase: options.onPhase, signal }),
+      aborted.promise,
+    ]);
+    return {
+      machine: await machineInfo(),
+      settings,
+      servers,
+      ...results,
+      ratios: ratiosOf(results.tcp, results.ws),
+      seconds: (performance.now() - began) / 1000,
+      note: FLOOR_NOTE,
+    };
+  } finally {
+    signal?.removeEventListener("abort", abort);
+    await Promise.all(started.map((server) => server.stop()));
+  }
+}
+
+// Both transports take each phase in turn, TCP then WebSocket, so that a
+// disturbance on the machine (another program, a CPU slowing down) lands on
+// both columns rather than on one.
+async function measureAll(options: {
+  servers: Record<Transport, ServerInfo>;
+  settings: Settings;
+  onPhase?: (phase: PhaseInfo) => void;
+  signal?: AbortSignal;
+}): Promise<Record<Transport, TransportResult>> {
+  const { servers, settings } = options;
+  const results = { tcp: emptyResult(), ws: emptyResult() };
+  const plan = planPhases(settings);
+  let index = 0;
+  for (const step of plan) {
+    for (const transport of ["tcp", "ws"] as const) {
+      options.signal?.throwIfAborted();
+      options.onPhase?.({
+        index: ++index,
+        total: plan.length * 2,
+        transport,
+        name: step.name,
+        seconds: step.seconds,
+      });
+      const result = results[transport];
+      const target = servers[transport][step.server];
+      if (target === null) {
+        const flag = `--${transport}${step.server === "chat" ? "-chat" : ""}`;
+        result.skipped[step.name] = `no ${step.server} server given (${flag})`;
+        continue;
+      }
+      try {
+        await step.run({ transport, target, result, settings, pid: servers[transport].pid });
+      } catch (error) {
+        result.errors[step.name] = describe(error);
+      }
+    }
+  }
+  return results;
+}
+
+// ------------------------------------------------------------------ the phases
+
+interface Settings {
+  duration: number;
+  connections: number;
+  idle: number;
+  clients: number;
+  senders: number;
+}
+
+interface StepContext {
+  transport: Transport;
+  target: string;
+  result: TransportResult;
+  settings: Settings;
+  pid: number | null;
+}
+
+interface Step {
+  name: string;
+  server: "echo" | "chat";
+  seconds: number;
+  run: (context: StepContext) => Promise<void>;
+}
+
+// The order matters for memory: it runs after the latency phase has warmed
+// the server up, but before the big phases have grown its heap, whose free
+// space would then absorb new connections and hide their cost.
+function planPhases(settings: Settings): Step[] {
+  const timed = warmup(settings.duration) + settings.duration;
+  return [
+    {
+      name: "latency",
+      server: "echo",
+      seconds: timed,
+      async run({ transport, target, result, settings }) {
+        const samples = await measureLatency(opener(transport, target), settings.duration);
+        result.roundTrips = samples.length;
+        result.latencyP50Us = percentile(samples, 50) * 1000;
+        result.latencyP99Us = percentile(samples, 99) * 1000;
+      },
+    },
+    {
+      name: "connections",
+      server: "echo",
+      seconds: 1,
+      async run({ transport, target, result, settings, pid }) {
+        const idle = await measureIdle(opener(transport, target), {
+          count: settings.idle,
+          seconds: Math.max(settings.duration, 2),
+          pid,
+        });
+        result.openP50Us = percentile(idle.openMs, 50) * 1000;
+        result.idleConnections = idle.openMs.length;
+        if (idle.bytesPerConnection === null) {
+          result.skipped.memory =
+            `no process id for the ${transport} echo server (--${transport}-pid)`;
+        } else {
+          result.memoryPerConnection = idle.bytesPerConnection;
+        }
+      },
+    },
+    {
+      name: "throughput",
+      server: "echo",
+      seconds: timed,
+      async run({ transport, target, result, settings }) {
+        result.messagesPerSecond = await measureThroughput(opener(transport, target), {
+          connections: settings.connections,
+          duration: settings.duration,
+        });
+      },
+    },
+    {
+      name: "bulk",
+      server: "echo",
+      seconds: timed,
+      async run({ transport, target, result, settings }) {
+        const bytesPerSecond = transport === "tcp"
+          ? await measureTcpBulk(parseTcpAddress(target), settings.duration)
+          : await measureWsBulk(target, settings.duration);
+        result.bulkMBPerSecond = bytesPerSecond / 1e6;
+      },
+    },
+    {
+      name: "chat",
+      server: "chat",
+      seconds: timed,
+      async run({ transport, target, result, settings }) {
+        const chat = await measureChat(
+          transport === "tcp" ? tcpChatOpener(parseTcpAddress(target)) : wsChatOpener(target),
+          { clients: settings.clients, senders: settings.senders, duration: settings.duration },
+        );
+        result.chatLost = chat.lost;
+        result.chatDeliveriesPerSecond = chat.deliveriesPerSecond;
+        if (chat.lost > 0) {
+          throw new Error(`${chat.lost} of ${chat.expected} chat deliveries never arrived`);
+        }
+      },
+    },
+  ];
+}
+
+function warmup(duration: number): number {
+  return Math.min(MAX_WARMUP, duration / 4);
+}
+
+/**
+ * One phase's clock and the resources it opened. If the phase overruns its
+ * time by `STALL_MS` (a server that stopped answering), it fails: its
+ * connections are closed and everything waiting on them is rejected, so no
+ * phase can hang.
+ */
+class Phase {
+  /** When counting starts and stops, in `performance.now()` milliseconds. */
+  start = Infinity;
+  end = Infinity;
+  error: Error | undefined;
+  #resources = new Set<{ close(): void }>();
+  #sockets = new Set<WebSocket>();
+  #waiters = new Set<(error: Error) => void>();
+  #timer: ReturnType<typeof setTimeout>;
+
+  constructor() {
+    this.#timer = setTimeout(() => this.fail(new Error("stalled while connecting")), STALL_MS);
+  }
+
+  /** Starts the clock: `warmupSeconds` uncounted, then `seconds` counted. */
+  go(warmupSeconds: number, seconds: number): void {
+    this.start = performance.now() + warmupSeconds * 1000;
+    this.end = this.start + seconds * 1000;
+    clearTimeout(this.#timer);
+    this.#timer = setTimeout(
+      () => this.fail(new Error(`the server stopped answering for ${STALL_MS / 1000} s`)),
+      this.end - performance.now() + STALL_MS,
+    );
+  }
+
+  fail(error: Error): void {
+    this.error ??= error;
+    for (const reject of this.#waiters) reject(this.error);
+    this.#waiters.clear();
+    this.#closeAll();
+  }
+
+  /** Throws the phase's error, if it has failed. */
+  check(): void {
+    if (this.error) throw this.error;
+  }
+
+  own<T extends { close(): void }>(resource: T): T {
+    if (resource instanceof WebSocket) this.#sockets.add(resource);
+    else this.#resources.add(resource);
+    return resource;
+  }
+
+  /** A promise that also rejects when the phase fails. */
+  wait<T>(): PromiseWithResolvers<T> {
+    const waiter = Promise.withResolvers<T>();
+    if (this.error) {
+      waiter.reject(this.error);
+      return waiter;
+    }
+    const reject = waiter.reject;
+    this.#waiters.add(reject);
+    return {
+      promise: waiter.promise,
+      resolve: (value) => {
+        this.#waiters.delete(reject);
+        waiter.resolve(value);
+      },
+      reject: (error) => {
+        this.#waiters.delete(reject);
+        waiter.reject(error);
+      },
+    };
+  }
+
+  /** Closes everything, waiting (briefly) for WebSocket close handshakes. */
+  async finish(): Promise<void> {
+    clearTimeout(this.#timer);
+    const closing = [...this.#sockets].map((socket) =>
+      socket.readyState === WebSocket.CLOSED ? Promise.resolve() : new Promise<void>((resolve) => {
+        socket.addEventListener("close", () => resolve());
+      })
+    );
+    this.#closeAll();
+    let timer;
+    await Promise.race([
+      Promise.all(closing),
+      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WAIT_MS)),
+    ]);
+    clearTimeout(timer);
+  }
+
+  #closeAll(): void {
+    for (const resource of this.#resources) closeQuietly(resource);
+    for (const socket of this.#sockets) {
+      if (socket.readyState <= WebSocket.OPEN) closeQuietly(socket);
+    }
+  }
+}
+
+async function inPhase<T>(body: (phase: Phase) => Promise<T>): Promise<T> {
+  const phase = new Phase();
+  try {
+    const value = await body(phase);
+    phase.check();
+    return value;
+  } catch (error) {
+    // A failed phase closes its connections, and the reads on them then
+    // throw something less helpful than the reason they were closed.
+    throw phase.error ?? error;
+  } finally {
+    await phase.finish();
+  }
+}
+
+/** One open connection to an echo server. */
+interface EchoConnection {
+  /** Sends `message` and resolves with the echo, `message.length` bytes. */
+  roundTrip(message: Uint8Array): Promise<Uint8Array>;
+}
+
+type Opener = (phase: Phase) => Promise<EchoConnection>;
+
+function opener(transport: Transport, target: string): Opener {
+  if (transport === "ws") return (phase) => openWsEcho(target, phase);
+  const address = parseTcpAddress(target);
+  return (phase) => openTcpEcho(address, phase);
+}
+
+/** Round trips of one small message on one connection, in milliseconds. */
+async function measureLatency(open: Opener, duration: number): Promise<Float64Array> {
+  return await inPhase(async (phase) => {
+    const connection = await open(phase);
+    const message = new Uint8Array(MESSAGE_SIZE);
+    const samples = new Float64Array(MAX_SAMPLES);
+    let count = 0;
+    phase.go(warmup(duration), duration);
+    for (let seq = 0; count < MAX_SAMPLES; seq++) {
+      stamp(message, seq);
+      const sent = performance.now();
+      if (sent >= phase.end) break;
+      const echo = await connection.roundTrip(message);
+      const took = performance.now() - sent;
+      verifyEcho(message, echo);
+      if (sent >= phase.start) samples[count++] = took;
+    }
+    if (count === 0) throw new Error("no round trip completed");
+    return samples.slice(0, count);
+  });
+}
+
+/** Echoes per second over many connections, each with one message in flight. */
+async function measureThroughput(
+  open: Opener,
+  options: { connections: number; duration: number },
+): Promise<number> {
+  return await inPhase(async (phase) => {
+    const connections = await Promise.all(
+      Array.from({ length: options.connections }, () => open(phase)),
+    );
+    let counted = 0;
+    let total = 0;
+    phase.go(warmup(options.duration), options.duration);
+    await Promise.all(connections.map(async (connection, n) => {
+      const message = new Uint8Array(MESSAGE_SIZE);
+      for (let seq = n; total < MAX_MESSAGES; seq += options.connections) {
+        if (performance.now() >= phase.end) return;
+        stamp(message, seq);
+        const echo = await connection.roundTrip(message);
+        verifyEcho(message, echo);
+        total++;
+        const now = performance.now();
+        if (now >= phase.start && now < phase.end) counted++;
+      }
+    }));
+    return counted / options.duration;
+  });
+}
+
+/**
+ * Opens connections one after another, each used for one echo and then left
+ * idle, timing each from connect() to its echo; reads the server's resident
+ * memory (VmRSS) before and after when its process id is known.
+ */
+async function measureIdle(
+  open: Opener,
+  options: { count: number; seconds: number; pid: number | null },
+): Promise<{ openMs: Float64Array; bytesPerConnection: number | null }> {
+  return await inPhase(async (phase) => {
+    const before = options.pid === null ? null : await residentBytes(options.pid);
+    const openMs = new Float64Array(options.count);
+    const message = new Uint8Array(MESSAGE_SIZE);
+    let opened = 0;
+    phase.go(0, options.seconds);
+    while (opened < options.count && performance.now() < phase.end) {
+      const began = performance.now();
+      const connection = await open(phase);
+      stamp(message, opened);
+      verifyEcho(message, await connection.roundTrip(message));
+      openMs[opened++] = performance.now() - began;
+    }
+    if (opened === 0) throw new Error("no connection opened");
+    if (before === null) return { openMs: openMs.slice(0, opened), bytesPerConnection: null };
+    await delay(SETTLE_MS);
+    const after = await residentBytes(options.pid!);
+    return { openMs: openMs.slice(0, opened), bytesPerConnection: (after - before) / opened };
+  });
+}
+
+// ------------------------------------------------------------------------ TCP
+
+interface TcpAddress {
+  hostname: string;
+  port: number;
+}
+
+async function connectTcp(address: TcpAddress, phase: Phase): Promise<Deno.TcpConn> {
+  const conn = phase.own(await Deno.connect(address));
+  // Our side sends small messages while replies are unacknowledged (chat);
+  // with Nagle's algorithm on, those would wait for an ACK, and the figure
+  // would be this client's, not the server's.
+  conn.setNoDelay(true);
+  return conn;
+}
+
+async function openTcpEcho(address: TcpAddress, phase: Phase): Promise<EchoConnection> {
+  const conn = await connectTcp(address, phase);
+  const reply = new Uint8Array(MESSAGE_SIZE);
+  return {
+    async roundTrip(message) {
+      await writeAll(conn, message);
+      const echo = message.length === reply.length ? reply : new Uint8Array(message.length);
+      // TCP has no messages: the echo may come back in several reads.
+      for (let got = 0; got < echo.length;) {
+        const n = await conn.read(echo.subarray(got));
+        if (n === null) throw new Error("the server closed the connection mid-echo");
+        got += n;
+      }
+      return echo;
+    },
+  };
+}
+
+/**
+ * Bulk echo on one TCP connection: one task writes 64 KiB chunks while
+ * another reads the echo, since a server that awaits its writes (ours does)
+ * stops reading when nobody reads its replies. Returns bytes per second.
+ */
+async function measureTcpBulk(address: TcpAddress, duration: number): Promise<number> {
+  return await inPhase(async (phase) => {
+    const conn = await connectTcp(address, phase);
+    let sent = 0;
+    let counted = 0;
+    phase.go(warmup(duration), duration);
+    const writing = (async () => {
+      const chunk = new Uint32Array(BULK_CHUNK / 4);
+      const bytes = new Uint8Array(chunk.buffer);
+      while (performance.now() < phase.end && sent < MAX_BULK_BYTES) {
+        fillWords(chunk, sent / 4);
+        await writeAll(conn, bytes);
+        sent += BULK_CHUNK;
+      }
+      // The half-close: our server finishes echoing, then closes its side.
+      await conn.closeWrite();
+    })();
+    const reading = (async () => {
+      // Each 4-byte word carries its own position in the stream, so one
+      // comparison per word catches a lost, repeated or reordered byte.
+      // Reads end anywhere, so the tail of a word waits for the next read.
+      const bytes = new Uint8Array(BULK_CHUNK + 4);
+      const words = new Uint32Array(bytes.buffer);
+      let carry = 0;
+      let word = 0;
+      let received = 0;
+      for (;;) {
+        const n = await conn.read(bytes.subarray(carry, carry + BULK_CHUNK));
+        if (n === null) break;
+        const have = carry + n;
+        const whole = have >>> 2;
+        for (let i = 0; i < whole; i++) {
+          if (words[i] !== ((word + i) >>> 0)) {
+            throw new Error(`echo differs from what was sent at byte ${(word + i) * 4}`);
+          }
+        }
+        word += whole;
+        carry = have & 3;
+        bytes.copyWithin(0, whole * 4, have);
+        received += n;
+        const now = performance.now();
+        if (now >= phase.start && now < phase.end) counted += n;
+      }
+      return received;
+    })();
+    const [, received] = await Promise.all([writing, reading]);
+    if (received !== sent) {
+      throw new Error(`sent ${sent} bytes, the echo had ${received} before the server closed`);
+    }
+    return counted / duration;
+  });
+}
+
+function tcpChatOpener(address: TcpAddress): ChatOpener {
+  return async (phase, onText) => {
+    const conn = await connectTcp(address, phase);
+    // Chat on TCP is newline-framed: cut the byte stream into lines.
+    (async () => {
+      const buffer = new Uint8Array(BULK_CHUNK);
+      // A read can also end inside a UTF-8 character; `stream` keeps its start.
+      const utf8 = new TextDecoder();
+      let pending = "";
+      for (;;) {
+        const n = await conn.read(buffer);
+        if (n === null) break;
+        const lines = (pending + utf8.decode(buffer.subarray(0, n), { stream: true })).split("\n");
+        pending = lines.pop()!;
+        for (const line of lines) onText(line);
+      }
+      if (!phase.error) phase.fail(new Error("the chat server closed a connection"));
+    })().catch((error) => phase.fail(error));
+    return (text) => writeAll(conn, encoder.encode(`${text}\n`));
+  };
+}
+
+// A write may take only part of the bytes; loop until all are written.
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+// ------------------------------------------------------------------ WebSocket
+
+async function openWebSocket(url: string, phase: Phase): Promise<WebSocket> {
+  const socket = phase.own(new WebSocket(url));
+  socket.binaryType = "arraybuffer";
+  const opened = phase.wait<void>();
+  socket.onopen = () => opened.resolve();
+  socket.onerror = (event) => {
+    opened.reject(new Error(`cannot connect to ${url}: ${(event as ErrorEvent).message}`));
+  };
+  socket.onclose = () => opened.reject(new Error(`${url} closed the connection while opening`));
+  await opened.promise;
+  return socket;
+}
+
+async function openWsEcho(url: string, phase: Phase): Promise<EchoConnection> {
+  const socket = await openWebSocket(url, phase);
+  let waiting: PromiseWithResolvers<Uint8Array> | undefined;
+  socket.onerror = () => {};
+  socket.onclose = (event) => {
+    phase.fail(new Error(`the server closed a WebSocket (code ${event.code})`));
+  };
+  socket.onmessage = (event) => {
+    const waiter = waiting;
+    waiting = undefined;
+    if (!waiter) phase.fail(new Error("the server sent a message nobody asked for"));
+    else if (typeof event.data === "string") waiter.reject(new Error("sent binary, got text"));
+    else waiter.resolve(new Uint8Array(event.data));
+  };
+  return {
+    roundTrip(message) {
+      waiting = phase.wait();
+      socket.send(message);
+      return waiting.promise;
+    },
+  };
+}
+
+/**
+ * Bulk echo on one WebSocket: 64 KiB binary messages, `BULK_IN_FLIGHT` of
+ * them on their way at any time. Returns bytes per second.
+ */
+async function measureWsBulk(url: string, duration: number): Promise<number> {
+  return await inPhase(async (phase) => {
+    const socket = await openWebSocket(url, phase);
+    const buffers = Array.from({ length: BULK_IN_FLIGHT }, () => new Uint32Array(BULK_CHUNK / 4));
+    const done = phase.wait<void>();
+    let sent = 0;
+    let received = 0;
+    let counted = 0;
+    function send() {
+      const words = buffers[sent % BULK_IN_FLIGHT];
+      fillWords(words, sent * words.length);
+      socket.send(words);
+      sent++;
+    }
+    socket.onerror = () => {};
+    socket.onclose = (event) => done.reject(new Error(`the server closed (code ${event.code})`));
+    socket.onmessage = (event) => {
+      if (typeof event.data === "string") return done.reject(new Error("sent binary, got text"));
+      const words = new Uint32Array(event.data);
+      const first = received * (BULK_CHUNK / 4);
+      if (words.length !== BULK_CHUNK / 4) {
+        return done.reject(
+          new Error(`sent ${BULK_CHUNK} bytes, the echo had ${event.data.byteLength}`),
+        );
+      }
+      for (let i = 0; i < words.length; i++) {
+        if (words[i] !== ((first + i) >>> 0)) {
+          return done.reject(new Error(`echo of message ${received} differs at byte ${i * 4}`));
+        }
+      }
+      received++;
+      const now = performance.now();
+      if (now >= phase.start && now < phase.end) counted += BULK_CHUNK;
+      if (now < phase.end && sent * BULK_CHUNK < MAX_BULK_BYTES) send();
+      else if (received === sent) done.resolve();
+    };
+    phase.go(warmup(duration), duration);
+    for (let i = 0; i < BULK_IN_FLIGHT; i++) send();
+    await done.promise;
+    return counted / duration;
+  });
+}
+
+function wsChatOpener(url: string): ChatOpener {
+  return async (phase, onText) => {
+    const socket = await openWebSocket(url, phase);
+    socket.onerror = () => {};
+    socket.onclose = (event) => {
+      phase.fail(new Error(`the chat server closed a WebSocket (code ${event.code})`));
+    };
+    socket.onmessage = (event) => {
+      if (typeof event.data === "string") onText(event.data);
+      else phase.fail(new Error("the chat server sent a binary message"));
+    };
+    return (text) => {
+      socket.send(text);
+      return Promise.resolve();
+    };
+  };
+}
+
+// ----------------------------------------------------------------------- chat
+
+/** Opens one chat client; `onText` gets each line or message it receives. */
+type ChatOpener = (phase: Phase, onText: (text: string) => void) => Promise<ChatSend>;
+type ChatSend = (text: string) => Promise<void>;
+
+/**
+ * Chat fan-out: `clients` join one room and the first `senders` of them
+ * send numbered messages. The server relays each to every client, sender
+ * included, as "NAME: TEXT"; every client checks that it gets each sender's
+ * messages once and in order. Returns deliveries per second and how many
+ * never arrived.
+ */
+async function measureChat(
+  open: ChatOpener,
+  options: { clients: number; senders: number; duration: number },
+): Promise<{ deliveriesPerSecond: number; lost: number; expected: number }> {
+  return await inPhase(async (phase) => {
+    const { clients, senders } = options;
+    // next[client][sender]: the sequence number that client expects next.
+    const next = Array.from({ length: clients }, () => new Float64Array(senders));
+    const heard = Array.from({ length: clients }, () => new Set<number>());
+    let allHeard = 0;
+    const everyoneHeard = phase.wait<void>();
+    const sent = new Float64Array(senders);
+    const ackWaiters: (PromiseWithResolvers<void> | undefined)[] = [];
+    let delivered = 0;
+    let counted = 0;
+    let sendingDone = false;
+    let drained: PromiseWithResolvers<void> | undefined;
+
+    function receive(client: number, text: string) {
+      // "* NAME joined" and "* NAME left" are announcements, not messages.
+      if (text.startsWith("* ")) return;
+      const body = text.slice(text.indexOf(": ") + 2);
+      const fields = body.split(" ");
+      if (fields[0] === "hello") {
+        const from = Number(fields[1]);
+        if (!heard[client].has(from)) {
+          heard[client].add(from);
+          if (heard[client].size === clients && ++allHeard === clients) everyoneHeard.resolve();
+        }
+        return;
+      }
+      const sender = Number(fields[1]);
+      const seq = Number(fields[2]);
+      if (fields[0] !== "m" || !(sender < senders) || !Number.isInteger(seq)) {
+        return phase.fail(new Error(`unexpected chat line: ${JSON.stringify(text)}`));
+      }
+      if (seq !== next[client][sender]) {
+        return phase.fail(
+          new Error(
+            `client ${client} got message ${seq} from sender ${sender}, expected ${
+              next[client][sender]
+            } (lost, repeated or reordered)`,
+          ),
+        );
+      }
+      next[client][sender] = seq + 1;
+      delivered++;
+      const now = performance.now();
+      if (now >= phase.start && now < phase.end) counted++;
+      if (client === sender) ackWaiters[sender]?.resolve();
+      if (sendingDone && delivered === expected()) drained?.resolve();
+    }
+
+    function expected() {
+      return sent.reduce((sum, n) => sum + n, 0) * clients;
+    }
+
+    const sends: ChatSend[] = [];
+    for (let client = 0; client < clients; client++) {
+      sends.push(await open(phase, (text) => receive(client, text)));
+    }
+    // The room is complete once every client has heard every client's hello.
+    const hellos = (async () => {
+      while (allHeard < clients && !phase.error) {
+        await Promise.all(sends.map((send, client) => send(`hello ${client}`)));
+        await delay(HELLO_EVERY_MS);
+      }
+    })();
+    try {
+      await everyoneHeard.promise;
+    } finally {
+      await hellos.catch(() => {});
+    }
+
+    phase.go(warmup(options.duration), options.duration);
+    await Promise.all(
+      sends.slice(0, senders).map(async (send, sender) => {
+        const own = next[sender];
+        while (performance.now() < phase.end && sent[sender] < MAX_MESSAGES) {
+          if (sent[sender] - own[sender] >= CHAT_WINDOW) {
+            ackWaiters[sender] = phase.wait<void>();
+            await ackWaiters[sender]!.promise;
+            continue;
+          }
+          await send(`m ${sender} ${sent[sender]}`);
+          sent[sender]++;
+        }
+      }),
+    );
+    sendingDone = true;
+    // Whatever was sent is still arriving; wait for it, but not forever.
+    if (delivered < expected()) {
+      drained = phase.wait<void>();
+      let timer;
+      await Promise.race([
+        drained.promise,
+        new Promise((resolve) => timer = setTimeout(resolve, STALL_MS)),
+      ]);
+      clearTimeout(timer);
+    }
+    phase.check();
+    return {
+      deliveriesPerSecond: counted / options.duration,
+      lost: expected() - delivered,
+      expected: expected(),
+    };
+  });
+}
+
+// --------------------------------------------------------------------- servers
+
+interface Server {
+  address: string;
+  pid: number;
+  stop(): Promise<void>;
+}
+
+async function resolveServers(
+  transport: Transport,
+  targets: Targets | undefined,
+  started: Server[],
+): Promise<ServerInfo> {
+  if (targets && (targets.echo || targets.chat)) {
+    return {
+      source: "given",
+      echo: targets.echo ?? null,
+      chat: targets.chat ?? null,
+      pid: targets.pid ?? null,
+    };
+  }
+  const script = transport === "tcp" ? "tcp_server.ts" : "ws_server.ts";
+  const [echo, chat] = await Promise.all([
+    startServer(script, ["--mode", "echo"]),
+    startServer(script, ["--mode", "chat"]),
+  ]);
+  started.push(echo, chat);
+  return { source: "started", echo: echo.address, chat: chat.address, pid: echo.pid };
+}
+
+/**
+ * Starts one of the project's servers as its own process, on a free port,
+ * and reads the address from its one stdout line: a separate process, so
+ * that its memory can be read on its own and it does not share an event
+ * loop with the load.
+ */
+async function startServer(script: string, args: string[]): Promise<Server> {
+  const path = decodeURIComponent(new URL(`./${script}`, import.meta.url).pathname);
+  const child = new Deno.Command(denoCommand(), {
+    args: ["run", "--allow-net=127.0.0.1", path, "--port", "0", "--quiet", ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  let timer;
+  const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, SERVER_START_MS));
+  while (!printed.includes("\n")) {
+    const read = await Promise.race([reader.read(), timeout]);
+    if (!read || read.done) break;
+    printed += read.value;
+  }
+  clearTimeout(timer);
+  await reader.cancel();
+  let stopped: Promise<void> | undefined;
+  const stop = () =>
+    stopped ??= (async () => {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // Already exited.
+      }
+      await child.status;
+      await stderr;
+    })();
+  const address = printed.match(/^listening on (\S+)/)?.[1];
+  if (!address) {
+    await stop();
+    throw new Error(`${script} ${args.join(" ")} did not start: ${(await stderr).trim()}`);
+  }
+  return { address, pid: child.pid, stop };
+}
+
+// `--allow-run=deno` names the deno on PATH. Where that is a symlink (deno
+// installed from npm), Deno.execPath() is the link's target, which that
+// permission does not cover: then start the one the permission names.
+function denoCommand(): string {
+  const self = Deno.execPath();
+  return Deno.permissions.querySync({ name: "run", command: self }).state === "granted"
+    ? self
+    : "deno";
+}
+
+// Deno lets a script read /proc only with --allow-all, so the resident set
+// size (RSS, what VmRSS in /proc/PID/status shows) comes from ps, in KiB.
+async function residentBytes(pid: number): Promise<number> {
+  let output;
+  try {
+    output = await new Deno.Command("ps", {
+      args: ["-o", "rss=", "-p", String(pid)],
+      stdin: "null",
+      stderr: "null",
+    }).output();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) throw new Error("no ps command to read memory");
+    throw error;
+  }
+  const kib = decoder.decode(output.stdout).trim();
+  if (!output.success || !/^\d+$/.test(kib)) throw new Error(`ps found no process ${pid}`);
+  return Number(kib) * 1024;
+}
+
+async function machineInfo(): Promise<BenchReport["machine"]> {
+  let cpuModel = "";
+  try {
+    const cpuinfo = await Deno.readTextFile("/proc/cpuinfo");
+    cpuModel = cpuinfo.match(/^model name\s*:\s*(.+)$/m)?.[1].trim() ?? "";
+  } catch {
+    // Deno reads /proc only with --allow-all: the model is a nicety.
+  }
+  return {
+    cpus: navigator.hardwareConcurrency,
+    cpuModel,
+    os: Deno.build.os,
+    deno: Deno.version.deno,
+  };
+}
+
+// ------------------------------------------------------------------- helpers
+
+// Each message differs from the last, so a server that answers with a stale
+// or made-up reply fails the comparison.
+function stamp(message: Uint8Array, seq: number): void {
+  for (let i = 0; i < message.length; i++) message[i] = (seq * 131 + i * 7) & 255;
+}
+
+function verifyEcho(sent: Uint8Array, echo: Uint8Array): void {
+  if (echo.length !== sent.length) {
+    throw new Error(`sent ${sent.length} bytes, the echo had ${echo.length}`);
+  }
+  for (let i = 0; i < sent.length; i++) {
+    if (echo[i] !== sent[i]) throw new Error(`echo differs from what was sent at byte ${i}`);
+  }
+}
+
+function fillWords(words: Uint32Array, first: number): void {
+  for (let i = 0; i < words.length; i++) words[i] = first + i;
+}
+
+/** Nearest-rank percentile of unsorted samples (sorted in place). */
+function percentile(samples: Float64Array, p: number): number {
+  samples.sort();
+  return samples[Math.max(0, Math.ceil((p / 100) * samples.length) - 1)];
+}
+
+function emptyResult(): TransportResult {
+  return {
+    latencyP50Us: null,
+    latencyP99Us: null,
+    roundTrips: 0,
+    openP50Us: null,
+    messagesPerSecond: null,
+    bulkMBPerSecond: null,
+    chatDeliveriesPerSecond: null,
+    chatLost: null,
+    memoryPerConnection: null,
+    idleConnections: 0,
+    skipped: {},
+    errors: {},
+  };
+}
+
+function ratiosOf(tcp: TransportResult, ws: TransportResult): BenchReport["ratios"] {
+  const ratios: BenchReport["ratios"] = {};
+  for (const row of ROWS) {
+    const a = tcp[row.metric];
+    const b = ws[row.metric];
+    if (a !== null && b !== null && a > 0) ratios[row.metric] = b / a;
+  }
+  return ratios;
+}
+
+function parseTcpAddress(text: string): TcpAddress {
+  const match = text.replace(/^tcp:\/\//, "").match(/^(\[[^\]]+\]|[^:\/]+):(\d+)\/?$/);
+  if (!match) throw new Error(`not a HOST:PORT address: "${text}"`);
+  return { hostname: match[1].replace(/^\[|\]$/g, ""), port: Number(match[2]) };
+}
+
+function closeQuietly(resource: { close(): void }): void {
+  try {
+    resource.close();
+  } catch {
+    // Already closed.
+  }
+}
+
+function delay(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function describe(error: unknown): string {
+  if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
+  if (error instanceof Deno.errors.ConnectionReset) return "connection reset by the server";
+  return error instanceof Error ? error.message : String(error);
+}
+
+// ---------------------------------------------------------------------- table
+
+interface Row {
+  metric: Metric;
+  label: (settings: Settings) => string;
+  unit: string;
+}
+
+const ROWS: Row[] = [
+  { metric: "latencyP50Us", label: () => `round trip, 1 connection, p50`, unit: "µs" },
+  { metric: "latencyP99Us", label: () => `round trip, 1 connection, p99`, unit: "µs" },
+  { metric: "openP50Us", label: () => `open + first echo, p50`, unit: "µs" },
+  {
+    metric: "messagesPerSecond",
+    label: (s) => `echoes, ${s.connections} connections`,
+    unit: "msg/s",
+  },
+  { metric: "bulkMBPerSecond", label: () => `bulk echo, 64 KiB chunks`, unit: "MB/s" },
+  {
+    metric: "chatDeliveriesPerSecond",
+    label: (s) => `chat, ${s.clients} clients, ${s.senders} sending`,
+    unit: "dlv/s",
+  },
+  {
+    metric: "memoryPerConnection",
+    label: (s) => `server memory, ${s.idle} idle`,
+    unit: "KiB/conn",
+  },
+];
+
+/**
+ * Formats a report as the table bench.ts prints: one row per figure,
+ * columns TCP | WebSocket | WS ÷ TCP, then what the numbers mean.
+ *
+ * @example
+ * ```ts
+ * console.log(formatReport(await runBench({ duration: 0.5 })));
+ * ```
+ */
+export function formatReport(report: BenchReport): string {
+  const { machine, settings, servers } = report;
+  const lines = [
+    `TCP vs WebSocket over loopback: ${machine.cpus} CPUs` +
+    `${machine.cpuModel ? ` (${machine.cpuModel})` : ""}, ${machine.os}, Deno ${machine.deno}`,
+    `  TCP:       ${serverLine(servers.tcp, "tcp_server.ts")}`,
+    `  WebSocket: ${serverLine(servers.ws, "ws_server.ts")}`,
+    `  ${settings.duration} s per timed phase after a warm-up; ${MESSAGE_SIZE}-byte messages`,
+    "",
+  ];
+  const table = [["", "unit", "TCP", "WebSocket", "WS / TCP"]];
+  for (const row of ROWS) {
+    const scale = row.metric === "memoryPerConnection" ? 1 / 1024 : 1;
+    const tcp = report.tcp[row.metric];
+    const ws = report.ws[row.metric];
+    const ratio = report.ratios[row.metric];
+    table.push([
+      row.label(settings),
+      row.unit,
+      tcp === null ? "-" : formatNumber(tcp * scale),
+      ws === null ? "-" : formatNumber(ws * scale),
+      ratio === undefined ? "" : `${ratio.toFixed(2)}×`,
+    ]);
+  }
+  table.push([
+    "chat deliveries lost",
+    "",
+    report.tcp.chatLost === null ? "-" : String(report.tcp.chatLost),
+    report.ws.chatLost === null ? "-" : String(report.ws.chatLost),
+    "",
+  ]);
+  const widths = table[0].map((_, column) => Math.max(...table.map((row) => row[column].length)));
+  for (const row of table) {
+    lines.push(
+      "  " +
+        row.map((cell, column) =>
+          column === 0 ? cell.padEnd(widths[column]) : cell.padStart(widths[column])
+        ).join("   "),
+    );
+  }
+  lines.push(
+    "",
+    "  µs and KiB: lower is better; msg/s, MB/s and deliveries/s (dlv/s): higher is better.",
+    "",
+  );
+  for (const transport of ["tcp", "ws"] as const) {
+    const name = transport === "tcp" ? "TCP" : "WebSocket";
+    for (const [phase, why] of Object.entries(report[transport].errors)) {
+      lines.push(`FAILED ${name} ${phase}: ${why}`);
+    }
+    for (const [phase, why] of Object.entries(report[transport].skipped)) {
+      lines.push(`skipped ${name} ${phase}: ${why}`);
+    }
+  }
+  if (lines[lines.length - 1] !== "") lines.push("");
+  lines.push(...MEANING, "", ...wrap(report.note, 92));
+  return lines.join("\n");
+}
+
+function serverLine(server: ServerInfo, script: string): string {
+  const where = [server.echo && `echo ${server.echo}`, server.chat && `chat ${server.chat}`]
+    .filter(Boolean).join(", ");
+  return server.source === "started"
+    ? `${script} started by bench.ts (${where})`
+    : `given by flag (${where}${server.pid === null ? "" : `, pid ${server.pid}`})`;
+}
+
+function formatNumber(value: number): string {
+  if (value >= 100) return Math.round(value).toLocaleString("en-US");
+  return value.toFixed(value >= 10 ? 1 : 2);
+}
+
+function wrap(text: string, width: number): string[] {
+  const lines = [""];
+  for (const word of text.split(" ")) {
+    const last = lines.length - 1;
+    if (lines[last] && lines[last].length + word.length + 1 > width) lines.push(word);
+    else lines[last] += lines[last] ? ` ${word}` : word;
+  }
+  return lines;
+}
+
+// ---------------------------------------------------------------- command line
+
+const USAGE = `Usage: bench.ts [options]
+
+Measures raw TCP against WebSocket on this machine, over loopback only, and
+prints a table: TCP | WebSocket | WS / TCP. It starts tcp_server.ts and
+ws_server.ts (echo and chat) as separate processes, or measures servers you
+name; a default run takes under a minute. The load generator is JavaScript
+sharing the CPUs with the servers, so absolute figures are a floor; the
+ratios are the point.
+
+Options:
+  --duration SECONDS    length of each timed phase (default ${DEFAULT_DURATION}, at most ${MAX_DURATION})
+  --quick               ${QUICK.duration} s phases, fewer connections: a few seconds in all
+  --connections N       connections for echoes per second (default ${DEFAULT_CONNECTIONS})
+  --idle N              idle connections for memory per connection (default ${DEFAULT_IDLE})
+  --clients N           chat clients in the room (default ${DEFAULT_CLIENTS})
+  --senders N           how many of them send (default ${DEFAULT_SENDERS})
+  --json                print one JSON object instead of the table
+  --tcp HOST:PORT       measure this TCP echo server instead of starting one
+  --tcp-chat HOST:PORT  and this TCP chat server (tcp_server.ts --mode chat's protocol)
+  --tcp-pid PID         process id of the --tcp server, for its memory per connection
+  --ws URL              measure this WebSocket echo server instead of starting one
+  --ws-chat URL         and this WebSocket chat server (ws_server.ts --mode chat's protocol)
+  --ws-pid PID          process id of the --ws server, for its memory per connection
+  -h, --help            show this help
+
+Naming a server for a transport means bench.ts starts none for it: rows with
+no server named are skipped, and so is memory without a PID. Chat servers
+must relay every line to every client, the sender included, as "NAME: TEXT".
+Exit status: 0, 1 if a phase failed or lost a chat delivery, 2 for bad flags.`;
+
+/** A command-line mistake: reported as one line plus the usage, exit code 2. */
+class UsageError extends Error {}
+
+// parseArgs explains itself over several sentences; keep the first, and say
+// how to pass a value that starts with "-" (a negative number, say).
+function parseArgsMessage(error: Error): string {
+  const first = error.message.split(/\.\s/)[0];
+  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
+  return option
+    ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE`
+    : first;
+}
+
+function parseCommandLine(args: string[]): BenchOptions & { json: boolean; help: boolean } {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      options: {
+        duration: { type: "string" },
+        quick: { type: "boolean", default: false },
+        connections: { type: "string" },
+        idle: { type: "string" },
+        clients: { type: "string" },
+        senders: { type: "string" },
+        json: { type: "boolean", default: false },
+        tcp: { type: "string" },
+        "tcp-chat": { type: "string" },
+        "tcp-pid": { type: "string" },
+        ws: { type: "string" },
+        "ws-chat": { type: "string" },
+        "ws-pid": { type: "string" },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }).values;
+  } catch (error) {
+    throw new UsageError(parseArgsMessage(error as Error));
+  }
+  const defaults = parsed.quick ? QUICK : {
+    duration: DEFAULT_DURATION,
+    connections: DEFAULT_CONNECTIONS,
+    idle: DEFAULT_IDLE,
+    clients: DEFAULT_CLIENTS,
+    senders: DEFAULT_SENDERS,
+  };
+  const clients = optionalInteger("--clients", parsed.clients, 2, 1000) ?? defaults.clients;
+  const senders = optionalInteger("--senders", parsed.senders, 1, clients) ??
+    Math.min(defaults.senders, clients);
+  return {
+    duration: parsed.duration === undefined
+      ? defaults.duration
+      : secondsOption("--duration", parsed.duration),
+    connections: optionalInteger("--connections", parsed.connections, 1, 5000) ??
+      defaults.connections,
+    idle: optionalInteger("--idle", parsed.idle, 1, 10_000) ?? defaults.idle,
+    clients,
+    senders,
+    tcp: targetsOption("tcp", parsed.tcp, parsed["tcp-chat"], parsed["tcp-pid"]),
+    ws: targetsOption("ws", parsed.ws, parsed["ws-chat"], parsed["ws-pid"]),
+    json: parsed.json,
+    help: parsed.help,
+  };
+}
+
+function targetsOption(
+  transport: Transport,
+  echo: string | undefined,
+  chat: string | undefined,
+  pid: string | undefined,
+): Targets | undefined {
+  for (const [flag, value] of [[`--${transport}`, echo], [`--${transport}-chat`, chat]]) {
+    if (value !== undefined) {
+      if (transport === "tcp") checkTcpTarget(flag!, value);
+      else checkWsTarget(flag!, value);
+    }
+  }
+  if (pid !== undefined && echo === undefined) {
+    throw new UsageError(
+      `--${transport}-pid is the --${transport} server's process id: name that server too`,
+    );
+  }
+  if (echo === undefined && chat === undefined) return undefined;
+  return { echo, chat, pid: optionalInteger(`--${transport}-pid`, pid, 1) };
+}
+
+function checkTcpTarget(flag: string, text: string): void {
+  let address;
+  try {
+    address = parseTcpAddress(text);
+  } catch {
+    throw new UsageError(`${flag} must be HOST:PORT, e.g. 127.0.0.1:9000, got "${text}"`);
+  }
+  checkLoopback(flag, address.hostname, address.port, text);
+}
+
+function checkWsTarget(flag: string, text: string): void {
+  if (!URL.canParse(text) || new URL(text).protocol !== "ws:") {
+    throw new UsageError(`${flag} must be a ws:// URL, e.g. ws://127.0.0.1:8080/, got "${text}"`);
+  }
+  const url = new URL(text);
+  checkLoopback(flag, url.hostname.replace(/^\[|\]$/g, ""), Number(url.port || 80), text);
+}
+
+// A load test sends as much as it can: it only ever targets this machine.
+function checkLoopback(flag: string, hostname: string, port: number, text: string): void {
+  if (!/^(127(\.\d{1,3}){3}|localhost|::1)$/.test(hostname)) {
+    throw new UsageError(
+      `${flag} must be on this machine (127.0.0.1, localhost or ::1), got "${text}"`,
+    );
+  }
+  if (port < 1 || port > 65535) {
+    throw new UsageError(`${flag} needs a port from 1 to 65535, got "${text}"`);
+  }
+}
+
+function optionalInteger(
+  name: string,
+  text: string | undefined,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < min || value > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
+  }
+  return value;
+}
+
+function secondsOption(name: string, text: string): number {
+  const value = Number(text);
+  if (text.trim() === "" || !Number.isFinite(value) || value <= 0 || value > MAX_DURATION) {
+    throw new UsageError(
+      `${name} must be a number of seconds above 0, at most ${MAX_DURATION}, got "${text}"`,
+    );
+  }
+  return value;
+}
+
+// On a terminal, one line redrawn in place; otherwise (a pipe, CI) one line
+// per phase, which reads well in a log.
+function createProgress(): { onPhase: (phase: PhaseInfo) => void; done: () => void } {
+  const names = { tcp: "TCP", ws: "WebSocket" };
+  if (!Deno.stderr.isTerminal()) {
+    return {
+      onPhase: (p) =>
+        console.error(`bench: [${p.index}/${p.total}] ${names[p.transport]} ${p.name}`),
+      done: () => {},
+    };
+  }
+  const spinner = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏";
+  let current: PhaseInfo | undefined;
+  let since = 0;
+  let frame = 0;
+  const draw = () => {
+    if (!current) return;
+    const elapsed = ((performance.now() - since) / 1000).toFixed(1);
+    const line = `${spinner[frame++ % spinner.length]} [${current.index}/${current.total}] ` +
+      `${names[current.transport]} ${current.name} ${elapsed} s of ~${current.seconds} s`;
+    Deno.stderr.writeSync(encoder.encode(`\r\x1b[K${line}`));
+  };
+  const timer = setInterval(draw, 100);
+  return {
+    onPhase(phase) {
+      current = phase;
+      since = performance.now();
+      draw();
+    },
+    done() {
+      clearInterval(timer);
+      Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));
+    },
+  };
+}
+
+function failed(report: BenchReport): boolean {
+  return [report.tcp, report.ws].some((result) =>
+    Object.keys(result.errors).length > 0 || (result.chatLost ?? 0) > 0
+  );
+}
+
+async function main(args: string[]): Promise<number> {
+  let options;
+  try {
+    options = parseCommandLine(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`bench: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (options.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const progress = createProgress();
+  const interrupt = new AbortController();
+  const signals = Deno.build.os === "windows"
+    ? ["SIGINT"] as const
+    : ["SIGINT", "SIGTERM"] as const;
+  const stop = () => interrupt.abort(new Error("interrupted"));
+  for (const signal of signals) Deno.addSignalListener(signal, stop);
+  let report;
+  try {
+    report = await runBench({ ...options, onPhase: progress.onPhase, signal: interrupt.signal });
+  } catch (error) {
+    progress.done();
+    console.error(`bench: ${startError(error)}`);
+    return interrupt.signal.aborted ? 130 : 1;
+  } finally {
+    for (const signal of signals) Deno.removeSignalListener(signal, stop);
+  }
+  progress.done();
+  console.log(options.json ? JSON.stringify(report, null, 2) : formatReport(report));
+  return failed(report) ? 1 : 0;
+}
+
+function startError(error: unknown): string {
+  if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+    return `${error.message} (run with --allow-net=127.0.0.1 --allow-run=deno,ps)`;
+  }
+  return error instanceof Error ? error.message : String(error);
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
