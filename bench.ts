@@ -64,6 +64,9 @@ const STALL_MS = 5000;
 const SETTLE_MS = 300;
 const SERVER_START_MS = 15_000;
 const CLOSE_WAIT_MS = 1000;
+// The close code for "done, all is well" (RFC 6455, section 7.4.1). Closing
+// without one sends no code at all, which some servers log as an error.
+const NORMAL_CLOSURE = 1000;
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -269,29 +272,34 @@ async function measureAll(options: {
   const { servers, settings } = options;
   const results = { tcp: emptyResult(), ws: emptyResult() };
   const plan = planPhases(settings);
-  const total = 2 * plan.reduce((sum, step) => sum + (step.timed ? settings.rounds : 1), 0);
+  for (const step of plan) {
+    for (const transport of ["tcp", "ws"] as const) {
+      if (servers[transport][step.server] === null) {
+        const flag = `--${transport}${step.server === "chat" ? "-chat" : ""}`;
+        results[transport].skipped[step.name] = `no ${step.server} server given (${flag})`;
+      }
+    }
+  }
+  const rounds = (step: Step) => step.timed ? settings.rounds : 1;
+  const runs = (step: Step) =>
+    rounds(step) * (["tcp", "ws"] as const).filter((t) => servers[t][step.server]).length;
+  const total = plan.reduce((sum, step) => sum + runs(step), 0);
   let index = 0;
   for (const step of plan) {
     const best: Partial<Record<Transport, Figures>> = {};
-    for (let round = 1; round <= (step.timed ? settings.rounds : 1); round++) {
+    for (let round = 1; round <= rounds(step); round++) {
       for (const transport of ["tcp", "ws"] as const) {
+        const result = results[transport];
+        const target = servers[transport][step.server];
+        if (target === null) continue;
         options.signal?.throwIfAborted();
         options.onPhase?.({
           index: ++index,
           total,
           transport,
-          name: step.timed && settings.rounds > 1
-            ? `${step.name} (round ${round} of ${settings.rounds})`
-            : step.name,
+          name: rounds(step) > 1 ? `${step.name} (round ${round} of ${rounds(step)})` : step.name,
           seconds: step.seconds,
         });
-        const result = results[transport];
-        const target = servers[transport][step.server];
-        if (target === null) {
-          const flag = `--${transport}${step.server === "chat" ? "-chat" : ""}`;
-          result.skipped[step.name] = `no ${step.server} server given (${flag})`;
-          continue;
-        }
         // A phase that failed once fails again, and may take STALL_MS to.
         if (result.errors[step.name]) continue;
         try {
@@ -541,7 +549,8 @@ class Phase {
   #closeAll(): void {
     for (const resource of this.#resources) closeQuietly(resource);
     for (const socket of this.#sockets) {
-      if (socket.readyState <= WebSocket.OPEN) closeQuietly(socket);
+      if (socket.readyState === WebSocket.OPEN) socket.close(NORMAL_CLOSURE);
+      else if (socket.readyState === WebSocket.CONNECTING) closeQuietly(socket);
     }
   }
 }
@@ -1244,9 +1253,9 @@ export function formatReport(report: BenchReport): string {
     `${machine.cpuModel ? ` (${machine.cpuModel})` : ""}, ${machine.os}, Deno ${machine.deno}`,
     `  TCP:       ${serverLine(servers.tcp, "tcp_server.ts")}`,
     `  WebSocket: ${serverLine(servers.ws, "ws_server.ts")}`,
-    `  each timed figure: the best of ${settings.rounds} round${
-      settings.rounds === 1 ? "" : "s"
-    } of ${+(settings.duration / settings.rounds).toFixed(2)} s, after a warm-up; ` +
+    `  each timed figure: ${
+      settings.rounds === 1 ? "one round" : `the best of ${settings.rounds} rounds`
+    } of ${+(settings.duration / settings.rounds).toFixed(2)} s after a warm-up; ` +
     `${MESSAGE_SIZE}-byte messages`,
     "",
   ];
