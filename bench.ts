@@ -510,6 +510,8 @@ class Phase {
   /** A promise that also rejects when the phase fails. */
   wait<T>(): PromiseWithResolvers<T> {
     const waiter = Promise.withResolvers<T>();
+    // It may fail before anyone awaits it; that is no unhandled rejection.
+    waiter.promise.catch(() => {});
     if (this.error) {
       waiter.reject(this.error);
       return waiter;
@@ -706,21 +708,13 @@ async function openTcpEcho(address: TcpAddress, phase: Phase): Promise<EchoConne
 async function measureTcpBulk(address: TcpAddress, duration: number): Promise<number> {
   return await inPhase(async (phase) => {
     const conn = await connectTcp(address, phase);
+    const allBack = phase.wait<void>();
     let sent = 0;
+    let received = 0;
+    let writing = true;
     let counted = 0;
     phase.go(warmup(duration), duration);
-    const writing = (async () => {
-      const chunk = new Uint32Array(BULK_CHUNK / 4);
-      const bytes = new Uint8Array(chunk.buffer);
-      while (performance.now() < phase.end && sent < MAX_BULK_BYTES) {
-        fillWords(chunk, sent / 4);
-        await writeAll(conn, bytes);
-        sent += BULK_CHUNK;
-      }
-      // The half-close: our server finishes echoing, then closes its side.
-      await conn.closeWrite();
-    })();
-    const reading = (async () => {
+    (async () => {
       // Each 4-byte word carries its own position in the stream, so one
       // comparison per word catches a lost, repeated or reordered byte.
       // Reads end anywhere, so the tail of a word waits for the next read.
@@ -728,10 +722,11 @@ async function measureTcpBulk(address: TcpAddress, duration: number): Promise<nu
       const words = new Uint32Array(bytes.buffer);
       let carry = 0;
       let word = 0;
-      let received = 0;
       for (;;) {
         const n = await conn.read(bytes.subarray(carry, carry + BULK_CHUNK));
-        if (n === null) break;
+        if (n === null) {
+          throw new Error(`the server closed after echoing ${received} of ${sent} bytes`);
+        }
         const have = carry + n;
         const whole = have >>> 2;
         for (let i = 0; i < whole; i++) {
@@ -745,13 +740,18 @@ async function measureTcpBulk(address: TcpAddress, duration: number): Promise<nu
         received += n;
         const now = performance.now();
         if (now >= phase.start && now < phase.end) counted += n;
+        if (!writing && received === sent) allBack.resolve();
       }
-      return received;
-    })();
-    const [, received] = await Promise.all([writing, reading]);
-    if (received !== sent) {
-      throw new Error(`sent ${sent} bytes, the echo had ${received} before the server closed`);
+    })().catch((error) => phase.fail(error));
+    const chunk = new Uint32Array(BULK_CHUNK / 4);
+    while (performance.now() < phase.end && sent < MAX_BULK_BYTES) {
+      fillWords(chunk, sent / 4);
+      await writeAll(conn, new Uint8Array(chunk.buffer));
+      sent += BULK_CHUNK;
     }
+    writing = false;
+    if (received === sent) allBack.resolve();
+    await allBack.promise;
     return counted / duration;
   });
 }
