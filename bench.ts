@@ -163,7 +163,7 @@ export interface ServerInfo {
 
 /** What {@linkcode runBench} measured. */
 export interface BenchReport {
-  machine: { cpus: number; cpuModel: string; os: string; deno: string };
+  machine: { cpus: number; os: string; deno: string };
   settings: Required<Omit<BenchOptions, "tcp" | "ws" | "onPhase" | "signal">>;
   servers: Record<Transport, ServerInfo>;
   tcp: TransportResult;
@@ -246,7 +246,7 @@ export async function runBench(options: BenchOptions = {}): Promise<BenchReport>
       aborted.promise,
     ]);
     return {
-      machine: await machineInfo(),
+      machine: machineInfo(),
       settings,
       servers,
       ...results,
@@ -1111,20 +1111,8 @@ async function residentBytes(pid: number): Promise<number> {
   return Number(kib) * 1024;
 }
 
-async function machineInfo(): Promise<BenchReport["machine"]> {
-  let cpuModel = "";
-  try {
-    const cpuinfo = await Deno.readTextFile("/proc/cpuinfo");
-    cpuModel = cpuinfo.match(/^model name\s*:\s*(.+)$/m)?.[1].trim() ?? "";
-  } catch {
-    // Deno reads /proc only with --allow-all: the model is a nicety.
-  }
-  return {
-    cpus: navigator.hardwareConcurrency,
-    cpuModel,
-    os: Deno.build.os,
-    deno: Deno.version.deno,
-  };
+function machineInfo(): BenchReport["machine"] {
+  return { cpus: navigator.hardwareConcurrency, os: Deno.build.os, deno: Deno.version.deno };
 }
 
 // ------------------------------------------------------------------- helpers
@@ -1247,8 +1235,7 @@ const ROWS: Row[] = [
 export function formatReport(report: BenchReport): string {
   const { machine, settings, servers } = report;
   const lines = [
-    `TCP vs WebSocket over loopback: ${machine.cpus} CPUs` +
-    `${machine.cpuModel ? ` (${machine.cpuModel})` : ""}, ${machine.os}, Deno ${machine.deno}`,
+    `TCP vs WebSocket over loopback: ${machine.cpus} CPUs, ${machine.os}, Deno ${machine.deno}`,
     `  TCP:       ${serverLine(servers.tcp, "tcp_server.ts")}`,
     `  WebSocket: ${serverLine(servers.ws, "ws_server.ts")}`,
     `  each timed figure: ${
