@@ -1029,11 +1029,13 @@ async function resolveServers(
     };
   }
   const script = transport === "tcp" ? "tcp_server.ts" : "ws_server.ts";
-  const [echo, chat] = await Promise.all([
-    startServer(script, ["--mode", "echo"]),
-    startServer(script, ["--mode", "chat"]),
-  ]);
-  started.push(echo, chat);
+  // Each is listed as soon as it runs, so that it is stopped even when its
+  // sibling fails to start.
+  const [echo, chat] = await Promise.all(["echo", "chat"].map(async (mode) => {
+    const server = await startServer(script, ["--mode", mode]);
+    started.push(server);
+    return server;
+  }));
   return { source: "started", echo: echo.address, chat: chat.address, pid: echo.pid };
 }
 
