@@ -259,6 +259,12 @@ async function acceptLoop(state: ServerState): Promise<void> {
       if (!(error instanceof Deno.errors.NotConnected)) await delay(100);
       continue;
     }
+    // close() may have run while this accept was completing: close() has
+    // already closed every connection it knew of, and would wait for this one.
+    if (state.closing) {
+      closeQuietly(conn);
+      return;
+    }
     const task = serveClient(state, conn);
     state.tasks.add(task);
     task.finally(() => state.tasks.delete(task));
