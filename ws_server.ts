@@ -91,6 +91,8 @@ interface Client {
   name: string;
   /** Set once the client is gone: Deno can fire `close` twice for one socket. */
   gone: boolean;
+  /** Chat: its leave was announced (a too-slow client's comes before its close event). */
+  left: boolean;
 }
 
 interface ServerState {
@@ -211,6 +213,7 @@ function upgrade(state: ServerState, request: Request, info: Deno.ServeHandlerIn
     peer: `${hostname}:${port}`,
     name: "",
     gone: false,
+    left: false,
   };
   state.clients.add(client);
   serveSocket(state, client);
@@ -279,7 +282,13 @@ function leave(state: ServerState, client: Client, event: CloseEvent): void {
     `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ` +
       `code ${event.code || "none (connection lost)"}${event.reason ? ` ${event.reason}` : ""}`,
   );
-  if (state.mode === "chat" && client.name) broadcast(state, `* ${client.name} left`);
+  announceLeave(state, client);
+}
+
+function announceLeave(state: ServerState, client: Client): void {
+  if (state.mode !== "chat" || !client.name || client.left) return;
+  client.left = true;
+  broadcast(state, `* ${client.name} left`);
 }
 
 // `send` never blocks: Deno queues the frame and `bufferedAmount` says how
@@ -287,14 +296,22 @@ function leave(state: ServerState, client: Client, event: CloseEvent): void {
 // client that lets it grow past the bound is dropped rather than let it
 // hold the server's memory hostage.
 function broadcast(state: ServerState, text: string, except?: Client): void {
+  const tooSlow: Client[] = [];
   for (const client of state.clients) {
     const { socket } = client;
     if (client === except || socket.readyState !== WebSocket.OPEN || !client.name) continue;
     if (socket.bufferedAmount > state.maxQueue) {
-      closeSocket(socket, POLICY_VIOLATION, "too slow, disconnected");
+      tooSlow.push(client);
       continue;
     }
     socket.send(text);
+  }
+  // A client that reads nothing will not read our close frame either, so its
+  // close event may not come until it hangs up: it leaves the room now. It
+  // still counts against maxConnections until its connection is gone.
+  for (const client of tooSlow) {
+    closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
+    announceLeave(state, client);
   }
 }
 
