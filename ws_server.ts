@@ -65,7 +65,7 @@ export interface WsServerOptions {
   mode?: Mode;
   /** Largest message accepted; a bigger one closes that client with 1009. Default 1 MiB. */
   maxMessage?: number;
-  /** Chat: bytes buffered for one client before it is closed with 1008 as too slow. Default 2 MiB. */
+  /** Bytes buffered for one client before it is closed with 1008 as too slow. Default 2 MiB. */
   maxQueue?: number;
   /** WebSockets open at once; further upgrades get HTTP 503. Default 8192. */
   maxConnections?: number;
@@ -240,6 +240,12 @@ function serveSocket(state: ServerState, client: Client): void {
 // `send` keeps text as text and binary as binary.
 function echoMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
   if (tooBig(state, client, data)) return;
+  // `send` never blocks, so a client that sends without reading would have
+  // us buffer every echo: the same bound as chat applies.
+  if (client.socket.bufferedAmount > state.maxQueue) {
+    closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
+    return;
+  }
   client.socket.send(data);
 }
 
@@ -429,7 +435,7 @@ Options:
   --port PORT             port to bind, 0 = any free port (default ${DEFAULT_PORT})
   --mode echo|chat        echo messages back, or relay text to everyone (default echo)
   --max-message BYTES     largest message; bigger closes with 1009 (default ${DEFAULT_MAX_MESSAGE}, at most 64 MiB)
-  --max-queue BYTES       chat: unsent bytes a client may fall behind by; past it, close 1008
+  --max-queue BYTES       unsent bytes a client may fall behind by; past it, close 1008
                           (default ${DEFAULT_MAX_QUEUE})
   --max-connections N     WebSockets open at once; more get HTTP 503 (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS  ping a peer silent this long, drop it if no pong as long again;
