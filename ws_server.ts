@@ -35,9 +35,10 @@ const DEFAULT_PORT = 8080;
 const DEFAULT_MAX_MESSAGE = 1024 * 1024;
 const DEFAULT_MAX_QUEUE = 2 * 1024 * 1024;
 const DEFAULT_MAX_CONNECTIONS = 8192;
-// Seconds of silence before Deno pings a peer; a peer that does not answer
-// with a pong within as long again is dead (a cable pulled, a laptop asleep)
-// and is dropped. TCP alone would not notice for hours.
+// Seconds of silence before a peer is dropped. Deno pings a peer silent for
+// half of it; one that has sent nothing, not even the pong, by the end is
+// dead (a cable pulled, a laptop asleep) and is closed with 1001. TCP alone
+// would not notice for hours.
 const DEFAULT_IDLE_TIMEOUT = 30;
 // How long peers get to answer our close frame on shutdown.
 const CLOSE_GRACE_MS = 500;
@@ -69,7 +70,7 @@ export interface WsServerOptions {
   maxQueue?: number;
   /** WebSockets open at once; further upgrades get HTTP 503. Default 8192. */
   maxConnections?: number;
-  /** Seconds of silence before a ping; no pong as long again drops the peer. 0 = never. Default 30. */
+  /** Seconds of silence before a peer is dropped (1001); Deno pings it halfway. 0 = never. Default 30. */
   idleTimeout?: number;
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
@@ -438,8 +439,8 @@ Options:
   --max-queue BYTES       unsent bytes a client may fall behind by; past it, close 1008
                           (default ${DEFAULT_MAX_QUEUE})
   --max-connections N     WebSockets open at once; more get HTTP 503 (default ${DEFAULT_MAX_CONNECTIONS})
-  --idle-timeout SECONDS  ping a peer silent this long, drop it if no pong as long again;
-                          0 = never (default ${DEFAULT_IDLE_TIMEOUT})
+  --idle-timeout SECONDS  drop a peer silent this long (1001); it is pinged halfway, and
+                          a pong counts as a sign of life; 0 = never (default ${DEFAULT_IDLE_TIMEOUT})
   --quiet                 no connection log on stderr
   -h, --help              show this help`;
 
