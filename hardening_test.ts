@@ -1268,3 +1268,30 @@ for (const mode of ["chat", "echo"]) {
     () => Promise.all([shutdownTcpUnderLoad(mode), shutdownWsUnderLoad(mode)]).then(() => {}),
   );
 }
+
+// ---------------------------------------------------------------- soak.ts
+
+Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one line and exit 2", async () => {
+  const run = (args: string[]) =>
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", scriptPath("soak.ts"), ...args],
+      stdin: "null",
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+  const short = await within(
+    run(["--duration", "2", "--clients", "20", "--interval", "0.5"]),
+    "a short soak",
+    60_000,
+  );
+  const report = decoder.decode(short.stdout);
+  assert.equal(short.code, 0, report + decoder.decode(short.stderr));
+  assert.match(report, /^ {2}lost +0 +0$/m);
+  assert.match(report, /^result: PASS$/m);
+  const bad = await run(["--duration", "soon"]);
+  assert.equal(bad.code, 2);
+  const [first, blank, usage] = decoder.decode(bad.stderr).split("\n");
+  assert.equal(first, 'soak: --duration must be a number from 1 to 3600, got "soon"');
+  assert.equal(blank, "");
+  assert.match(usage, /^Usage: soak\.ts/);
+});
