@@ -94,7 +94,7 @@ interface Client {
   idleSweeps: number;
   /** No more input is processed; the connection is on its way out. */
   ending: boolean;
-  /** Why the connection ended, for the log. */
+  /** Why the connection ended, for the log; the first cause found wins. */
   reason: string;
   /** Counted against `maxConnections` (clients turned away are not). */
   counted: boolean;
@@ -283,7 +283,7 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
     writing: false,
     idleSweeps: 0,
     ending: false,
-    reason: "closed by peer",
+    reason: "",
     counted: false,
     linger: undefined,
   };
@@ -305,7 +305,7 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
   try {
     await (state.mode === "chat" ? chatLoop(state, client) : echoLoop(client));
   } catch (error) {
-    if (!client.ending) client.reason = describe(error);
+    client.reason ||= describe(error);
   }
   // The peer sent EOF (a half-close), reset, or we closed it. It may still
   // be owed data; send that, then close for real.
@@ -318,7 +318,9 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
     state.served--;
     if (!state.closing) {
       state.log(
-        `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${client.reason}`,
+        `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${
+          client.reason || "closed by peer"
+        }`,
       );
     }
   }
@@ -336,7 +338,9 @@ async function echoLoop(client: Client): Promise<void> {
     client.idleSweeps = 0;
     if (client.ending) continue;
     client.writing = true;
-    await writeAll(conn, buf.subarray(0, n));
+    // A write may take only part of the bytes (a "partial send"): loop until
+    // all are out. Each await waits for room in the kernel's send buffer.
+    for (let written = 0; written < n;) written += await conn.write(buf.subarray(written, n));
     client.writing = false;
   }
 }
@@ -397,12 +401,17 @@ async function flush(client: Client): Promise<void> {
       const chunks = client.queue;
       client.queue = [];
       const bytes = chunks.length === 1 ? chunks[0] : concat(chunks);
-      await writeAll(client.conn, bytes);
+      // A write may take only part of the bytes (a "partial send"): write
+      // the rest until all are out. (A subarray only then: this runs once
+      // per delivery, and a new view per write costs measurably.)
+      let written = await client.conn.write(bytes);
+      while (written < bytes.length) written += await client.conn.write(bytes.subarray(written));
       client.queued -= bytes.length;
     }
     if (client.ending) await client.conn.closeWrite();
-  } catch {
+  } catch (error) {
     // The peer is gone; closing makes its read loop end and clean up.
+    client.reason ||= describe(error);
     client.queue = [];
     closeQuietly(client.conn);
   } finally {
@@ -421,7 +430,7 @@ function end(state: ServerState, client: Client, error?: string): void {
     broadcast(state, `* ${client.name} left\n`);
   }
   if (!error) return;
-  client.reason = error;
+  client.reason ||= error;
   const line = encoder.encode(`* error: ${error}\n`);
   client.queue.push(line);
   client.queued += line.length;
@@ -440,14 +449,6 @@ function startIdleSweeper(state: ServerState, idleTimeout: number): ReturnType<t
       end(state, client, "idle timeout");
     }
   }, every);
-}
-
-// A write may take only part of the bytes (a "partial send"); loop until all
-// are written. Each await waits for room in the kernel's send buffer.
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
-  }
 }
 
 function concat(chunks: Uint8Array[]): Uint8Array {
