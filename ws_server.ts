@@ -232,8 +232,9 @@ function serveSocket(state: ServerState, client: Client): void {
   socket.onmessage = state.mode === "chat"
     ? (event) => chatMessage(state, client, event.data)
     : (event) => echoMessage(state, client, event.data);
-  // An error (a reset, a failed pong) is always followed by close.
-  socket.onerror = () => {};
+  // No `error` handler: an error (a reset, a missed pong) is always followed
+  // by `close`, where the cleanup is. (A no-op error listener is not free
+  // either: it measured 3-4 KiB more per idle socket on Deno 2.9.)
   socket.onclose = (event) => leave(state, client, event);
 }
 
