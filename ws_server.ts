@@ -304,6 +304,9 @@ function announceLeave(state: ServerState, client: Client): void {
 // client that lets it grow past the bound is dropped rather than let it
 // hold the server's memory hostage.
 function broadcast(state: ServerState, text: string, except?: Client): void {
+  // Shutting down: messages that arrived just before are not relayed. A
+  // backlog of them, each sent to every client, would only delay the exit.
+  if (state.closing) return;
   const tooSlow: Client[] = [];
   for (const client of state.clients) {
     const { socket } = client;
