@@ -22,12 +22,20 @@
 import assert from "node:assert/strict";
 import { startTcpServer, type TcpServer } from "./tcp_server.ts";
 import { startWsServer, type WsServer } from "./ws_server.ts";
+import {
+  connectTcp,
+  openWs,
+  runScript,
+  spawnServer,
+  type TcpClient,
+  WAIT_MS,
+  within,
+  type WsClient,
+} from "./test_helpers.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 const MiB = 1024 * 1024;
-// A bound on any single wait. Waits end at their event, long before this.
-const WAIT_MS = 10_000;
 // What a client that stops reading is sent in the memory tests, and the bound
 // on the server's growth: a bounded queue stays far below, an unbounded one
 // (or one bounded only by the total) far above.
@@ -55,27 +63,13 @@ const OP_PING = 0x9;
 
 // ------------------------------------------------------------------ helpers
 
-/** `promise`, or a rejection after `ms`: a bound on waiting, never a pause. */
-async function within<T>(promise: Promise<T>, what: string, ms = WAIT_MS): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 /**
- * Lines that arrive over time (a server's log, a client's messages): wait for
- * a pattern among all of them, or take them one by one with `next`.
+ * A server's log as it is written: the lines so far, and a wait for a
+ * pattern among them.
  */
 function createLines() {
   const lines: string[] = [];
   let wake = () => {};
-  let ended = false;
   function count(pattern: RegExp): number {
     return lines.filter((line) => pattern.test(line)).length;
   }
@@ -85,19 +79,6 @@ function createLines() {
     push(line: string) {
       lines.push(line);
       wake();
-    },
-    /** No more lines will come (the connection closed). */
-    end() {
-      ended = true;
-      wake();
-    },
-    /** Takes the oldest line; throws if none is left and none will come. */
-    async next(): Promise<string> {
-      while (lines.length === 0) {
-        if (ended) throw new Error("closed before the next message");
-        await new Promise<void>((resolve) => wake = resolve);
-      }
-      return lines.shift()!;
     },
     /** Waits until `n` lines so far match `pattern`. */
     async waitFor(pattern: RegExp, n = 1, ms = WAIT_MS) {
@@ -113,87 +94,6 @@ function createLines() {
 }
 
 type Lines = ReturnType<typeof createLines>;
-
-function scriptPath(name: string): string {
-  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
-}
-
-/** A TCP connection with buffered reads: whole lines, exact lengths, or everything. */
-async function connectTcp(port: number) {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  let buffered = new Uint8Array(0);
-  let eof = false;
-  async function fill(): Promise<boolean> {
-    if (eof) return false;
-    const chunk = new Uint8Array(64 * 1024);
-    const n = await conn.read(chunk);
-    if (n === null) {
-      eof = true;
-      return false;
-    }
-    const joined = new Uint8Array(buffered.length + n);
-    joined.set(buffered);
-    joined.set(chunk.subarray(0, n), buffered.length);
-    buffered = joined;
-    return true;
-  }
-  function take(n: number): Uint8Array {
-    const head = buffered.slice(0, n);
-    buffered = buffered.subarray(n);
-    return head;
-  }
-  return {
-    conn,
-    async write(data: string | Uint8Array) {
-      const bytes = typeof data === "string" ? encoder.encode(data) : data;
-      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
-    },
-    /** The next line without its "\n", or null at EOF. */
-    async readLine(): Promise<string | null> {
-      for (;;) {
-        const end = buffered.indexOf(10);
-        if (end !== -1) return decoder.decode(take(end + 1)).slice(0, -1);
-        if (!await fill()) {
-          return buffered.length > 0 ? decoder.decode(take(buffered.length)) : null;
-        }
-      }
-    },
-    /** Exactly `n` bytes, fewer only at EOF. */
-    async readBytes(n: number): Promise<Uint8Array> {
-      while (buffered.length < n && await fill());
-      return take(n);
-    },
-    /** Reads and discards everything until EOF; returns how many bytes that was. */
-    async drain(): Promise<number> {
-      let total = buffered.length;
-      buffered = new Uint8Array(0);
-      const chunk = new Uint8Array(64 * 1024);
-      for (let n = await conn.read(chunk); n !== null; n = await conn.read(chunk)) total += n;
-      eof = true;
-      return total;
-    },
-    /** Every line until EOF. */
-    async readLinesToEnd(): Promise<string[]> {
-      const lines: string[] = [];
-      for (let line = await this.readLine(); line !== null; line = await this.readLine()) {
-        lines.push(line);
-      }
-      return lines;
-    },
-    close() {
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
-      }
-    },
-    [Symbol.dispose]() {
-      this.close();
-    },
-  };
-}
-
-type TcpClient = Awaited<ReturnType<typeof connectTcp>>;
 
 /** A frame as a client must send it: masked (RFC 6455, section 5.3). */
 function clientFrame(opcode: number, payload: Uint8Array, mask = true): Uint8Array {
@@ -273,82 +173,10 @@ function closeFrame(payload: Uint8Array): { code: number; reason: string } {
   };
 }
 
-/** A standard WebSocket with its messages as awaitable lines, and its close event. */
-async function openWs(url: string) {
-  const socket = new WebSocket(url);
-  const messages = createLines();
-  const closed = new Promise<CloseEvent>((resolve) => {
-    socket.onclose = (event) => {
-      resolve(event);
-      messages.end();
-    };
-  });
-  socket.onmessage = (event) => messages.push(String(event.data));
-  await within(
-    new Promise((resolve, reject) => {
-      socket.onopen = resolve;
-      closed.then(() => reject(new Error(`could not open ${url}`)));
-    }),
-    `open ${url}`,
-  );
-  return {
-    socket,
-    messages,
-    closed,
-    async [Symbol.asyncDispose]() {
-      if (socket.readyState === WebSocket.OPEN) socket.close();
-      await closed;
-    },
-  };
-}
-
-/** A server started as a real process, so that its memory and signals are its own. */
-async function spawnServer(name: string, args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath(name), "--port", "0", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await stdout.read();
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<{ code: number; stderr: string; exitMs: number }> | undefined;
-  async function stop(signal: Deno.Signal) {
-    const start = performance.now();
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const status = await child.status;
-    const exitMs = performance.now() - start;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return { code: status.code, stderr: await stderr, exitMs };
-  }
-  const port = Number(printed.match(/:(\d+)\/?\n/)?.[1]);
-  if (!port) {
-    const { stderr } = await stop("SIGKILL");
-    throw new Error(`${name} did not start: ${stderr}`);
-  }
-  return {
-    port,
-    /** Resident memory now, in MiB. */
-    rss: () => memoryMiB(child.pid, "VmRSS"),
-    /** The most resident memory the process ever had (its high-water mark), in MiB. */
-    peak: () => memoryMiB(child.pid, "VmHWM"),
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
-}
-
+/**
+ * A process's memory in MiB, from /proc: VmRSS is what is resident now, VmHWM
+ * the most that ever was (its high-water mark).
+ */
 function memoryMiB(pid: number, field: "VmRSS" | "VmHWM"): number {
   const status = Deno.readTextFileSync(`/proc/${pid}/status`);
   const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1]);
@@ -533,13 +361,13 @@ memoryTest(
     await using server = await spawnServer("tcp_server.ts", ["--mode", "chat", "--quiet"]);
     using _slow = await connectTcp(server.port); // guest-1: never reads a byte
     using fast = await connectTcp(server.port); // guest-2
-    const before = server.rss();
+    const before = memoryMiB(server.pid, "VmRSS");
     const notices = await within(
       floodTcpChat(fast, "guest-2", { total: FLOOD_BYTES, lineBytes: 60 * 1024, window: 16 }),
       "200 MiB through the chat",
       60_000,
     );
-    const growth = server.peak() - before;
+    const growth = memoryMiB(server.pid, "VmHWM") - before;
     assert.ok(growth < MAX_GROWTH_MIB, `the server grew by ${growth.toFixed(1)} MiB`);
     assert.deepEqual(notices, ["* guest-1 left"]);
   },
@@ -849,7 +677,7 @@ Deno.test("tcp chat: silent connections, resets and half-closes do not stop the 
  * `window` unanswered, each checked as it comes back; returns the notices.
  */
 async function floodWsChat(
-  client: Awaited<ReturnType<typeof openWs>>,
+  client: WsClient,
   name: string,
   options: { total: number; messageBytes: number; window: number; stopAt?: RegExp },
 ): Promise<string[]> {
@@ -858,7 +686,8 @@ async function floodWsChat(
   const notices: string[] = [];
   let received = 0;
   async function receive() {
-    const message = await client.messages.next();
+    // The chat relays text only.
+    const message = String(await client.next());
     if (message.startsWith("* ")) notices.push(message);
     else {
       assert.ok(message === `${name}: ${received} ${filler}`, `${name}'s message ${received}`);
@@ -880,13 +709,13 @@ memoryTest(
     await using server = await spawnServer("ws_server.ts", ["--mode", "chat", "--quiet"]);
     using _slow = await rawWs(server.port); // guest-1: never reads a byte
     await using fast = await openWs(`ws://127.0.0.1:${server.port}/`); // guest-2
-    const before = server.rss();
+    const before = memoryMiB(server.pid, "VmRSS");
     const notices = await within(
       floodWsChat(fast, "guest-2", { total: FLOOD_BYTES, messageBytes: 64 * 1024, window: 16 }),
       "200 MiB through the chat",
       60_000,
     );
-    const growth = server.peak() - before;
+    const growth = memoryMiB(server.pid, "VmHWM") - before;
     assert.ok(growth < MAX_GROWTH_MIB, `the server grew by ${growth.toFixed(1)} MiB`);
     assert.deepEqual(notices, ["* guest-1 left"]);
   },
@@ -897,7 +726,7 @@ memoryTest(
   async () => {
     await using server = await spawnServer("ws_server.ts", ["--quiet"]);
     using greedy = await rawWs(server.port);
-    const before = server.rss();
+    const before = memoryMiB(server.pid, "VmRSS");
     // Binary frames of 64 KiB, never reading the echoes. Once the server has
     // dropped us, a write either fails (it reset the connection) or never
     // completes: Deno keeps a closed WebSocket's TCP connection until the
@@ -907,7 +736,7 @@ memoryTest(
     for (let taken = true; taken && sent < FLOOD_BYTES; sent += taken ? frame.length : 0) {
       taken = await within(greedy.tcp.write(frame), "a write", 2000).then(() => true, () => false);
     }
-    const growth = server.peak() - before;
+    const growth = memoryMiB(server.pid, "VmHWM") - before;
     assert.ok(growth < MAX_GROWTH_MIB, `the server grew by ${growth.toFixed(1)} MiB`);
     assert.ok(sent < FLOOD_BYTES, "the server dropped the client before it sent everything");
   },
@@ -948,7 +777,7 @@ Deno.test("ws chat: the too-slow client is announced at once and gets 1008 once 
   slow.tcp.close();
   await waitForDisconnects(log, 1, server, 1);
   talker.socket.send("still here");
-  assert.equal(await within(talker.messages.next(), "the talker's message"), "guest-2: still here");
+  assert.equal(await within(talker.next(), "the talker's message"), "guest-2: still here");
 });
 
 // ------------------------------------------------------ WebSocket: idle peers
@@ -981,10 +810,10 @@ Deno.test("ws chat: --idle-timeout N pings a silent peer at N/2 and drops it at 
     reason: "No response from ping frame.",
   });
   // The standard client was just as silent, but answered the ping.
-  assert.equal(await within(alive.messages.next(), "the join"), "* guest-2 joined");
-  assert.equal(await within(alive.messages.next(), "the leave"), "* guest-2 left");
+  assert.equal(await within(alive.next(), "the join"), "* guest-2 joined");
+  assert.equal(await within(alive.next(), "the leave"), "* guest-2 left");
   alive.socket.send("still here");
-  assert.equal(await within(alive.messages.next(), "alive's message"), "guest-1: still here");
+  assert.equal(await within(alive.next(), "alive's message"), "guest-1: still here");
   assert.equal(server.connections, 1);
   assert.match(log.lines.find((line) => line.startsWith("- "))!, /code 1001 No response from ping/);
 });
@@ -1115,13 +944,13 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
     const server = startWsServer({ port: 0, mode: "chat", log: log.push });
     const a = await openWs(url(server.addr.port));
     const b = await openWs(url(server.addr.port));
-    assert.equal(await within(a.messages.next(), "the join"), "* guest-2 joined");
+    assert.equal(await within(a.next(), "the join"), "* guest-2 joined");
     await within(server.close(), "close()");
     assert.equal(server.connections, 0);
     assert.equal(log.count(/^- /), 0, "no disconnect lines while the whole server goes away");
     for (const client of [a, b]) {
       assert.equal((await client.closed).code, 1001);
-      assert.deepEqual(client.messages.lines, [], "and no '* … left'");
+      assert.deepEqual(client.messages, [], "and no '* … left'");
     }
   });
 });
@@ -1147,12 +976,12 @@ Deno.test("ws chat: slowloris handshakes and silent connections do not stop the 
     const url = `ws://127.0.0.1:${port}/`;
     await using a = await openWs(url);
     await using b = await openWs(url);
-    assert.equal(await within(a.messages.next(), "the join"), "* guest-2 joined");
+    assert.equal(await within(a.next(), "the join"), "* guest-2 joined");
     for (let i = 0; i < 20; i++) {
       (i % 2 ? a : b).socket.send(`message ${i}`);
       const expected = `${i % 2 ? "guest-1" : "guest-2"}: message ${i}`;
-      assert.equal(await within(a.messages.next(), "a's message"), expected);
-      assert.equal(await within(b.messages.next(), "b's message"), expected);
+      assert.equal(await within(a.next(), "a's message"), expected);
+      assert.equal(await within(b.next(), "b's message"), expected);
     }
     const page = await within(fetch(`http://127.0.0.1:${port}/`), "GET /");
     assert.equal(page.status, 200);
@@ -1272,25 +1101,18 @@ for (const mode of ["chat", "echo"]) {
 // ---------------------------------------------------------------- soak.ts
 
 Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one line and exit 2", async () => {
-  const run = (args: string[]) =>
-    new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", scriptPath("soak.ts"), ...args],
-      stdin: "null",
-      stdout: "piped",
-      stderr: "piped",
-    }).output();
   const short = await within(
-    run(["--duration", "2", "--clients", "20", "--interval", "0.5"]),
+    runScript("soak.ts", ["--duration", "2", "--clients", "20", "--interval", "0.5"]),
     "a short soak",
     60_000,
   );
-  const report = decoder.decode(short.stdout);
-  assert.equal(short.code, 0, report + decoder.decode(short.stderr));
+  const report = short.stdout;
+  assert.equal(short.code, 0, report + short.stderr);
   assert.match(report, /^ {2}lost +0 +0$/m);
   assert.match(report, /^result: PASS$/m);
-  const bad = await run(["--duration", "soon"]);
+  const bad = await runScript("soak.ts", ["--duration", "soon"]);
   assert.equal(bad.code, 2);
-  const [first, blank, usage] = decoder.decode(bad.stderr).split("\n");
+  const [first, blank, usage] = bad.stderr.split("\n");
   assert.equal(first, 'soak: --duration must be a number from 1 to 3600, got "soon"');
   assert.equal(blank, "");
   assert.match(usage, /^Usage: soak\.ts/);

@@ -28,6 +28,7 @@
  */
 
 import assert from "node:assert/strict";
+import { allBytes, randomBytes, scriptPath, within } from "./test_helpers.ts";
 
 const TIMEOUT_MS = 15_000;
 const CI = Deno.env.get("CI") === "true";
@@ -115,10 +116,6 @@ const TCP_ONE_LINERS = new Set(["pythonTcp", "nodeTcp", "netcatEcho", "netcatCha
 
 // ------------------------------------------------------------ processes
 
-function scriptPath(name: string): string {
-  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
-}
-
 /** A peer program's path: they live in interop/. */
 function peer(name: string): string {
   return scriptPath(`interop/${name}`);
@@ -181,19 +178,6 @@ async function firstThatRuns(commands: string[], args: string[]): Promise<string
     if (await runs(command, args)) return command;
   }
   return undefined;
-}
-
-/** Rejects with "timed out" if `promise` has not settled within `ms`. */
-async function within<T>(ms: number, what: string, promise: Promise<T>): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
 }
 
 interface RunOptions {
@@ -274,9 +258,9 @@ function spawn(
       }
       reading ??= stdout.read().finally(() => reading = undefined);
       const { done, value } = await within(
-        TIMEOUT_MS,
-        `a line from ${what} (so far: ${JSON.stringify(buffered)})`,
         reading,
+        `a line from ${what} (so far: ${JSON.stringify(buffered)})`,
+        TIMEOUT_MS,
       );
       if (done) eof = true;
       else buffered += value;
@@ -294,7 +278,7 @@ function spawn(
     let status;
     let stuck: unknown;
     try {
-      status = await within(TIMEOUT_MS, `${what} to exit`, child.status);
+      status = await within(child.status, `${what} to exit`, TIMEOUT_MS);
     } catch (error) {
       stuck = error;
       child.kill("SIGKILL");
@@ -369,16 +353,6 @@ async function nextLines(program: { nextLine(): Promise<string | null> }, count:
   const lines: (string | null)[] = [];
   for (let i = 0; i < count; i++) lines.push(await program.nextLine());
   return lines;
-}
-
-function randomBytes(n: number): Uint8Array {
-  const bytes = new Uint8Array(n);
-  for (let i = 0; i < n; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  return bytes;
-}
-
-function allBytes(): Uint8Array {
-  return Uint8Array.from({ length: 256 }, (_, i) => i);
 }
 
 /** How the peers print a binary message of N bytes 0, 1, 2, …: `binary:N` sends one. */
@@ -741,12 +715,12 @@ async function connectCdp(url: string) {
     closed.resolve();
   };
   await within(
-    TIMEOUT_MS,
-    "the DevTools WebSocket to open",
     new Promise((resolve, reject) => {
       socket.onopen = resolve;
       socket.onerror = () => reject(new Error(`cannot connect to ${url}`));
     }),
+    "the DevTools WebSocket to open",
+    TIMEOUT_MS,
   );
   socket.onerror = () => {};
 
@@ -755,7 +729,7 @@ async function connectCdp(url: string) {
     const reply = Promise.withResolvers<CdpResult>();
     replies.set(id, reply);
     socket.send(JSON.stringify({ id, method, params, sessionId }));
-    return within(TIMEOUT_MS, method, reply.promise).finally(() => replies.delete(id));
+    return within(reply.promise, method, TIMEOUT_MS).finally(() => replies.delete(id));
   }
 
   /** An event still to come: call before the action that causes it. */
@@ -772,7 +746,7 @@ async function connectCdp(url: string) {
       return true;
     };
     waiters.add(waiter);
-    return within(TIMEOUT_MS, `the event ${method}`, event.promise)
+    return within(event.promise, `the event ${method}`, TIMEOUT_MS)
       .finally(() => waiters.delete(waiter));
   }
 
@@ -809,8 +783,6 @@ async function launchChromium() {
   let devtools: string | undefined;
   try {
     await within(
-      TIMEOUT_MS,
-      "Chromium's DevTools URL",
       (async () => {
         while (devtools === undefined) {
           const { done, value } = await stderr.read();
@@ -819,6 +791,8 @@ async function launchChromium() {
           devtools = log.match(/DevTools listening on (ws:\/\/\S+)/)?.[1];
         }
       })(),
+      "Chromium's DevTools URL",
+      TIMEOUT_MS,
     );
   } catch (error) {
     child.kill("SIGKILL");
@@ -837,7 +811,7 @@ async function launchChromium() {
     async [Symbol.asyncDispose]() {
       await cdp.send("Browser.close").catch(() => {});
       await cdp.close();
-      const exited = await within(TIMEOUT_MS, "Chromium to exit", child.status).catch(() => {
+      const exited = await within(child.status, "Chromium to exit", TIMEOUT_MS).catch(() => {
         child.kill("SIGKILL");
         return child.status;
       });

@@ -15,174 +15,21 @@ import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
+import {
+  allBytes,
+  connectTcp,
+  openWs,
+  randomBytes,
+  runScript,
+  scriptPath,
+  spawnServer,
+} from "./test_helpers.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 const quiet = () => {};
 
 // ------------------------------------------------------------------ helpers
-
-function scriptPath(name: string): string {
-  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
-}
-
-/** Runs a script to completion and returns its exit code and output. */
-async function runScript(name: string, args: string[], stdin?: string) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath(name), ...args],
-    stdin: stdin === undefined ? "null" : "piped",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  if (stdin !== undefined) {
-    const writer = child.stdin.getWriter();
-    await writer.write(encoder.encode(stdin));
-    await writer.close();
-  }
-  const { code, stdout, stderr } = await child.output();
-  return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
-}
-
-/** A server started as a real process; `stop` signals it and collects its output. */
-async function spawnServer(name: string, args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath(name), "--port", "0", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await stdout.read();
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<{ code: number; signal: string | null; stdout: string; stderr: string }>;
-  async function stop(signal: Deno.Signal) {
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const status = await child.status;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return { code: status.code, signal: status.signal, stdout: printed, stderr: await stderr };
-  }
-  const line = printed.split("\n")[0];
-  const port = Number(line.match(/:(\d+)\/?$/)?.[1]);
-  if (!port) {
-    const { stderr } = await stop("SIGKILL");
-    throw new Error(`${name} did not start: ${stderr}`);
-  }
-  return {
-    line,
-    port,
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
-}
-
-/** A TCP connection with buffered reads: whole lines, exact lengths, or everything. */
-async function connectTcp(port: number) {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
-  let buffered = new Uint8Array(0);
-  let eof = false;
-  async function fill(): Promise<boolean> {
-    if (eof) return false;
-    const chunk = new Uint8Array(64 * 1024);
-    const n = await conn.read(chunk);
-    if (n === null) {
-      eof = true;
-      return false;
-    }
-    const joined = new Uint8Array(buffered.length + n);
-    joined.set(buffered);
-    joined.set(chunk.subarray(0, n), buffered.length);
-    buffered = joined;
-    return true;
-  }
-  function take(n: number): Uint8Array {
-    const head = buffered.slice(0, n);
-    buffered = buffered.subarray(n);
-    return head;
-  }
-  return {
-    conn,
-    async write(data: string | Uint8Array) {
-      const bytes = typeof data === "string" ? encoder.encode(data) : data;
-      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
-    },
-    /** The next line without its "\n", or null at EOF. */
-    async readLine(): Promise<string | null> {
-      for (;;) {
-        const end = buffered.indexOf(10);
-        if (end !== -1) return decoder.decode(take(end + 1)).slice(0, -1);
-        if (!await fill()) {
-          return buffered.length > 0 ? decoder.decode(take(buffered.length)) : null;
-        }
-      }
-    },
-    async readBytes(n: number): Promise<Uint8Array> {
-      while (buffered.length < n && await fill());
-      return take(n);
-    },
-    async readToEnd(): Promise<Uint8Array> {
-      while (await fill());
-      return take(buffered.length);
-    },
-    [Symbol.dispose]() {
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
-      }
-    },
-  };
-}
-
-/** A WebSocket with awaitable messages and close. */
-async function openWs(url: string) {
-  const socket = new WebSocket(url);
-  socket.binaryType = "arraybuffer";
-  const messages: (string | ArrayBuffer)[] = [];
-  let wake = () => {};
-  const closed = new Promise<CloseEvent>((resolve) => {
-    socket.onclose = (event) => {
-      resolve(event);
-      wake();
-    };
-  });
-  socket.onmessage = (event) => {
-    messages.push(event.data);
-    wake();
-  };
-  let isClosed = false;
-  closed.then(() => isClosed = true);
-  await new Promise((resolve, reject) => {
-    socket.onopen = resolve;
-    closed.then(() => reject(new Error(`could not open ${url}`)));
-  });
-  return {
-    socket,
-    closed,
-    /** The next message; throws if the socket closes first. */
-    async next(): Promise<string | ArrayBuffer> {
-      while (messages.length === 0) {
-        if (isClosed) throw new Error("closed before the next message");
-        await new Promise<void>((resolve) => wake = resolve);
-      }
-      return messages.shift()!;
-    },
-    async [Symbol.asyncDispose]() {
-      if (socket.readyState === WebSocket.OPEN) socket.close();
-      await closed;
-    },
-  };
-}
 
 /** A port nothing listens on (bound, read, released). */
 function closedPort(): number {
@@ -198,16 +45,6 @@ function concat(chunks: Uint8Array[]): Uint8Array {
     offset += chunk.length;
   }
   return out;
-}
-
-function allBytes(): Uint8Array {
-  return Uint8Array.from({ length: 256 }, (_, i) => i);
-}
-
-function randomBytes(n: number): Uint8Array {
-  const bytes = new Uint8Array(n);
-  for (let i = 0; i < n; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
-  return bytes;
 }
 
 function assertNoStackTrace(stderr: string) {

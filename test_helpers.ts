@@ -1,0 +1,275 @@
+/**
+ * test_helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
+ * share. A script's path, a bound on a wait, test bytes, the scripts run as
+ * real processes, and a TCP connection and a WebSocket whose reads are
+ * awaitable.
+ *
+ * Its name does not end in _test.ts, so `deno test` runs nothing here. The
+ * helpers keep the tests' rules: every wait is for an event (a line, a
+ * message, a close, an exit), never a sleep, and whatever they open they
+ * close, so that the sanitizers stay quiet.
+ */
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+/** A bound on any single wait. Waits end at their event, long before this. */
+export const WAIT_MS = 10_000;
+
+/** The absolute path of a file in this directory (a script, README.md, a peer in interop/). */
+export function scriptPath(name: string): string {
+  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
+}
+
+/** `promise`, or a rejection after `ms`: a bound on waiting, never a pause. */
+export async function within<T>(promise: Promise<T>, what: string, ms = WAIT_MS): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/** Every byte value once, 0 to 255. */
+export function allBytes(): Uint8Array {
+  return Uint8Array.from({ length: 256 }, (_, i) => i);
+}
+
+/** `n` random bytes (getRandomValues fills at most 64 KiB per call). */
+export function randomBytes(n: number): Uint8Array {
+  const bytes = new Uint8Array(n);
+  for (let i = 0; i < n; i += 65536) crypto.getRandomValues(bytes.subarray(i, i + 65536));
+  return bytes;
+}
+
+/** Runs a script of this project to completion and returns its exit code and output. */
+export async function runScript(name: string, args: string[], stdin?: string) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath(name), ...args],
+    stdin: stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  if (stdin !== undefined) {
+    const writer = child.stdin.getWriter();
+    await writer.write(encoder.encode(stdin));
+    await writer.close();
+  }
+  const { code, stdout, stderr } = await child.output();
+  return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
+}
+
+/** How a server started by `spawnServer` ended, and everything it printed. */
+export interface ServerExit {
+  code: number;
+  signal: string | null;
+  stdout: string;
+  stderr: string;
+  /** Milliseconds from the signal to the exit. */
+  exitMs: number;
+}
+
+/**
+ * A server script started as a real process on `--port 0`, so that its
+ * signals and memory are its own. It is ready once it has printed its first
+ * line ("listening on tcp://127.0.0.1:PORT" or "ws://…/"). `stop` signals it
+ * and collects its output; disposing of it kills it if `stop` was not called.
+ */
+export async function spawnServer(name: string, args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath(name), "--port", "0", ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  while (!printed.includes("\n")) {
+    const { done, value } = await stdout.read();
+    if (done) break;
+    printed += value;
+  }
+  let stopped: Promise<ServerExit> | undefined;
+  async function stop(signal: Deno.Signal): Promise<ServerExit> {
+    const start = performance.now();
+    try {
+      child.kill(signal);
+    } catch {
+      // Already exited.
+    }
+    const status = await child.status;
+    const exitMs = performance.now() - start;
+    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
+    return {
+      code: status.code,
+      signal: status.signal,
+      stdout: printed,
+      stderr: await stderr,
+      exitMs,
+    };
+  }
+  const line = printed.split("\n")[0];
+  const port = Number(line.match(/:(\d+)\/?$/)?.[1]);
+  if (!port) {
+    const { stderr } = await stop("SIGKILL");
+    throw new Error(`${name} did not start: ${stderr}`);
+  }
+  return {
+    /** The first line it printed. */
+    line,
+    port,
+    /** Its process id, to read its memory from /proc. */
+    pid: child.pid,
+    /** Signals it (once: later calls return the same result) and waits for its exit. */
+    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+/**
+ * A TCP connection to 127.0.0.1 with buffered reads: whole lines, exact
+ * lengths, or everything until EOF.
+ */
+export async function connectTcp(port: number) {
+  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+  let buffered = new Uint8Array(0);
+  let eof = false;
+  async function fill(): Promise<boolean> {
+    if (eof) return false;
+    const chunk = new Uint8Array(64 * 1024);
+    const n = await conn.read(chunk);
+    if (n === null) {
+      eof = true;
+      return false;
+    }
+    const joined = new Uint8Array(buffered.length + n);
+    joined.set(buffered);
+    joined.set(chunk.subarray(0, n), buffered.length);
+    buffered = joined;
+    return true;
+  }
+  function take(n: number): Uint8Array {
+    const head = buffered.slice(0, n);
+    buffered = buffered.subarray(n);
+    return head;
+  }
+  return {
+    conn,
+    /** Writes all of `data` (a string as UTF-8). */
+    async write(data: string | Uint8Array) {
+      const bytes = typeof data === "string" ? encoder.encode(data) : data;
+      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+    },
+    /** The next line without its "\n", or null at EOF. */
+    async readLine(): Promise<string | null> {
+      for (;;) {
+        const end = buffered.indexOf(10);
+        if (end !== -1) return decoder.decode(take(end + 1)).slice(0, -1);
+        if (!await fill()) {
+          return buffered.length > 0 ? decoder.decode(take(buffered.length)) : null;
+        }
+      }
+    },
+    /** Exactly `n` bytes, fewer only at EOF. */
+    async readBytes(n: number): Promise<Uint8Array> {
+      while (buffered.length < n && await fill());
+      return take(n);
+    },
+    /** Every byte until EOF. */
+    async readToEnd(): Promise<Uint8Array> {
+      while (await fill());
+      return take(buffered.length);
+    },
+    /** Every line until EOF. */
+    async readLinesToEnd(): Promise<string[]> {
+      const lines: string[] = [];
+      for (let line = await this.readLine(); line !== null; line = await this.readLine()) {
+        lines.push(line);
+      }
+      return lines;
+    },
+    /** Reads and discards everything until EOF; returns how many bytes that was. */
+    async drain(): Promise<number> {
+      let total = buffered.length;
+      buffered = new Uint8Array(0);
+      const chunk = new Uint8Array(64 * 1024);
+      for (let n = await conn.read(chunk); n !== null; n = await conn.read(chunk)) total += n;
+      eof = true;
+      return total;
+    },
+    /** Closes the connection; closing it again does nothing. */
+    close() {
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    },
+    [Symbol.dispose]() {
+      this.close();
+    },
+  };
+}
+
+/** What `connectTcp` returns. */
+export type TcpClient = Awaited<ReturnType<typeof connectTcp>>;
+
+/**
+ * A standard WebSocket, open (within WAIT_MS), with its messages awaitable
+ * one by one and its close event as a promise. Disposing of it closes it and
+ * waits for the close.
+ */
+export async function openWs(url: string) {
+  const socket = new WebSocket(url);
+  // Binary messages as bytes to compare, not Blobs to read first.
+  socket.binaryType = "arraybuffer";
+  const messages: (string | ArrayBuffer)[] = [];
+  let isClosed = false;
+  let wake = () => {};
+  const closed = new Promise<CloseEvent>((resolve) => {
+    socket.onclose = (event) => {
+      isClosed = true;
+      resolve(event);
+      wake();
+    };
+  });
+  socket.onmessage = (event) => {
+    messages.push(event.data);
+    wake();
+  };
+  await within(
+    new Promise((resolve, reject) => {
+      socket.onopen = resolve;
+      closed.then(() => reject(new Error(`could not open ${url}`)));
+    }),
+    `open ${url}`,
+  );
+  return {
+    socket,
+    closed,
+    /** The messages that have arrived and that `next` has not taken yet, oldest first. */
+    messages,
+    /** Takes the oldest message; throws if none is left and the socket has closed. */
+    async next(): Promise<string | ArrayBuffer> {
+      while (messages.length === 0) {
+        if (isClosed) throw new Error("closed before the next message");
+        await new Promise<void>((resolve) => wake = resolve);
+      }
+      return messages.shift()!;
+    },
+    async [Symbol.asyncDispose]() {
+      if (socket.readyState === WebSocket.OPEN) socket.close();
+      await closed;
+    },
+  };
+}
+
+/** What `openWs` returns. */
+export type WsClient = Awaited<ReturnType<typeof openWs>>;
