@@ -313,39 +313,97 @@ async function waitForDisconnects(
   assert.equal(server.connections, connections, `connections after ${n} disconnects`);
 }
 
+/**
+ * The steps of "the count survives every way a connection ends", for either
+ * server. Each case is a step of `t`: a fresh chat server with room for two
+ * (from `start`), a subject (guest-1) that ends one way (`end`), then the log
+ * must show one disconnect for each client that took part, the subject's
+ * with `reason`, and both places must be free again (`assertRoom`).
+ */
+function connectionEndSteps<Server extends TcpServer | WsServer, Options>(
+  t: Deno.TestContext,
+  start: (log: Lines, options: Options) => Server,
+  assertRoom: (server: Server, log: Lines, free: number) => Promise<void>,
+) {
+  return async function endsWith(
+    name: string,
+    options: Options,
+    end: (port: number) => Promise<void>,
+    reason: RegExp,
+    clients = 1,
+  ): Promise<void> {
+    await t.step(name, async () => {
+      const log = createLines();
+      await using server = start(log, options);
+      await end(server.addr.port);
+      await waitForDisconnects(log, clients, server, 0);
+      assert.match(log.lines.find((line) => /^- .*\(guest-1\)/.test(line))!, reason);
+      await assertRoom(server, log, 2);
+    });
+  };
+}
+
 function pause(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 /**
- * Sends numbered lines through a TCP chat and reads each one back, at most
- * `window` unanswered: a well-behaved client, which reads everything. Checks
- * that its own lines come back whole and in order, and returns the notices
- * (`* …` lines) that arrived in between. With `stopAt`, stops sending once a
- * notice matches it.
+ * One chat client as floodChat drives it: `send` says one line (a TCP line
+ * without its newline, or a WebSocket text message), `receive` takes the
+ * next one that arrives, or null at EOF.
  */
-async function floodTcpChat(
-  client: TcpClient,
+interface ChatLink {
+  send(text: string): Promise<void> | void;
+  receive(): Promise<string | null>;
+}
+
+/** A TCP chat client as a ChatLink. */
+function tcpLink(client: TcpClient): ChatLink {
+  return { send: (text) => client.write(`${text}\n`), receive: () => client.readLine() };
+}
+
+/** A WebSocket chat client as a ChatLink. */
+function wsLink(client: WsClient): ChatLink {
+  // The chat relays text only. At the close, next() throws instead of
+  // returning null: nothing more can be read either way.
+  return {
+    send: (text) => client.socket.send(text),
+    receive: async () => String(await client.next()),
+  };
+}
+
+/**
+ * Sends numbered lines (TCP) or text messages (WebSocket) of `messageBytes`
+ * through a chat and reads each one back, at most `window` unanswered: a
+ * well-behaved client, which reads everything. Checks that its own come back
+ * whole and in order, and returns the notices (`* …` lines) that arrived in
+ * between. With `stopAt`, stops sending once a notice matches it.
+ */
+async function floodChat(
+  link: ChatLink,
   name: string,
-  options: { total: number; lineBytes: number; window: number; stopAt?: RegExp },
+  options: { total: number; messageBytes: number; window: number; stopAt?: RegExp },
 ): Promise<string[]> {
-  const filler = "x".repeat(options.lineBytes - 16);
-  const lines = Math.ceil(options.total / options.lineBytes);
+  const filler = "x".repeat(options.messageBytes - 16);
+  const messages = Math.ceil(options.total / options.messageBytes);
   const notices: string[] = [];
   let received = 0;
   async function receive() {
-    const line = await client.readLine();
-    if (line === null) throw new Error(`${name}: EOF after ${received} of its lines`);
-    if (line.startsWith("* ")) notices.push(line);
+    const message = await link.receive();
+    if (message === null) throw new Error(`${name}: EOF after ${received} of its messages`);
+    if (message.startsWith("* ")) notices.push(message);
     else {
       // Not assert.equal: its message would print two 60 KiB strings.
-      assert.ok(line === `${name}: ${received} ${filler}`, `${name}'s line ${received} intact`);
+      assert.ok(
+        message === `${name}: ${received} ${filler}`,
+        `${name}'s message ${received} intact`,
+      );
       received++;
     }
   }
   let sent = 0;
-  while (sent < lines && !(options.stopAt && notices.some((n) => options.stopAt!.test(n)))) {
-    await client.write(`${sent++} ${filler}\n`);
+  while (sent < messages && !(options.stopAt && notices.some((n) => options.stopAt!.test(n)))) {
+    await link.send(`${sent++} ${filler}`);
     while (sent - received > options.window) await receive();
   }
   while (received < sent) await receive();
@@ -363,7 +421,11 @@ memoryTest(
     using fast = await connectTcp(server.port); // guest-2
     const before = memoryMiB(server.pid, "VmRSS");
     const notices = await within(
-      floodTcpChat(fast, "guest-2", { total: FLOOD_BYTES, lineBytes: 60 * 1024, window: 16 }),
+      floodChat(tcpLink(fast), "guest-2", {
+        total: FLOOD_BYTES,
+        messageBytes: 60 * 1024,
+        window: 16,
+      }),
       "200 MiB through the chat",
       60_000,
     );
@@ -385,9 +447,9 @@ Deno.test("tcp chat: the too-slow client gets the reason once it reads again; th
   using talker = await connectTcp(server.addr.port); // guest-2
   const lineBytes = 8 * 1024;
   const notices = await within(
-    floodTcpChat(talker, "guest-2", {
+    floodChat(tcpLink(talker), "guest-2", {
       total: 64 * MiB,
-      lineBytes,
+      messageBytes: lineBytes,
       window: 4,
       stopAt: /^\* guest-1 left$/,
     }),
@@ -482,31 +544,12 @@ Deno.test("tcp: over --max-connections a client is told the server is full and n
 });
 
 Deno.test("tcp chat: the count survives every way a connection ends, exactly once each", async (t) => {
-  // Each case: a fresh server with room for two, a subject (guest-1) that
-  // ends one way, then the log must show one disconnect for each client that
-  // took part, and both places must be free again.
-  async function endsWith(
-    name: string,
-    options: { idleTimeout?: number; maxQueue?: number; maxLine?: number },
-    end: (port: number) => Promise<void>,
-    reason: RegExp,
-    clients = 1,
-  ) {
-    await t.step(name, async () => {
-      const log = createLines();
-      await using server = startTcpServer({
-        port: 0,
-        mode: "chat",
-        maxConnections: 2,
-        log: log.push,
-        ...options,
-      });
-      await end(server.addr.port);
-      await waitForDisconnects(log, clients, server, 0);
-      assert.match(log.lines.find((line) => /^- .*\(guest-1\)/.test(line))!, reason);
-      await assertTcpRoom(server, log, 2);
-    });
-  }
+  const endsWith = connectionEndSteps(
+    t,
+    (log, options: { idleTimeout?: number; maxQueue?: number; maxLine?: number }) =>
+      startTcpServer({ port: 0, mode: "chat", maxConnections: 2, log: log.push, ...options }),
+    assertTcpRoom,
+  );
   await endsWith("clean close", {}, async (port) => {
     const { client } = await probeTcp(port);
     client.close();
@@ -544,9 +587,9 @@ Deno.test("tcp chat: the count survives every way a connection ends, exactly onc
       const slow = await connectTcp(port); // never reads
       using talker = await connectTcp(port);
       await within(
-        floodTcpChat(talker, "guest-2", {
+        floodChat(tcpLink(talker), "guest-2", {
           total: 64 * MiB,
-          lineBytes: 8 * 1024,
+          messageBytes: 8 * 1024,
           window: 4,
           stopAt: /left$/,
         }),
@@ -672,37 +715,6 @@ Deno.test("tcp chat: silent connections, resets and half-closes do not stop the 
 
 // --------------------------------------------------- WebSocket: slow readers
 
-/**
- * The WebSocket version of floodTcpChat: numbered text messages, at most
- * `window` unanswered, each checked as it comes back; returns the notices.
- */
-async function floodWsChat(
-  client: WsClient,
-  name: string,
-  options: { total: number; messageBytes: number; window: number; stopAt?: RegExp },
-): Promise<string[]> {
-  const filler = "x".repeat(options.messageBytes - 16);
-  const messages = Math.ceil(options.total / options.messageBytes);
-  const notices: string[] = [];
-  let received = 0;
-  async function receive() {
-    // The chat relays text only.
-    const message = String(await client.next());
-    if (message.startsWith("* ")) notices.push(message);
-    else {
-      assert.ok(message === `${name}: ${received} ${filler}`, `${name}'s message ${received}`);
-      received++;
-    }
-  }
-  let sent = 0;
-  while (sent < messages && !(options.stopAt && notices.some((n) => options.stopAt!.test(n)))) {
-    client.socket.send(`${sent++} ${filler}`);
-    while (sent - received > options.window) await receive();
-  }
-  while (received < sent) await receive();
-  return notices;
-}
-
 memoryTest(
   "ws chat: a client that stops reading is closed as too slow and announced; 200 MiB later the server has grown < 100 MiB",
   async () => {
@@ -711,7 +723,11 @@ memoryTest(
     await using fast = await openWs(`ws://127.0.0.1:${server.port}/`); // guest-2
     const before = memoryMiB(server.pid, "VmRSS");
     const notices = await within(
-      floodWsChat(fast, "guest-2", { total: FLOOD_BYTES, messageBytes: 64 * 1024, window: 16 }),
+      floodChat(wsLink(fast), "guest-2", {
+        total: FLOOD_BYTES,
+        messageBytes: 64 * 1024,
+        window: 16,
+      }),
       "200 MiB through the chat",
       60_000,
     );
@@ -755,7 +771,7 @@ Deno.test("ws chat: the too-slow client is announced at once and gets 1008 once 
   await using talker = await openWs(url); // guest-2
   const messageBytes = WS_TALK_BYTES;
   const notices = await within(
-    floodWsChat(talker, "guest-2", {
+    floodChat(wsLink(talker), "guest-2", {
       total: 64 * MiB,
       messageBytes,
       window: 1,
@@ -848,30 +864,12 @@ Deno.test("ws: over --max-connections an upgrade gets HTTP 503 with a one-line b
 });
 
 Deno.test("ws chat: the count survives every way a connection ends, exactly once each", async (t) => {
-  // As for TCP: a fresh server with room for two, a subject (guest-1) that
-  // ends one way, one disconnect per client that took part, both places free.
-  async function endsWith(
-    name: string,
-    options: { idleTimeout?: number; maxQueue?: number; maxMessage?: number },
-    end: (port: number) => Promise<void>,
-    reason: RegExp,
-    clients = 1,
-  ) {
-    await t.step(name, async () => {
-      const log = createLines();
-      await using server = startWsServer({
-        port: 0,
-        mode: "chat",
-        maxConnections: 2,
-        log: log.push,
-        ...options,
-      });
-      await end(server.addr.port);
-      await waitForDisconnects(log, clients, server, 0);
-      assert.match(log.lines.find((line) => /^- .*\(guest-1\)/.test(line))!, reason);
-      await assertWsRoom(server, log, 2);
-    });
-  }
+  const endsWith = connectionEndSteps(
+    t,
+    (log, options: { idleTimeout?: number; maxQueue?: number; maxMessage?: number }) =>
+      startWsServer({ port: 0, mode: "chat", maxConnections: 2, log: log.push, ...options }),
+    assertWsRoom,
+  );
   const url = (port: number) => `ws://127.0.0.1:${port}/`;
   await endsWith("clean close", {}, async (port) => {
     const client = await openWs(url(port));
@@ -913,7 +911,7 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
       using slow = await rawWs(port); // never reads until dropped
       await using talker = await openWs(url(port));
       await within(
-        floodWsChat(talker, "guest-2", {
+        floodChat(wsLink(talker), "guest-2", {
           total: 64 * MiB,
           messageBytes: WS_TALK_BYTES,
           window: 1,

@@ -363,6 +363,69 @@ async function binaryLine(size: number): Promise<string> {
   return `<binary ${size} bytes sha256 ${hex}>`;
 }
 
+/**
+ * Runs `program` with every byte value and then `randomCount` random bytes
+ * on its stdin: it must exit 0 having printed exactly those bytes. Enough
+ * bytes take many reads and writes on the way.
+ */
+async function assertEchoesBytes(program: [string, string[]], randomCount: number) {
+  const payload = new Uint8Array([...allBytes(), ...randomBytes(randomCount)]);
+  const echoed = await run(program, { stdin: payload });
+  assert.equal(echoed.code, 0, echoed.stderr);
+  assert.deepEqual(echoed.bytes, payload);
+}
+
+/**
+ * tcp_client.ts against an echo server written on another stack: its
+ * arguments go as lines, and in interactive mode its stdin as it is (bytes,
+ * not lines).
+ */
+async function assertTcpClientAgainstEchoServer(program: [string, string[]]) {
+  await using server = await startServer(program);
+  const oneShot = await run(deno("tcp_client.ts", "--port", String(server.port), "hello", "ü ✓"));
+  assert.equal(oneShot.stdout, "hello\nü ✓\n", oneShot.stderr);
+  assert.equal(oneShot.code, 0);
+  await assertEchoesBytes(deno("tcp_client.ts", "--port", String(server.port)), 256 * 1024);
+}
+
+/**
+ * ws_client.ts against an echo server written on another stack, which
+ * prints how each connection closed: ours closes with 1000.
+ */
+async function assertWsClientAgainstEchoServer(program: [string, string[]]) {
+  await using server = await startServer(program);
+  const client = await run(deno("ws_client.ts", "--url", server.url, "hello", "ünïcödé ✓"));
+  assert.equal(client.stdout, "hello\nünïcödé ✓\n", client.stderr);
+  assert.equal(client.code, 0);
+  assert.equal(await server.nextLine(), "closed 1000");
+}
+
+/**
+ * A peer's WebSocket client (`command`, running `script` from interop/)
+ * sends two texts and binary messages of 256 and `largeSize` bytes to the
+ * echo server at `url`: it must print every echo, then a clean close.
+ */
+async function assertPeerWsClientEchoed(
+  command: string,
+  script: string,
+  url: string,
+  largeSize: number,
+) {
+  const client = await run([
+    command,
+    [peer(script), url, "hello", "ünïcödé ✓", "binary:256", `binary:${largeSize}`],
+  ]);
+  assert.equal(client.code, 0, client.stderr);
+  assert.deepEqual(client.stdout.split("\n"), [
+    "hello",
+    "ünïcödé ✓",
+    await binaryLine(256),
+    await binaryLine(largeSize),
+    "closed 1000",
+    "",
+  ]);
+}
+
 // ============================================================ TCP: Python
 
 interopTest("python socket: the README one-liner and tcp_client.py against tcp_server.ts echo", [
@@ -375,13 +438,7 @@ interopTest("python socket: the README one-liner and tcp_client.py against tcp_s
 
   const lines = await run([PYTHON!, [peer("tcp_client.py"), String(server.port), "hi", "ü ✓"]]);
   assert.equal(lines.stdout, "hi\nü ✓\n", lines.stderr);
-  // Every byte value, then enough that it takes many reads and writes.
-  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
-  const echoed = await run([PYTHON!, [peer("tcp_client.py"), String(server.port)]], {
-    stdin: payload,
-  });
-  assert.equal(echoed.code, 0, echoed.stderr);
-  assert.deepEqual(echoed.bytes, payload);
+  await assertEchoesBytes([PYTHON!, [peer("tcp_client.py"), String(server.port)]], 256 * 1024);
 });
 
 interopTest("python socket: tcp_client.py chats through tcp_server.ts with tcp_client.ts", [
@@ -412,19 +469,11 @@ interopTest("python socket: tcp_client.py chats through tcp_server.ts with tcp_c
   assert.equal(code, 0);
 });
 
-interopTest("python socket: tcp_client.ts against a Python echo server", [python], async () => {
-  await using server = await startServer([PYTHON!, [peer("tcp_echo_server.py"), "0"]]);
-  const oneShot = await run(deno("tcp_client.ts", "--port", String(server.port), "hello", "ü ✓"));
-  assert.equal(oneShot.stdout, "hello\nü ✓\n", oneShot.stderr);
-  assert.equal(oneShot.code, 0);
-  // Interactive mode sends stdin as it is: bytes, not lines.
-  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
-  const echoed = await run(deno("tcp_client.ts", "--port", String(server.port)), {
-    stdin: payload,
-  });
-  assert.equal(echoed.code, 0, echoed.stderr);
-  assert.deepEqual(echoed.bytes, payload);
-});
+interopTest(
+  "python socket: tcp_client.ts against a Python echo server",
+  [python],
+  () => assertTcpClientAgainstEchoServer([PYTHON!, [peer("tcp_echo_server.py"), "0"]]),
+);
 
 // ============================================================ TCP: Node.js
 
@@ -435,12 +484,7 @@ interopTest("node net: the README one-liner and tcp_client.mjs against tcp_serve
   const oneLiner = await run(shell(ONE_LINERS.nodeTcp(server.port)));
   assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
   assert.equal(oneLiner.code, 0);
-  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
-  const echoed = await run(["node", [peer("tcp_client.mjs"), String(server.port)]], {
-    stdin: payload,
-  });
-  assert.equal(echoed.code, 0, echoed.stderr);
-  assert.deepEqual(echoed.bytes, payload);
+  await assertEchoesBytes(["node", [peer("tcp_client.mjs"), String(server.port)]], 256 * 1024);
 });
 
 interopTest("node net: tcp_client.mjs chats through tcp_server.ts with tcp_client.ts", [
@@ -465,18 +509,11 @@ interopTest("node net: tcp_client.mjs chats through tcp_server.ts with tcp_clien
   assert.equal((await denoClient.finish()).code, 0);
 });
 
-interopTest("node net: tcp_client.ts against a Node.js echo server", [node], async () => {
-  await using server = await startServer(["node", [peer("tcp_echo_server.mjs"), "0"]]);
-  const oneShot = await run(deno("tcp_client.ts", "--port", String(server.port), "hello", "ü ✓"));
-  assert.equal(oneShot.stdout, "hello\nü ✓\n", oneShot.stderr);
-  assert.equal(oneShot.code, 0);
-  const payload = new Uint8Array([...allBytes(), ...randomBytes(256 * 1024)]);
-  const echoed = await run(deno("tcp_client.ts", "--port", String(server.port)), {
-    stdin: payload,
-  });
-  assert.equal(echoed.code, 0, echoed.stderr);
-  assert.deepEqual(echoed.bytes, payload);
-});
+interopTest(
+  "node net: tcp_client.ts against a Node.js echo server",
+  [node],
+  () => assertTcpClientAgainstEchoServer(["node", [peer("tcp_echo_server.mjs"), "0"]]),
+);
 
 // ================================================================= netcat
 
@@ -487,10 +524,7 @@ interopTest("netcat: the README one-liner and every byte value against tcp_serve
   const oneLiner = await run(shell(ONE_LINERS.netcatEcho(server.port)));
   assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
   assert.equal(oneLiner.code, 0);
-  const payload = new Uint8Array([...allBytes(), ...randomBytes(64 * 1024)]);
-  const echoed = await run(shell(ONE_LINERS.netcatChat(server.port)), { stdin: payload });
-  assert.equal(echoed.code, 0, echoed.stderr);
-  assert.deepEqual(echoed.bytes, payload);
+  await assertEchoesBytes(shell(ONE_LINERS.netcatChat(server.port)), 64 * 1024);
 });
 
 interopTest("netcat: nc chats through tcp_server.ts with tcp_client.ts, then leaves", [
@@ -526,19 +560,7 @@ interopTest("ws (Node.js): text, binary, every byte value and 1 MiB through ws_s
   assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
   assert.equal(oneLiner.code, 0);
 
-  const js = await run([
-    "node",
-    [peer("ws_client.mjs"), server.url, "hello", "ünïcödé ✓", "binary:256", "binary:1048576"],
-  ]);
-  assert.equal(js.code, 0, js.stderr);
-  assert.deepEqual(js.stdout.split("\n"), [
-    "hello",
-    "ünïcödé ✓",
-    await binaryLine(256),
-    await binaryLine(1048576),
-    "closed 1000",
-    "",
-  ]);
+  await assertPeerWsClientEchoed("node", "ws_client.mjs", server.url, 1048576);
   // One byte over --max-message (1 MiB by default).
   const tooBig = await run(["node", [peer("ws_client.mjs"), server.url, "binary:1048577"]]);
   assert.equal(tooBig.stdout, "closed 1009 message too big (max 1048576 bytes)\n", tooBig.stderr);
@@ -585,15 +607,11 @@ interopTest("ws (Node.js): SIGTERM on ws_server.ts closes a ws client with 1001"
   assert.equal(exited.code, 0, exited.stderr);
 });
 
-interopTest("ws (Node.js): ws_client.ts against a ws echo server closes with 1000", [
-  nodeWs,
-], async () => {
-  await using server = await startServer(["node", [peer("ws_echo_server.mjs"), "0"]]);
-  const client = await run(deno("ws_client.ts", "--url", server.url, "hello", "ünïcödé ✓"));
-  assert.equal(client.stdout, "hello\nünïcödé ✓\n", client.stderr);
-  assert.equal(client.code, 0);
-  assert.equal(await server.nextLine(), "closed 1000");
-});
+interopTest(
+  "ws (Node.js): ws_client.ts against a ws echo server closes with 1000",
+  [nodeWs],
+  () => assertWsClientAgainstEchoServer(["node", [peer("ws_echo_server.mjs"), "0"]]),
+);
 
 // ==================================================== python-websockets
 
@@ -601,19 +619,7 @@ interopTest("python-websockets: ws_client.py and python -m websockets against ws
   pythonWebsockets,
 ], async () => {
   await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
-  const py = await run([
-    PYTHON_WITH_WEBSOCKETS!,
-    [peer("ws_client.py"), server.url, "hello", "ünïcödé ✓", "binary:256", "binary:65536"],
-  ]);
-  assert.equal(py.code, 0, py.stderr);
-  assert.deepEqual(py.stdout.split("\n"), [
-    "hello",
-    "ünïcödé ✓",
-    await binaryLine(256),
-    await binaryLine(65536),
-    "closed 1000",
-    "",
-  ]);
+  await assertPeerWsClientEchoed(PYTHON_WITH_WEBSOCKETS!, "ws_client.py", server.url, 65536);
 
   // The interactive client draws a prompt with terminal escapes; what
   // matters is the "< hello" it prints for the echo.
@@ -653,18 +659,12 @@ interopTest("python-websockets: chat with ws_client.ts; binary closes 1003", [
   assert.equal((await denoClient.finish()).code, 0);
 });
 
-interopTest("python-websockets: ws_client.ts against a websockets echo server", [
-  pythonWebsockets,
-], async () => {
-  await using server = await startServer([
-    PYTHON_WITH_WEBSOCKETS!,
-    [peer("ws_echo_server.py"), "0"],
-  ]);
-  const client = await run(deno("ws_client.ts", "--url", server.url, "hello", "ünïcödé ✓"));
-  assert.equal(client.stdout, "hello\nünïcödé ✓\n", client.stderr);
-  assert.equal(client.code, 0);
-  assert.equal(await server.nextLine(), "closed 1000");
-});
+interopTest(
+  "python-websockets: ws_client.ts against a websockets echo server",
+  [pythonWebsockets],
+  () =>
+    assertWsClientAgainstEchoServer([PYTHON_WITH_WEBSOCKETS!, [peer("ws_echo_server.py"), "0"]]),
+);
 
 // ============================================================== Chromium
 
