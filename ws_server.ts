@@ -245,7 +245,7 @@ function echoMessage(state: ServerState, client: Client, data: string | ArrayBuf
   // `send` never blocks, so a client that sends without reading would have
   // us buffer every echo: the same bound as chat applies.
   if (client.socket.bufferedAmount > state.maxQueue) {
-    closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
+    dropTooSlow(state, client);
     return;
   }
   client.socket.send(data);
@@ -317,13 +317,15 @@ function broadcast(state: ServerState, text: string, except?: Client): void {
     }
     socket.send(text);
   }
-  // A client that reads nothing will not read our close frame either, so its
-  // close event may not come until it hangs up: it leaves the room now. It
-  // still counts against maxConnections until its connection is gone.
-  for (const client of tooSlow) {
-    closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
-    announceLeave(state, client);
-  }
+  for (const client of tooSlow) dropTooSlow(state, client);
+}
+
+// A client that reads nothing will not read our close frame either, so its
+// close event may not come until it hangs up: in chat it leaves the room now.
+// It still counts against maxConnections until its connection is gone.
+function dropTooSlow(state: ServerState, client: Client): void {
+  closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
+  announceLeave(state, client);
 }
 
 function closeSocket(socket: WebSocket, code: number, reason: string): void {
