@@ -1115,3 +1115,129 @@ Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one lin
   assert.equal(blank, "");
   assert.match(usage, /^Usage: soak\.ts/);
 });
+
+// ------------------------------------------------- where Deno itself gives way
+
+/** A frame with FIN as given and a zero masking key (valid, and the payload goes as it is). */
+function fragmentHeader(opcode: number, fin: boolean, length: number): Uint8Array {
+  const header = new Uint8Array(14);
+  header[0] = (fin ? 0x80 : 0) | opcode;
+  header[1] = 0x80 | 127;
+  new DataView(header.buffer).setBigUint64(2, BigInt(length));
+  return header;
+}
+
+Deno.test("ws: a 520 MiB message in 1 MiB fragments cannot end the server; its sender is closed by --idle-timeout, the others carry on", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--idle-timeout", "2"]);
+  await using bystander = await openWs(`ws://127.0.0.1:${server.port}/`);
+  using attacker = await rawWs(server.port);
+  assert.match(attacker.status, / 101 /);
+  // Every frame is under every limit (1 MiB, the default --max-message); only
+  // their sum is not, and V8 cannot make a string that long.
+  const fragment = new Uint8Array(MiB).fill(0x61);
+  const FRAGMENTS = 520;
+  for (let i = 0; i < FRAGMENTS; i++) {
+    await attacker.tcp.write(fragmentHeader(i === 0 ? OP_TEXT : 0, i === FRAGMENTS - 1, MiB));
+    await attacker.tcp.write(fragment);
+  }
+  bystander.socket.send("still here");
+  assert.equal(await within(bystander.next(), "the bystander's echo"), "still here");
+  let ending;
+  for (let frame = await attacker.readFrame(); frame; frame = await attacker.readFrame()) {
+    if (frame.opcode === OP_CLOSE) {
+      ending = closeFrame(frame.payload);
+      break;
+    }
+  }
+  assert.equal(ending?.code, 1001);
+  bystander.socket.send("and still");
+  assert.equal(await within(bystander.next(), "the bystander's second echo"), "and still");
+  const exit = await server.stop();
+  assert.equal(exit.code, 0, exit.stderr);
+  assert.doesNotMatch(exit.stderr, /Uncaught|TypeError/);
+  assert.equal(exit.stderr.match(/too big for Deno to assemble/g)?.length, 1, exit.stderr);
+});
+
+/** ws_server.ts as a child process whose open-file limit is `files`. */
+async function spawnWithFileLimit(files: number, args: string[]) {
+  const child = new Deno.Command("sh", {
+    args: [
+      "-c",
+      `ulimit -n ${files} && script="$1" && shift && exec "$0" run -A "$script" --port 0 "$@"`,
+      Deno.execPath(),
+      new URL("./ws_server.ts", import.meta.url).pathname,
+      ...args,
+    ],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = createLines();
+  const stderrDone = (async () => {
+    for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) {
+      for (const line of text.split("\n")) if (line) stderr.push(line);
+    }
+  })();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream());
+  const reader = stdout.getReader();
+  let printed = "";
+  while (!printed.includes("\n")) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    printed += value;
+  }
+  const port = Number(printed.match(/:(\d+)\/\n/)?.[1]);
+  return {
+    port,
+    stderr,
+    async stop() {
+      try {
+        child.kill("SIGTERM");
+      } catch {
+        // Already exited: its status says how.
+      }
+      const status = await child.status;
+      while (!(await reader.read()).done);
+      await stderrDone;
+      return status;
+    },
+  };
+}
+
+Deno.test("ws: out of file descriptors the server warns at start, keeps its WebSockets, and serves again once descriptors free up", async () => {
+  const server = await spawnWithFileLimit(256, ["--max-connections", "1000"]);
+  try {
+    await server.stderr.waitFor(/warning: the open-file limit \(ulimit -n\) is 256, too low/);
+    await using early = await openWs(`ws://127.0.0.1:${server.port}/`);
+    // Connections that never send a byte: each costs the server a descriptor.
+    // Some are refused or reset while the server is out of descriptors.
+    const idle = await openMany(
+      400,
+      () => Deno.connect({ hostname: "127.0.0.1", port: server.port }).catch(() => undefined),
+    );
+    await server.stderr.waitFor(/accept failed: too many open files/);
+    early.socket.send("during");
+    assert.equal(await within(early.next(), "an echo while out of descriptors"), "during");
+    for (const conn of idle) conn?.close();
+    const late = await within(openWhenServed(`ws://127.0.0.1:${server.port}/`), "a new WebSocket");
+    await using _late = late;
+    late.socket.send("after");
+    assert.equal(await within(late.next(), "a new client's echo"), "after");
+  } finally {
+    const status = await server.stop();
+    assert.equal(status.code, 0, server.stderr.lines.join("\n"));
+    assert.equal(server.stderr.count(/Uncaught/), 0, server.stderr.lines.join("\n"));
+  }
+});
+
+/** Opens a WebSocket, trying again while the server is still recovering (bounded). */
+async function openWhenServed(url: string): Promise<WsClient> {
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    try {
+      return await openWs(url);
+    } catch (error) {
+      if (Date.now() > deadline) throw error;
+    }
+  }
+}

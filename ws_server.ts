@@ -38,12 +38,19 @@ const DEFAULT_MAX_CONNECTIONS = 8192;
 // Seconds of silence before a peer is dropped. Deno pings a peer silent for
 // half of it; one that has sent nothing, not even the pong, by the end is
 // dead (a cable pulled, a laptop asleep) and is closed with 1001. TCP alone
-// would not notice for hours.
+// would not notice for hours. Deno counts only whole messages and pongs as
+// signs of life, not pings or the fragments of a message still arriving.
 const DEFAULT_IDLE_TIMEOUT = 30;
 // How long peers get to answer our close frame on shutdown.
 const CLOSE_GRACE_MS = 500;
 // Deno refuses frames over 64 MiB on its own, before we ever see them.
 const DENO_MAX_FRAME = 64 * 1024 * 1024;
+// After Deno.serve stops accepting (out of file descriptors), how soon it
+// is started again: first quickly, then backing off while it keeps failing.
+const RESTART_MIN_MS = 100;
+const RESTART_MAX_MS = 2000;
+// File descriptors the runtime itself needs besides one per connection.
+const RESERVED_FILES = 64;
 
 // Close codes (RFC 6455, section 7.4.1).
 const GOING_AWAY = 1001;
@@ -70,7 +77,11 @@ export interface WsServerOptions {
   maxQueue?: number;
   /** WebSockets open at once; further upgrades get HTTP 503. Default 8192. */
   maxConnections?: number;
-  /** Seconds of silence before a peer is dropped (1001); Deno pings it halfway. 0 = never. Default 30. */
+  /**
+   * Seconds without a whole message or a pong before a peer is dropped (1001); Deno pings it
+   * halfway. Its pings and the fragments of an unfinished message do not count. 0 = never.
+   * Default 30.
+   */
   idleTimeout?: number;
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
@@ -111,6 +122,12 @@ interface ServerState {
   allGone: PromiseWithResolvers<void>;
 }
 
+/** The HTTP side: Deno.serve, started again if it ever stops accepting. */
+interface HttpServer {
+  readonly addr: Deno.NetAddr;
+  shutdown(): Promise<void>;
+}
+
 /**
  * Starts a WebSocket echo or chat server (plus the browser page at `/`) and
  * returns at once; it serves in the background until `close()`.
@@ -141,11 +158,11 @@ export function startWsServer(options: WsServerOptions = {}): WsServer {
     closing: false,
     allGone: Promise.withResolvers(),
   };
-  const server = Deno.serve({
+  const http = serveHttp(state, {
     hostname: options.hostname ?? DEFAULT_HOSTNAME,
     port: options.port ?? DEFAULT_PORT,
-    onListen: () => {},
-  }, (request, info) => handleRequest(state, request, info));
+  });
+  survivingDenoWebSocketFailures(state);
   let closed: Promise<void> | undefined;
   // The close handshake: we send 1001, each peer answers with its own close
   // frame. Peers get a moment to answer; then the server shuts down anyway.
@@ -159,10 +176,11 @@ export function startWsServer(options: WsServerOptions = {}): WsServer {
       new Promise((resolve) => timer = setTimeout(resolve, CLOSE_GRACE_MS)),
     ]);
     clearTimeout(timer);
-    await server.shutdown();
+    await http.shutdown();
+    stopSurviving(state);
   }
   return {
-    addr: server.addr,
+    addr: http.addr,
     get connections() {
       return state.clients.size;
     },
@@ -343,6 +361,139 @@ function plain(status: number, text: string): Response {
   });
 }
 
+// Deno.serve stops for good when accept() fails, for instance when the
+// process is out of file descriptors (EMFILE): its `finished` promise
+// rejects and the port is closed. Serving again on the same port, once a
+// descriptor is free, is how this server recovers; WebSockets already open
+// are not touched.
+function serveHttp(state: ServerState, address: { hostname: string; port: number }): HttpServer {
+  const handler = (request: Request, info: Deno.ServeHandlerInfo) =>
+    handleRequest(state, request, info);
+  let stopped = false;
+  let retry: ReturnType<typeof setTimeout> | undefined;
+  let current = listen(address.port);
+  const addr = current.addr;
+  function listen(port: number): Deno.HttpServer<Deno.NetAddr> {
+    const server = Deno.serve({ hostname: address.hostname, port, onListen: () => {} }, handler);
+    server.finished.catch((error) => {
+      if (stopped) return;
+      state.log(`accept failed: ${acceptFailure(error)}; serving again shortly`);
+      restartSoon(RESTART_MIN_MS);
+    });
+    return server;
+  }
+  function restartSoon(ms: number) {
+    retry = setTimeout(() => {
+      if (stopped) return;
+      try {
+        current = listen(addr.port);
+      } catch (error) {
+        state.log(`cannot listen again yet: ${acceptFailure(error)}`);
+        restartSoon(Math.min(2 * ms, RESTART_MAX_MS));
+      }
+    }, ms);
+  }
+  return {
+    addr,
+    async shutdown() {
+      stopped = true;
+      clearTimeout(retry);
+      await current.shutdown();
+    },
+  };
+}
+
+function acceptFailure(error: unknown): string {
+  const message = error instanceof Error ? error.message : String(error);
+  if (/Too many open files|os error 24/i.test(message)) {
+    return "too many open files: raise the limit (ulimit -n) or lower --max-connections";
+  }
+  return escapeControls(message);
+}
+
+// Deno assembles a fragmented message without a limit on its total size
+// (denoland/deno#15809), and one bigger than V8's largest string (about
+// 512 MiB) fails inside Deno's own WebSocket code, as an unhandled rejection
+// that would end the process and every other client's connection with it.
+// Only that failure is caught here. The connection it happened on gets no
+// more events; Deno's idle timer still runs and closes it (1001) within
+// --idle-timeout.
+const survivingServers = new Set<ServerState>();
+
+function survivingDenoWebSocketFailures(state: ServerState): void {
+  if (survivingServers.size === 0) {
+    globalThis.addEventListener("unhandledrejection", onDenoWebSocketFailure);
+  }
+  survivingServers.add(state);
+}
+
+function stopSurviving(state: ServerState): void {
+  survivingServers.delete(state);
+  if (survivingServers.size === 0) {
+    globalThis.removeEventListener("unhandledrejection", onDenoWebSocketFailure);
+  }
+}
+
+function onDenoWebSocketFailure(event: PromiseRejectionEvent): void {
+  const { reason } = event;
+  if (!(reason instanceof Error) || !String(reason.stack).includes("ext:deno_websocket")) return;
+  event.preventDefault();
+  for (const state of survivingServers) {
+    state.log(
+      `! a client sent a message too big for Deno to assemble (${
+        escapeControls(reason.message)
+      }); that connection gets no more messages and is closed ${
+        state.idleTimeout > 0
+          ? `within --idle-timeout (${state.idleTimeout} s)`
+          : "when its peer hangs up (--idle-timeout is 0)"
+      }`,
+    );
+  }
+}
+
+// Anything a peer chose (a close reason, a name, a header) is escaped before
+// it reaches a log line or a terminal: no newline can forge a line, no ESC
+// can move the cursor, no bidi override can reorder what the operator reads.
+function escapeControls(text: string): string {
+  return text.replace(
+    // deno-lint-ignore no-control-regex
+    /[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g,
+    (c) => {
+      const code = c.charCodeAt(0);
+      return code === 10
+        ? "\\n"
+        : code === 13
+        ? "\\r"
+        : code < 0x100
+        ? `\\x${code.toString(16).padStart(2, "0")}`
+        : `\\u${code.toString(16).padStart(4, "0")}`;
+    },
+  );
+}
+
+// Each connection costs a file descriptor, so --max-connections means
+// nothing above the process's open-file limit. The limit can only be read
+// from /proc (Linux), and only with read permission for it: without, no
+// warning, and no permission prompt either.
+function openFileLimit(): number | undefined {
+  const path = "/proc/self/limits";
+  if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") return undefined;
+  try {
+    const soft = Deno.readTextFileSync(path).match(/^Max open files\s+(\d+)/m)?.[1];
+    return soft === undefined ? undefined : Number(soft);
+  } catch {
+    return undefined;
+  }
+}
+
+function openFileWarning(maxConnections: number): string | undefined {
+  const limit = openFileLimit();
+  const needed = maxConnections + RESERVED_FILES;
+  if (limit === undefined || limit >= needed) return undefined;
+  return `warning: the open-file limit (ulimit -n) is ${limit}, too low for --max-connections ` +
+    `${maxConnections}; raise it with "ulimit -n ${needed}" before starting, or lower --max-connections`;
+}
+
 // The browser client: one self-contained page, no external assets. It uses
 // the same standard WebSocket API as ws_client.ts.
 const PAGE = `<!doctype html>
@@ -445,8 +596,8 @@ Options:
   --max-queue BYTES       unsent bytes a client may fall behind by; past it, close 1008
                           (default ${DEFAULT_MAX_QUEUE})
   --max-connections N     WebSockets open at once; more get HTTP 503 (default ${DEFAULT_MAX_CONNECTIONS})
-  --idle-timeout SECONDS  drop a peer silent this long (1001); it is pinged halfway, and
-                          a pong counts as a sign of life; 0 = never (default ${DEFAULT_IDLE_TIMEOUT})
+  --idle-timeout SECONDS  drop a peer that sends no whole message and no pong this long
+                          (1001); it is pinged halfway; 0 = never (default ${DEFAULT_IDLE_TIMEOUT})
   --quiet                 no connection log on stderr
   -h, --help              show this help`;
 
@@ -545,6 +696,8 @@ async function main(args: string[]): Promise<number> {
     return 1;
   }
   console.log(`listening on ws://${formatHost(server.addr.hostname)}:${server.addr.port}/`);
+  const warning = openFileWarning(options.maxConnections!);
+  if (warning) console.error(`ws_server: ${warning}`);
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {
