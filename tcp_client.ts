@@ -8,6 +8,14 @@
  * the server closes its side too. That is how a client says "that was my
  * whole request" without closing the door on the reply.
  *
+ * Read it in this order:
+ *
+ *     1. Connect, then send and receive at once    runTcpClient
+ *     2. Sending, and the half-close               sendAll, writeAll
+ *     3. Receiving: some bytes, not a message      receiveAll
+ *     4. The options                               TcpClientOptions
+ *     5. The command line                          main
+ *
  * Run it (least privilege; start `tcp_server.ts` first):
  *
  *     deno run --allow-net=127.0.0.1:9000 tcp_client.ts hello world   # one line each, prints replies
@@ -23,21 +31,12 @@ import { parseArgs } from "node:util";
 
 const DEFAULT_HOSTNAME = "127.0.0.1";
 const DEFAULT_PORT = 9000;
+// A read fills at most this much; a bigger buffer means fewer reads of bulk data.
 const READ_BUFFER_SIZE = 64 * 1024;
 
 const encoder = new TextEncoder();
 
-/** Options for {@linkcode runTcpClient}. */
-export interface TcpClientOptions {
-  /** Server to connect to. Default `127.0.0.1`. */
-  hostname?: string;
-  /** Server port. Default 9000. */
-  port?: number;
-  /** Bytes to send, e.g. `Deno.stdin.readable`. When it ends, the client half-closes. */
-  input: ReadableStream<Uint8Array>;
-  /** Called with the bytes received, as they arrive; awaited before the next read. */
-  output: (bytes: Uint8Array) => void | Promise<void>;
-}
+// ------------------------------------------- 1. connect, then send and receive
 
 /**
  * Connects, sends everything from `input` while passing everything received
@@ -46,12 +45,23 @@ export interface TcpClientOptions {
  *
  * @example Send two lines to an echo server and collect the reply
  * ```ts
- * const chunks: Uint8Array[] = [];
+ * import assert from "node:assert/strict";
+ *
+ * // A one-connection echo server on a free port: what it reads, it writes back.
+ * const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * const serving = listener.accept().then((conn) => conn.readable.pipeTo(conn.writable));
+ *
+ * let reply = "";
+ * const decoder = new TextDecoder();
  * await runTcpClient({
- *   port: 9000,
+ *   port: listener.addr.port,
  *   input: ReadableStream.from([new TextEncoder().encode("hello\nworld\n")]),
- *   output: (bytes) => void chunks.push(bytes.slice()),
+ *   output: (bytes) => void (reply += decoder.decode(bytes, { stream: true })),
  * });
+ * await serving;
+ * listener.close();
+ * // However TCP cut the reply into reads, the bytes are the same.
+ * assert.equal(reply, "hello\nworld\n");
  * ```
  *
  * @throws {Deno.errors.ConnectionRefused} when nothing listens on the port.
@@ -78,6 +88,8 @@ export async function runTcpClient(options: TcpClientOptions): Promise<void> {
   }
 }
 
+// ------------------------------------------------ 2. sending, and the half-close
+
 async function sendAll(
   conn: Deno.Conn,
   reader: ReadableStreamDefaultReader<Uint8Array>,
@@ -92,6 +104,17 @@ async function sendAll(
   await conn.closeWrite();
 }
 
+// A write may take only part of the bytes (a "partial send"); loop until all
+// are written. Each await also waits for room in the kernel's send buffer:
+// that is backpressure, for free.
+async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let written = 0; written < bytes.length;) {
+    written += await conn.write(bytes.subarray(written));
+  }
+}
+
+// ------------------------------------------ 3. receiving: some bytes, not a message
+
 // A read returns whatever bytes have arrived: part of a line, or several.
 // This client prints bytes as they come, so it needs no framing at all.
 async function receiveAll(conn: Deno.Conn, output: TcpClientOptions["output"]): Promise<void> {
@@ -103,14 +126,21 @@ async function receiveAll(conn: Deno.Conn, output: TcpClientOptions["output"]): 
   }
 }
 
-// A write may take only part of the bytes; loop until all are written.
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
-  }
+// ------------------------------------------------------------------ 4. the options
+
+/** Options for {@linkcode runTcpClient}. */
+export interface TcpClientOptions {
+  /** Server to connect to. Default `127.0.0.1`. */
+  hostname?: string;
+  /** Server port. Default 9000. */
+  port?: number;
+  /** Bytes to send, e.g. `Deno.stdin.readable`. When it ends, the client half-closes. */
+  input: ReadableStream<Uint8Array>;
+  /** Called with the bytes received, as they arrive; awaited before the next read. */
+  output: (bytes: Uint8Array) => void | Promise<void>;
 }
 
-// ---------------------------------------------------------------- command line
+// ------------------------------------------------------------- 5. the command line
 
 const USAGE = `Usage: tcp_client.ts [options] [MESSAGE ...]
 
