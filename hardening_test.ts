@@ -1396,13 +1396,14 @@ Deno.test("ws_client: a message over --max-message closes the connection (4009) 
       await peer.write(serverFrame(OP_CLOSE, frame.payload));
     }
   });
-  const run = await runWsClientCli(["--url", server.url, "--max-message", "100"]);
+  // Interactive with stdin open: only the message can end this connection.
+  const run = await spawnWsClient(["--url", server.url, "--max-message", "100"], "open").result();
   assert.equal(run.killed, undefined);
   assert.equal(run.stdout, "x".repeat(100) + "\n");
   assert.equal(
     run.stderr,
     `ws_client: ${server.url}: the server sent a message of 101 bytes, over --max-message 100; ` +
-      "closed the connection\n",
+      "closed the connection (raise --max-message to accept it)\n",
   );
   assert.equal(run.code, 1);
   assert.deepEqual(heard, [{ code: 4009, reason: "message too big (max 100 bytes)" }]);
@@ -1425,7 +1426,7 @@ Deno.test("ws_client: a server's endless fragmented message is cut off before th
   assert.equal(run.killed, undefined);
   assert.match(
     run.stderr,
-    /^ws_client: \S+: the server is sending a message that had taken \d+ MiB before its end \(over --max-message 1048576\); gave up\n$/,
+    /^ws_client: \S+: the server is sending a message over --max-message 1048576 \(\d+ MiB of memory so far, and it has not ended\); gave up\n$/,
   );
   assert.equal(run.code, 1);
   assert.ok(run.peakMiB < 512, `peak ${run.peakMiB} MiB after ${sentMiB} MiB of fragments`);
@@ -1535,4 +1536,49 @@ Deno.test("ws_client one-shot in a busy ws_server chat: waits for its own lines 
   assert.deepEqual(own, ["guest-2: one", "guest-2: two", "guest-2: three"]);
   assert.ok(lines.every((line) => /^guest-[12]: (one|two|three|chatter \d+)$/.test(line)));
   assert.ok(lines.length > own.length, "the chatty client's lines are printed too");
+});
+
+Deno.test("ws_client interactive: a connection lost without a close frame is reported and exits 1 at once", async () => {
+  await using server = fakeWsServer(async (peer) => {
+    // Hang up (the fake closes the TCP connection) after the first message.
+    await peer.readFrame();
+  });
+  const client = spawnWsClient(["--url", server.url], "open");
+  await client.write("anyone?\n");
+  const run = await client.result();
+  assert.equal(run.killed, undefined);
+  assert.match(
+    run.stderr,
+    /^ws_client: \S+: connection lost: it closed without a close frame .*\n$/,
+  );
+  assert.equal(run.code, 1);
+});
+
+Deno.test("ws_client one-shot: a chat server's '* you are NAME' tells it whose lines are its own", async () => {
+  const OP_PONG = 0xa;
+  const heard: string[] = [];
+  await using server = fakeWsServer(async (peer) => {
+    for (let frame = await peer.readFrame(); frame; frame = await peer.readFrame()) {
+      if (frame.opcode === OP_TEXT) {
+        const text = decoder.decode(frame.payload);
+        heard.push(text);
+        // A newcomer says the very same thing first; our own copy follows
+        // only after a ping's round trip, so a client that took the
+        // newcomer's line for its own has closed by then.
+        await peer.write(textFrame(`guest-9: ${text}`));
+        await peer.write(serverFrame(OP_PING, new Uint8Array(0)));
+      } else if (frame.opcode === OP_PONG) {
+        heard.push("pong");
+        await peer.write(textFrame(`guest-2: ${heard[0]}`));
+      } else if (frame.opcode === OP_CLOSE) {
+        heard.push(`close ${closeFrame(frame.payload).code}`);
+        await peer.write(serverFrame(OP_CLOSE, frame.payload));
+      }
+    }
+  }, [textFrame("* you are guest-2")]);
+  const run = await runWsClientCli(["--url", server.url, "hello"]);
+  assert.equal(run.killed, undefined);
+  assert.equal(run.code, 0, run.stderr);
+  assert.deepEqual(heard, ["hello", "pong", "close 1000"]);
+  assert.equal(run.stdout, "* you are guest-2\nguest-9: hello\nguest-2: hello\n");
 });

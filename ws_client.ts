@@ -9,6 +9,12 @@
  * its own, and only then does the `close` event fire. A connection that just
  * drops has no close frame at all, and that is how we tell the two apart.
  *
+ * A server is a peer like any other, so nothing it sends is trusted: each
+ * message is printed as one line with its control characters escaped, a
+ * message is bounded in size (even one Deno is still assembling out of our
+ * sight), and every wait is bounded: the handshake, the replies, and the
+ * server's answer to our close frame.
+ *
  * Run it (least privilege; start `ws_server.ts` first):
  *
  *     deno run --allow-net=127.0.0.1:8080 ws_client.ts hello world   # prints the replies, closes
@@ -169,9 +175,8 @@ export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
     // It keeps arriving until the server reads our close: no waiting for that.
     abandoned.reject(
       new Error(
-        `the server is sending a message that had taken ${
-          Math.round(grown / 1048576)
-        } MiB before its end (over --max-message ${maxMessage}); gave up`,
+        `the server is sending a message over --max-message ${maxMessage} ` +
+          `(${Math.round(grown / 1048576)} MiB of memory so far, and it has not ended); gave up`,
       ),
     );
   });
@@ -188,7 +193,7 @@ export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
     if (tooBig) {
       throw new Error(
         `the server sent a message of ${tooBig} bytes, over --max-message ${maxMessage}; ` +
-          "closed the connection",
+          "closed the connection (raise --max-message to accept it)",
       );
     }
     if (timedOut) {
