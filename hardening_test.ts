@@ -1529,13 +1529,15 @@ Deno.test("ws_client one-shot in a busy ws_server chat: waits for its own lines 
     if (typeof line === "string" && line.startsWith("guest-1: ")) talk();
   }
   const { killed, code, stdout, stderr } = await run;
-  assert.equal(killed, undefined);
-  assert.equal(code, 0, stderr);
   const lines = stdout.trimEnd().split("\n");
+  const story = `${stderr}after ${said} chatty lines it printed ${lines.length}: ` +
+    lines.slice(0, 10).join(" | ");
+  assert.equal(killed, undefined, story);
+  assert.equal(code, 0, story);
   const own = lines.filter((line) => line.startsWith("guest-2: "));
-  assert.deepEqual(own, ["guest-2: one", "guest-2: two", "guest-2: three"]);
-  assert.ok(lines.every((line) => /^guest-[12]: (one|two|three|chatter \d+)$/.test(line)));
-  assert.ok(lines.length > own.length, "the chatty client's lines are printed too");
+  assert.deepEqual(own, ["guest-2: one", "guest-2: two", "guest-2: three"], story);
+  assert.ok(lines.every((line) => /^guest-[12]: (one|two|three|chatter \d+)$/.test(line)), story);
+  assert.ok(lines.length > own.length, `the chatty client's lines are printed too: ${story}`);
 });
 
 Deno.test("ws_client interactive: a connection lost without a close frame is reported and exits 1 at once", async () => {

@@ -109,6 +109,8 @@ export interface WsClose {
  * @throws {Error} when the connection fails, drops without a close frame,
  * brings a message over `maxMessage`, the replies have not come back within
  * `timeout`, or the server does not answer our close frame within 2 s.
+ * Having given up, it does not wait for the server to let go: the connection
+ * may linger until the server hangs up (the command line exits at once).
  */
 export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
   const { url, replies, onMessage } = options;
