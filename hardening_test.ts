@@ -26,6 +26,7 @@ import {
   connectTcp,
   openWs,
   runScript,
+  scriptPath,
   spawnServer,
   type TcpClient,
   WAIT_MS,
@@ -1237,3 +1238,470 @@ async function openWhenServed(url: string): Promise<WsClient> {
     }
   }
 }
+// --------------------------------------- ws_client against servers that misbehave
+
+// RFC 6455, section 1.3: the server proves it read the key by hashing it with this.
+const WS_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+const NORMAL_CLOSURE = 1000;
+
+/** A frame as a server sends it: never masked; `fin` false leaves the message open. */
+function serverFrame(opcode: number, payload: Uint8Array, fin = true): Uint8Array {
+  const extra = payload.length < 126 ? 0 : payload.length < 65536 ? 2 : 8;
+  const frame = new Uint8Array(2 + extra + payload.length);
+  const view = new DataView(frame.buffer);
+  frame[0] = (fin ? 0x80 : 0) | opcode;
+  if (extra === 0) frame[1] = payload.length;
+  else if (extra === 2) (frame[1] = 126, view.setUint16(2, payload.length));
+  else (frame[1] = 127, view.setBigUint64(2, BigInt(payload.length)));
+  frame.set(payload, 2 + extra);
+  return frame;
+}
+
+function textFrame(text: string): Uint8Array {
+  return serverFrame(OP_TEXT, encoder.encode(text));
+}
+
+function closingFrame(code: number, reason = ""): Uint8Array {
+  const reasonBytes = encoder.encode(reason);
+  const payload = new Uint8Array(2 + reasonBytes.length);
+  new DataView(payload.buffer).setUint16(0, code);
+  payload.set(reasonBytes, 2);
+  return serverFrame(OP_CLOSE, payload);
+}
+
+/** The server's side of one fake connection, after the 101. */
+interface FakePeer {
+  /** Writes all of `bytes`; false once the client is gone. */
+  write(bytes: Uint8Array): Promise<boolean>;
+  /** The client's next frame, unmasked, or null at EOF. */
+  readFrame(): Promise<{ opcode: number; payload: Uint8Array } | null>;
+}
+
+/**
+ * A WebSocket server on a bare TCP listener, to be whatever server a test
+ * needs: it reads the upgrade request, answers 101 (followed by `early`, in
+ * the same write), then lets `serve` have the connection. Disposing of it
+ * closes the listener and every connection and waits for `serve` to end.
+ */
+function fakeWsServer(serve: (peer: FakePeer) => Promise<void>, early: Uint8Array[] = []) {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const conns = new Set<Deno.Conn>();
+  const served: Promise<void>[] = [];
+  async function handle(conn: Deno.Conn) {
+    let buffered = new Uint8Array(0);
+    async function fill(): Promise<boolean> {
+      const chunk = new Uint8Array(64 * 1024);
+      const n = await conn.read(chunk).catch(() => null);
+      if (n === null) return false;
+      const joined = new Uint8Array(buffered.length + n);
+      joined.set(buffered);
+      joined.set(chunk.subarray(0, n), buffered.length);
+      buffered = joined;
+      return true;
+    }
+    async function take(n: number): Promise<Uint8Array | null> {
+      while (buffered.length < n) if (!await fill()) return null;
+      const head = buffered.slice(0, n);
+      buffered = buffered.subarray(n);
+      return head;
+    }
+    async function write(bytes: Uint8Array): Promise<boolean> {
+      try {
+        for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+        return true;
+      } catch {
+        return false;
+      }
+    }
+    while (!decoder.decode(buffered).includes("\r\n\r\n")) if (!await fill()) return;
+    const request = decoder.decode(buffered);
+    buffered = buffered.subarray(request.indexOf("\r\n\r\n") + 4);
+    const key = request.match(/^sec-websocket-key: *(\S+)/im)?.[1] ?? "";
+    const hash = await crypto.subtle.digest("SHA-1", encoder.encode(key + WS_GUID));
+    const accept = btoa(String.fromCharCode(...new Uint8Array(hash)));
+    const answer = encoder.encode(
+      "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+        `Sec-WebSocket-Accept: ${accept}\r\n\r\n`,
+    );
+    if (!await write(Uint8Array.from([...answer, ...early.flatMap((frame) => [...frame])]))) return;
+    await serve({
+      write,
+      async readFrame() {
+        const head = await take(2);
+        if (!head) return null;
+        let length = head[1] & 0x7f;
+        if (length >= 126) {
+          const bytes = await take(length === 126 ? 2 : 8);
+          if (!bytes) return null;
+          const view = new DataView(bytes.buffer);
+          length = length === 126 ? view.getUint16(0) : Number(view.getBigUint64(0));
+        }
+        const key = head[1] & 0x80 ? await take(4) : new Uint8Array(4);
+        const payload = key && await take(length);
+        if (!key || !payload) return null;
+        for (let i = 0; i < payload.length; i++) payload[i] ^= key[i & 3];
+        return { opcode: head[0] & 0x0f, payload };
+      },
+    });
+  }
+  const accepting = (async () => {
+    for await (const conn of listener) {
+      conns.add(conn);
+      served.push(
+        handle(conn).finally(() => {
+          conns.delete(conn);
+          conn.close();
+        }),
+      );
+    }
+  })();
+  return {
+    url: `ws://127.0.0.1:${listener.addr.port}/`,
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      await accepting.catch(() => {});
+      for (const conn of conns) conn.close();
+      await Promise.allSettled(served);
+    },
+  };
+}
+
+/** How a ws_client.ts run ended: its output, how long it took, its peak memory. */
+interface ClientRun {
+  code: number;
+  stdout: string;
+  stderr: string;
+  ms: number;
+  /** The highest resident memory seen (VmHWM), in MiB. */
+  peakMiB: number;
+  /** Why the test had to kill it, if it did. */
+  killed?: string;
+}
+
+/**
+ * ws_client.ts as a child process. With `stdin: "open"` its stdin is a pipe
+ * the test writes to and never closes (a user who has not typed yet). It is
+ * killed if it runs past `ms`, or if its memory passes `maxMiB`, and the
+ * result says so: an unbounded client must not take the machine down.
+ */
+function spawnWsClient(
+  args: string[],
+  stdin?: string | "open",
+  limits = { ms: WAIT_MS, maxMiB: 1024 },
+) {
+  const start = performance.now();
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath("ws_client.ts"), ...args],
+    stdin: stdin === undefined ? "null" : "piped",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const writer = stdin === undefined ? undefined : child.stdin.getWriter();
+  const wrote = stdin === undefined || stdin === "open"
+    ? Promise.resolve()
+    : writer!.write(encoder.encode(stdin)).then(() => writer!.close());
+  const stdout = new Response(child.stdout).text();
+  const stderr = new Response(child.stderr).text();
+  let killed: string | undefined;
+  let peakMiB = 0;
+  function kill(why: string) {
+    killed ??= why;
+    try {
+      child.kill("SIGKILL");
+    } catch {
+      // Already exited.
+    }
+  }
+  const watch = setInterval(() => {
+    try {
+      peakMiB = Math.max(peakMiB, memoryMiB(child.pid, "VmHWM"));
+    } catch {
+      return; // Exited between two looks.
+    }
+    if (peakMiB > limits.maxMiB) kill(`its memory passed ${limits.maxMiB} MiB`);
+  }, 20);
+  const timer = setTimeout(() => kill(`still running after ${limits.ms} ms`), limits.ms);
+  return {
+    /** Writes to its stdin (with `stdin: "open"`), leaving it open. */
+    write: (text: string) => writer!.write(encoder.encode(text)),
+    async result(): Promise<ClientRun> {
+      const status = await child.status;
+      const ms = performance.now() - start;
+      clearInterval(watch);
+      clearTimeout(timer);
+      await wrote.catch(() => {});
+      if (stdin === "open") await writer!.close().catch(() => {});
+      return { code: status.code, stdout: await stdout, stderr: await stderr, ms, peakMiB, killed };
+    },
+  };
+}
+
+/** Runs ws_client.ts to its end (see spawnWsClient) and returns how it ended. */
+function runWsClientCli(args: string[], stdin?: string, limits?: { ms: number; maxMiB: number }) {
+  return spawnWsClient(args, stdin, limits).result();
+}
+
+Deno.test("ws_client: a hostile server's text and close reason reach the terminal escaped, one line each", async () => {
+  const hostile = "hello\n* guest-1 left\r\x1b[2J\ttab kept \u202e";
+  const reason = "bye\n\x1b[31mws_client: forged";
+  await using server = fakeWsServer(async (peer) => {
+    await peer.readFrame();
+    await peer.write(textFrame(hostile));
+    await peer.write(serverFrame(OP_BINARY, new Uint8Array(3)));
+    await peer.write(closingFrame(NORMAL_CLOSURE, reason));
+    while (await peer.readFrame());
+  });
+  const run = await runWsClientCli(["--url", server.url, "go"]);
+  assert.equal(run.killed, undefined);
+  assert.equal(
+    run.stdout,
+    "hello\\n* guest-1 left\\r\\x1b[2J\ttab kept \\u202e\n<binary 3 bytes>\n",
+  );
+  assert.equal(
+    run.stderr,
+    `ws_client: ${server.url}: the server closed the connection: ` +
+      "code 1000 (bye\\n\\x1b[31mws_client: forged)\n",
+  );
+  assert.equal(run.code, 0);
+});
+
+Deno.test("ws_client: --timeout covers the handshake, against a listener that never answers", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const held: Deno.Conn[] = [];
+  const accepting = (async () => {
+    for await (const conn of listener) held.push(conn);
+  })();
+  const url = `ws://127.0.0.1:${listener.addr.port}/`;
+  const oneShot = await runWsClientCli(["--timeout", "1000", "--url", url, "hi"]);
+  const interactive = await runWsClientCli(["--timeout", "1000", "--url", url], "");
+  listener.close();
+  await accepting.catch(() => {});
+  for (const conn of held) conn.close();
+  for (const run of [oneShot, interactive]) {
+    assert.equal(run.killed, undefined);
+    assert.equal(run.stderr, `ws_client: ${url}: timed out waiting for the handshake\n`);
+    assert.equal(run.code, 1);
+    // The bound is the timeout, plus a process start, on a machine that may be busy.
+    assert.ok(run.ms < 1000 + WAIT_MS / 2, `${run.ms} ms`);
+  }
+});
+
+Deno.test("ws_client: a server that never answers our close frame is left within 2 s, exit 1", async () => {
+  const heard: string[] = [];
+  await using server = fakeWsServer(async (peer) => {
+    for (let frame = await peer.readFrame(); frame; frame = await peer.readFrame()) {
+      if (frame.opcode === OP_TEXT) await peer.write(serverFrame(OP_TEXT, frame.payload));
+      if (frame.opcode === OP_CLOSE) heard.push(`close ${closeFrame(frame.payload).code}`);
+      else heard.push(decoder.decode(frame.payload));
+    }
+  });
+  const run = await runWsClientCli(["--url", server.url, "hi"]);
+  assert.equal(run.killed, undefined);
+  assert.equal(run.stdout, "hi\n");
+  assert.equal(
+    run.stderr,
+    `ws_client: ${server.url}: the server did not answer our close frame within 2000 ms; gave up\n`,
+  );
+  assert.equal(run.code, 1);
+  assert.deepEqual(heard, ["hi", "close 1000"]);
+});
+
+Deno.test("ws_client: a message over --max-message closes the connection (4009) and exits 1", async () => {
+  const heard: { code: number; reason: string }[] = [];
+  await using server = fakeWsServer(async (peer) => {
+    await peer.write(textFrame("x".repeat(100)));
+    await peer.write(textFrame("y".repeat(101)));
+    for (let frame = await peer.readFrame(); frame; frame = await peer.readFrame()) {
+      if (frame.opcode !== OP_CLOSE) continue;
+      heard.push(closeFrame(frame.payload));
+      await peer.write(serverFrame(OP_CLOSE, frame.payload));
+    }
+  });
+  // Interactive with stdin open: only the message can end this connection.
+  const run = await spawnWsClient(["--url", server.url, "--max-message", "100"], "open").result();
+  assert.equal(run.killed, undefined);
+  assert.equal(run.stdout, "x".repeat(100) + "\n");
+  assert.equal(
+    run.stderr,
+    `ws_client: ${server.url}: the server sent a message of 101 bytes, over --max-message 100; ` +
+      "closed the connection (raise --max-message to accept it)\n",
+  );
+  assert.equal(run.code, 1);
+  assert.deepEqual(heard, [{ code: 4009, reason: "message too big (max 100 bytes)" }]);
+});
+
+Deno.test("ws_client: a server's endless fragmented message is cut off before the client's memory runs away", async () => {
+  const fragment = new Uint8Array(MiB).fill(0x78);
+  let sentMiB = 0;
+  await using server = fakeWsServer(async (peer) => {
+    const more = serverFrame(0x0, fragment, false);
+    let ok = await peer.write(serverFrame(OP_TEXT, fragment, false));
+    // Until the client is gone (its memory limit or ours kills it).
+    for (; ok; sentMiB++) ok = await peer.write(more);
+  });
+  // --timeout far off, so that only a bound on memory can end this.
+  const run = await runWsClientCli(["--url", server.url, "--timeout", "60000", "hi"], undefined, {
+    ms: 30_000,
+    maxMiB: 1024,
+  });
+  assert.equal(run.killed, undefined);
+  assert.match(
+    run.stderr,
+    /^ws_client: \S+: the server is sending a message over --max-message 1048576 \(\d+ MiB of memory so far, and it has not ended\); gave up\n$/,
+  );
+  assert.equal(run.code, 1);
+  assert.ok(run.peakMiB < 512, `peak ${run.peakMiB} MiB after ${sentMiB} MiB of fragments`);
+});
+
+Deno.test("ws_client interactive: the chat server stopping is reported and exits 1 at once, stdin still open", async () => {
+  const server = startWsServer({ port: 0, mode: "chat", log: () => {} });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  await using watcher = await openWs(url);
+  const client = spawnWsClient(["--url", url], "open");
+  assert.equal(await within(watcher.next(), "the client joins"), "* guest-2 joined");
+  await server.close();
+  const run = await client.result();
+  assert.equal(run.killed, undefined);
+  assert.equal(
+    run.stderr,
+    `ws_client: ${url}: the server closed the connection: code 1001 (server shutting down)\n`,
+  );
+  assert.equal(run.code, 1);
+});
+
+Deno.test("ws_client interactive: a server's 1000 close is reported and exits 0 at once, stdin still open", async () => {
+  await using server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    (request) => {
+      const { socket, response } = Deno.upgradeWebSocket(request);
+      socket.onmessage = () => socket.close(NORMAL_CLOSURE, "bye");
+      return response;
+    },
+  );
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  const client = spawnWsClient(["--url", url], "open");
+  await client.write("please close\n");
+  const run = await client.result();
+  assert.equal(run.killed, undefined);
+  assert.equal(
+    run.stderr,
+    `ws_client: ${url}: the server closed the connection: code 1000 (bye)\n`,
+  );
+  assert.equal(run.code, 0);
+});
+
+Deno.test("ws_client with piped input: the server's 1009 is not lost, exit 1", async () => {
+  await using server = startWsServer({ port: 0, maxMessage: 10, log: () => {} });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  const run = await runWsClientCli(["--url", url], "x".repeat(100) + "\n");
+  assert.equal(run.killed, undefined);
+  assert.equal(
+    run.stderr,
+    `ws_client: ${url}: the server closed the connection: code 1009 (message too big (max 10 bytes))\n`,
+  );
+  assert.equal(run.code, 1);
+});
+
+Deno.test("ws_client one-shot: chat lines that come with the 101 are not taken for replies", async () => {
+  const heard: string[] = [];
+  const early = [textFrame("guest-1: hello, who's there?"), textFrame("* guest-3 joined")];
+  await using server = fakeWsServer(async (peer) => {
+    for (let frame = await peer.readFrame(); frame; frame = await peer.readFrame()) {
+      if (frame.opcode === OP_CLOSE) {
+        heard.push(`close ${closeFrame(frame.payload).code}`);
+        await peer.write(serverFrame(OP_CLOSE, frame.payload));
+        continue;
+      }
+      const text = decoder.decode(frame.payload);
+      heard.push(text);
+      // Somebody else talks first, then our line comes back under our name.
+      await peer.write(textFrame(`guest-1: ${text}`));
+      await peer.write(textFrame(`guest-2: ${text}`));
+    }
+  }, early);
+  const run = await runWsClientCli(["--url", server.url, "a", "b"]);
+  assert.equal(run.killed, undefined);
+  assert.equal(run.code, 0, run.stderr);
+  assert.deepEqual(heard, ["a", "b", "close 1000"]);
+  assert.equal(
+    run.stdout,
+    "guest-1: hello, who's there?\n* guest-3 joined\n" +
+      "guest-1: a\nguest-2: a\nguest-1: b\nguest-2: b\n",
+  );
+});
+
+Deno.test("ws_client one-shot in a busy ws_server chat: waits for its own lines under its own name", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--mode", "chat", "--quiet"]);
+  const url = `ws://127.0.0.1:${server.port}/`;
+  await using chatty = await openWs(url);
+  // The chatty client talks all the while, from before ws_client joins until
+  // it has gone, 8 lines in flight, some of them the same text as its own.
+  let said = 0;
+  const talk = () => chatty.socket.send(said++ % 2 ? `chatter ${said}` : "one");
+  for (let i = 0; i < 8; i++) talk();
+  assert.equal(await within(chatty.next(), "the chat begins"), "guest-1: one");
+  talk();
+  let clientGone = false;
+  const run = spawnWsClient(["--url", url, "one", "two", "three"]).result().finally(() => {
+    clientGone = true;
+  });
+  while (!clientGone) {
+    const line = await within(chatty.next(), "the chat goes on");
+    if (typeof line === "string" && line.startsWith("guest-1: ")) talk();
+  }
+  const { killed, code, stdout, stderr } = await run;
+  const lines = stdout.trimEnd().split("\n");
+  const story = `${stderr}after ${said} chatty lines it printed ${lines.length}: ` +
+    lines.slice(0, 10).join(" | ");
+  assert.equal(killed, undefined, story);
+  assert.equal(code, 0, story);
+  const own = lines.filter((line) => line.startsWith("guest-2: "));
+  assert.deepEqual(own, ["guest-2: one", "guest-2: two", "guest-2: three"], story);
+  assert.ok(lines.every((line) => /^guest-[12]: (one|two|three|chatter \d+)$/.test(line)), story);
+  assert.ok(lines.length > own.length, `the chatty client's lines are printed too: ${story}`);
+});
+
+Deno.test("ws_client interactive: a connection lost without a close frame is reported and exits 1 at once", async () => {
+  await using server = fakeWsServer(async (peer) => {
+    // Hang up (the fake closes the TCP connection) after the first message.
+    await peer.readFrame();
+  });
+  const client = spawnWsClient(["--url", server.url], "open");
+  await client.write("anyone?\n");
+  const run = await client.result();
+  assert.equal(run.killed, undefined);
+  assert.match(
+    run.stderr,
+    /^ws_client: \S+: connection lost: it closed without a close frame .*\n$/,
+  );
+  assert.equal(run.code, 1);
+});
+
+Deno.test("ws_client one-shot: a chat server's '* you are NAME' tells it whose lines are its own", async () => {
+  const OP_PONG = 0xa;
+  const heard: string[] = [];
+  await using server = fakeWsServer(async (peer) => {
+    for (let frame = await peer.readFrame(); frame; frame = await peer.readFrame()) {
+      if (frame.opcode === OP_TEXT) {
+        const text = decoder.decode(frame.payload);
+        heard.push(text);
+        // A newcomer says the very same thing first; our own copy follows
+        // only after a ping's round trip, so a client that took the
+        // newcomer's line for its own has closed by then.
+        await peer.write(textFrame(`guest-9: ${text}`));
+        await peer.write(serverFrame(OP_PING, new Uint8Array(0)));
+      } else if (frame.opcode === OP_PONG) {
+        heard.push("pong");
+        await peer.write(textFrame(`guest-2: ${heard[0]}`));
+      } else if (frame.opcode === OP_CLOSE) {
+        heard.push(`close ${closeFrame(frame.payload).code}`);
+        await peer.write(serverFrame(OP_CLOSE, frame.payload));
+      }
+    }
+  }, [textFrame("* you are guest-2")]);
+  const run = await runWsClientCli(["--url", server.url, "hello"]);
+  assert.equal(run.killed, undefined);
+  assert.equal(run.code, 0, run.stderr);
+  assert.deepEqual(heard, ["hello", "pong", "close 1000"]);
+  assert.equal(run.stdout, "* you are guest-2\nguest-9: hello\nguest-2: hello\n");
+});
