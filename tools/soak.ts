@@ -33,7 +33,7 @@
  * limit first, or the script stops and says so):
  *
  *     ulimit -n 8192 && deno task soak
- *     ulimit -n 8192 && deno run -A soak.ts --duration 20 --clients 200
+ *     ulimit -n 8192 && deno run -A tools/soak.ts --duration 20 --clients 200
  *
  * It sends nothing anywhere but 127.0.0.1, opens a bounded number of
  * connections (a slow or misbehaving client at most one per 15 s), and stops
@@ -274,7 +274,7 @@ async function startServer(transport: Transport, options: Options): Promise<Room
     args: [
       "run",
       `--allow-net=${HOST}`,
-      decodeURIComponent(new URL(`./${script}`, import.meta.url).pathname),
+      decodeURIComponent(new URL(`../${script}`, import.meta.url).pathname),
       "--port",
       "0",
       "--mode",

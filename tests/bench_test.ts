@@ -1,8 +1,8 @@
 /**
- * bench_test.ts: smoke tests for bench.ts, run as a real process with the
+ * bench_test.ts: smoke tests for tools/bench.ts, run as a real process with the
  * same least-privilege flags as `deno task bench`.
  *
- *     deno test -A bench_test.ts
+ *     deno test -A tests/bench_test.ts
  *
  * A short `--quick --json` run against the project's own servers must fill
  * every figure and lose no chat delivery; a server that echoes wrong bytes
@@ -10,13 +10,13 @@
  */
 
 import assert from "node:assert/strict";
-import { startWsServer } from "./ws_server.ts";
+import { startWsServer } from "../ws_server.ts";
 
 const decoder = new TextDecoder();
 const BENCH_FLAGS = ["--allow-net=127.0.0.1", "--allow-run=deno,ps"];
 
 async function runBench(args: string[]) {
-  const path = decodeURIComponent(new URL("./bench.ts", import.meta.url).pathname);
+  const path = decodeURIComponent(new URL("../tools/bench.ts", import.meta.url).pathname);
   const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
     args: ["run", ...BENCH_FLAGS, path, ...args],
     stdin: "null",

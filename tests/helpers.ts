@@ -1,5 +1,5 @@
 /**
- * test_helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
+ * tests/helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
  * share. A script's path, a bound on a wait, test bytes, the scripts run as
  * real processes, and a TCP connection and a WebSocket whose reads are
  * awaitable.
@@ -16,9 +16,12 @@ const decoder = new TextDecoder();
 /** A bound on any single wait. Waits end at their event, long before this. */
 export const WAIT_MS = 10_000;
 
-/** The absolute path of a file in this directory (a script, README.md, a peer in interop/). */
+/**
+ * The absolute path of a file given from the project's root (a script,
+ * README.md, tools/soak.ts, a peer in tests/interop/).
+ */
 export function scriptPath(name: string): string {
-  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
+  return decodeURIComponent(new URL(`../${name}`, import.meta.url).pathname);
 }
 
 /** `promise`, or a rejection after `ms`: a bound on waiting, never a pause. */

@@ -4,7 +4,7 @@
  * slowloris handshakes, bytes that are not UTF-8, and SIGTERM with 1,000
  * clients connected.
  *
- *     deno test -A hardening_test.ts      (also part of plain `deno test -A`)
+ *     deno test -A tests/hardening_test.ts      (also part of plain `deno test -A`)
  *
  * The rules of main_test.ts hold here too: port 0 on 127.0.0.1, every wait is
  * for an event (a line, a frame, a close, a log line, an exit) and is bounded
@@ -20,8 +20,8 @@
  */
 
 import assert from "node:assert/strict";
-import { startTcpServer, type TcpServer } from "./tcp_server.ts";
-import { startWsServer, type WsServer } from "./ws_server.ts";
+import { startTcpServer, type TcpServer } from "../tcp_server.ts";
+import { startWsServer, type WsServer } from "../ws_server.ts";
 import {
   connectTcp,
   openWs,
@@ -31,7 +31,7 @@ import {
   WAIT_MS,
   within,
   type WsClient,
-} from "./test_helpers.ts";
+} from "./helpers.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -1100,7 +1100,7 @@ for (const mode of ["chat", "echo"]) {
 
 Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one line and exit 2", async () => {
   const short = await within(
-    runScript("soak.ts", ["--duration", "2", "--clients", "20", "--interval", "0.5"]),
+    runScript("tools/soak.ts", ["--duration", "2", "--clients", "20", "--interval", "0.5"]),
     "a short soak",
     60_000,
   );
@@ -1108,7 +1108,7 @@ Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one lin
   assert.equal(short.code, 0, report + short.stderr);
   assert.match(report, /^ {2}lost +0 +0$/m);
   assert.match(report, /^result: PASS$/m);
-  const bad = await runScript("soak.ts", ["--duration", "soon"]);
+  const bad = await runScript("tools/soak.ts", ["--duration", "soon"]);
   assert.equal(bad.code, 2);
   const [first, blank, usage] = bad.stderr.split("\n");
   assert.equal(first, 'soak: --duration must be a number from 1 to 3600, got "soon"');

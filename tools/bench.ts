@@ -17,7 +17,7 @@
  * Run it (least privilege: loopback only, run deno for the servers and ps
  * for their memory; a default run takes under a minute):
  *
- *     deno run --allow-net=127.0.0.1 --allow-run=deno,ps bench.ts
+ *     deno run --allow-net=127.0.0.1 --allow-run=deno,ps tools/bench.ts
  *     deno task bench --quick                  # a few seconds, a first look
  *     deno task bench --json > bench.json      # one JSON object, for machines
  *     deno task bench --tcp 127.0.0.1:9101 --ws ws://127.0.0.1:9102/   # servers you started
@@ -1046,7 +1046,7 @@ async function resolveServers(
  * loop with the load.
  */
 async function startServer(script: string, args: string[]): Promise<Server> {
-  const path = decodeURIComponent(new URL(`./${script}`, import.meta.url).pathname);
+  const path = decodeURIComponent(new URL(`../${script}`, import.meta.url).pathname);
   const child = new Deno.Command(denoCommand(), {
     args: ["run", "--allow-net=127.0.0.1", path, "--port", "0", "--quiet", ...args],
     stdin: "null",
