@@ -32,6 +32,7 @@ import {
   within,
   type WsClient,
 } from "./helpers.ts";
+import { memoryMiB, raiseOpenFileLimit } from "../tools/shared.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -173,17 +174,6 @@ function closeFrame(payload: Uint8Array): { code: number; reason: string } {
   };
 }
 
-/**
- * A process's memory in MiB, from /proc: VmRSS is what is resident now, VmHWM
- * the most that ever was (its high-water mark).
- */
-function memoryMiB(pid: number, field: "VmRSS" | "VmHWM"): number {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1]);
-  assert.ok(kib > 0, `${field} of ${pid}`);
-  return kib / 1024;
-}
-
 /** Opens `count` connections, `batch` at a time so the listen backlog never overflows. */
 async function openMany<T>(count: number, open: (i: number) => Promise<T>, batch = 100) {
   const opened: T[] = [];
@@ -194,32 +184,11 @@ async function openMany<T>(count: number, open: (i: number) => Promise<T>, batch
   return opened;
 }
 
-// Deno has no setrlimit, so this calls the C library's (FFI, allowed by -A)
-// to raise the soft limit on open files up to the hard limit. Returns why
-// the limit is still too low, or undefined when it is enough.
+// The soft limit on open files, raised up to the hard limit if need be.
+// Returns why it is still too low, or undefined when it is enough.
 function raiseFileLimit(needed: number, wanted: number): string | undefined {
   if (Deno.build.os !== "linux") return "these tests read /proc, which only Linux has";
-  const soft = () =>
-    Number(Deno.readTextFileSync("/proc/self/limits").match(/^Max open files\s+(\d+)/m)?.[1]);
-  if (soft() >= needed) return undefined;
-  const RLIMIT_NOFILE = 7;
-  try {
-    const libc = Deno.dlopen("libc.so.6", {
-      getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
-      setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
-    });
-    try {
-      const limits = new BigUint64Array(2); // struct rlimit { soft, hard }
-      libc.symbols.getrlimit(RLIMIT_NOFILE, limits);
-      limits[0] = limits[1] < BigInt(wanted) ? limits[1] : BigInt(wanted);
-      libc.symbols.setrlimit(RLIMIT_NOFILE, limits);
-    } finally {
-      libc.close();
-    }
-  } catch {
-    // No FFI permission, or no glibc: report the limit below.
-  }
-  const now = soft();
+  const now = raiseOpenFileLimit(needed, wanted);
   return now >= needed
     ? undefined
     : `open files limit is ${now}, need ${needed}: run \`ulimit -n ${wanted}\` first`;

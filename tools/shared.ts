@@ -1,0 +1,304 @@
+/**
+ * tools/shared.ts: what bench.ts, soak.ts and the tests share about the
+ * servers they run as child processes: starting one and reading its address,
+ * its memory, the open-file limit it inherits, and a bound on every wait.
+ *
+ * The four scripts a learner runs import nothing, so that each works alone
+ * from its raw URL; this file is for the tools and tests around them.
+ *
+ * @module
+ */
+
+const decoder = new TextDecoder();
+
+/** A bound on any single wait. Waits end at their event, long before this. */
+export const WAIT_MS = 10_000;
+
+/**
+ * The absolute path of a file of this project, named from its root.
+ *
+ * @example
+ * ```ts
+ * import { scriptPath } from "./shared.ts";
+ * console.assert(scriptPath("tcp_server.ts").endsWith("/tcp_server.ts"));
+ * ```
+ */
+export function scriptPath(name: string): string {
+  return decodeURIComponent(new URL(`../${name}`, import.meta.url).pathname);
+}
+
+/**
+ * `promise`, or a rejection after `ms` that says what was awaited: a bound on
+ * waiting, never a pause.
+ *
+ * @example
+ * ```ts
+ * import { within } from "./shared.ts";
+ * console.assert(await within(Promise.resolve(1), "a settled promise") === 1);
+ * ```
+ */
+export async function within<T>(promise: Promise<T>, what: string, ms = WAIT_MS): Promise<T> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+// ------------------------------------------------------------------ servers
+
+/** How a server started by `spawnServer` ended, and everything it printed. */
+export interface ServerExit {
+  code: number;
+  signal: string | null;
+  stdout: string;
+  /** Its stderr, unless `onStderrLine` took it line by line. */
+  stderr: string;
+  /** Milliseconds from the signal to the exit. */
+  exitMs: number;
+}
+
+/** How `spawnServer` runs a server. */
+export interface SpawnOptions {
+  /** Deno's permission flags for it. Default: loopback only, all a server needs. */
+  permissions?: string[];
+  /** Gets each line the server writes to stderr as it comes (its log), instead of keeping it. */
+  onStderrLine?: (line: string) => void;
+  /** How long it may take to print its `listening on` line. Default 15 s. */
+  startMs?: number;
+}
+
+/**
+ * One of the project's servers started as its own process on `--port 0`, so
+ * that its memory and signals are its own and it shares no event loop with
+ * the load. It is ready once it has printed its first line (`listening on
+ * tcp://127.0.0.1:PORT` or `ws://…/`). `stop` signals it and collects what it
+ * printed; disposing of it kills it if `stop` was not called.
+ *
+ * @example
+ * ```ts
+ * import { spawnServer } from "./shared.ts";
+ * await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+ * console.assert(server.address === `tcp://127.0.0.1:${server.port}`);
+ * console.assert((await server.stop()).code === 0);
+ * ```
+ *
+ * @throws {Error} when it exits or says nothing before `startMs`, with its stderr.
+ */
+export async function spawnServer(script: string, args: string[], options: SpawnOptions = {}) {
+  const { permissions = ["--allow-net=127.0.0.1"], onStderrLine, startMs = 15_000 } = options;
+  const child = new Deno.Command(denoCommand(), {
+    args: ["run", ...permissions, scriptPath(script), "--port", "0", ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = onStderrLine ? forEachLine(child.stderr, onStderrLine) : text(child.stderr);
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  const firstLine = (async () => {
+    while (!printed.includes("\n")) {
+      const { done, value } = await stdout.read();
+      if (done) break;
+      printed += value;
+    }
+  })();
+  // A server that hangs before listening is killed; its stdout then ends.
+  await within(firstLine, `${script} to start`, startMs).catch(() => kill(child, "SIGKILL"));
+  await firstLine;
+
+  let stopped: Promise<ServerExit> | undefined;
+  async function stop(signal: Deno.Signal): Promise<ServerExit> {
+    const start = performance.now();
+    kill(child, signal);
+    const status = await child.status;
+    const exitMs = performance.now() - start;
+    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
+    return {
+      code: status.code,
+      signal: status.signal,
+      stdout: printed,
+      stderr: await stderr,
+      exitMs,
+    };
+  }
+  const line = printed.split("\n")[0];
+  const port = Number(line.match(/:(\d+)\/?$/)?.[1]);
+  if (!port) {
+    const { stderr } = await stop("SIGKILL");
+    throw new Error(`${script} ${args.join(" ")} did not start: ${stderr.trim()}`);
+  }
+  return {
+    /** The first line it printed. */
+    line,
+    /** Where it listens, as it said: `tcp://127.0.0.1:PORT` or `ws://127.0.0.1:PORT/`. */
+    address: line.replace(/^listening on /, ""),
+    port,
+    /** Its process id, to read its memory. */
+    pid: child.pid,
+    /** Signals it (once: later calls return the same result) and waits for its exit. */
+    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+/** What `spawnServer` resolves with. */
+export type ServerProcess = Awaited<ReturnType<typeof spawnServer>>;
+
+function kill(child: Deno.ChildProcess, signal: Deno.Signal): void {
+  try {
+    child.kill(signal);
+  } catch {
+    // Already exited.
+  }
+}
+
+async function text(stream: ReadableStream<Uint8Array>): Promise<string> {
+  return await new Response(stream).text();
+}
+
+async function forEachLine(
+  stream: ReadableStream<Uint8Array>,
+  onLine: (line: string) => void,
+): Promise<string> {
+  let rest = "";
+  for await (const chunk of stream.pipeThrough(new TextDecoderStream())) {
+    const lines = (rest + chunk).split("\n");
+    rest = lines.pop()!;
+    for (const line of lines) onLine(line);
+  }
+  if (rest) onLine(rest);
+  return "";
+}
+
+// `--allow-run=deno` names the deno on PATH. Where that is a symlink (deno
+// installed from npm), Deno.execPath() is the link's target, which that
+// permission does not cover: then start the one the permission names.
+function denoCommand(): string {
+  const self = Deno.execPath();
+  return Deno.permissions.querySync({ name: "run", command: self }).state === "granted"
+    ? self
+    : "deno";
+}
+
+// ------------------------------------------------------------------- memory
+
+/**
+ * A process's memory in MiB, from /proc/PID/status (Linux, and Deno lets a
+ * script read /proc only with --allow-all): VmRSS is what is resident now,
+ * VmHWM the most that ever was (its high-water mark).
+ *
+ * @example
+ * ```ts
+ * import { memoryMiB } from "./shared.ts";
+ * if (Deno.build.os === "linux") console.assert(memoryMiB("self", "VmRSS") > 0);
+ * ```
+ */
+export function memoryMiB(pid: number | "self", field: "VmRSS" | "VmHWM"): number {
+  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
+  const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1]);
+  if (!(kib > 0)) throw new Error(`no ${field} in /proc/${pid}/status`);
+  return kib / 1024;
+}
+
+/**
+ * A process's resident set size in bytes, from `ps`: the way to read it for a
+ * script that runs without --allow-all (bench.ts: `--allow-run=deno,ps`).
+ *
+ * @example
+ * ```ts
+ * import { residentBytes } from "./shared.ts";
+ * if (Deno.build.os !== "windows") console.assert(await residentBytes(Deno.pid) > 0);
+ * ```
+ */
+export async function residentBytes(pid: number): Promise<number> {
+  let output;
+  try {
+    output = await new Deno.Command("ps", {
+      args: ["-o", "rss=", "-p", String(pid)],
+      stdin: "null",
+      stderr: "null",
+    }).output();
+  } catch (error) {
+    if (error instanceof Deno.errors.NotFound) throw new Error("no ps command to read memory");
+    throw error;
+  }
+  const kib = decoder.decode(output.stdout).trim();
+  if (!output.success || !/^\d+$/.test(kib)) throw new Error(`ps found no process ${pid}`);
+  return Number(kib) * 1024;
+}
+
+// ---------------------------------------------------------- open-file limit
+
+/**
+ * This process's soft limit on open files (`ulimit -n`), raised towards
+ * `wanted` if it is below `needed`: Deno has no setrlimit, so this calls the C
+ * library's through FFI, up to the hard limit. Child processes inherit it.
+ * Returns the soft limit now; where FFI is not allowed or there is no glibc,
+ * it stays as it was. Linux only (it reads /proc/self/limits).
+ *
+ * @example
+ * ```ts
+ * import { raiseOpenFileLimit } from "./shared.ts";
+ * if (Deno.build.os === "linux") console.assert(raiseOpenFileLimit(64) >= 64);
+ * ```
+ */
+export function raiseOpenFileLimit(needed: number, wanted = needed): number {
+  const soft = () =>
+    Number(Deno.readTextFileSync("/proc/self/limits").match(/^Max open files\s+(\d+)/m)?.[1]);
+  if (soft() >= needed) return soft();
+  const RLIMIT_NOFILE = 7;
+  try {
+    const libc = Deno.dlopen("libc.so.6", {
+      getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+      setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
+    });
+    try {
+      const limits = new BigUint64Array(2); // struct rlimit { soft, hard }
+      libc.symbols.getrlimit(RLIMIT_NOFILE, limits);
+      limits[0] = limits[1] < BigInt(wanted) ? limits[1] : BigInt(wanted);
+      libc.symbols.setrlimit(RLIMIT_NOFILE, limits);
+    } finally {
+      libc.close();
+    }
+  } catch {
+    // No FFI permission, or no glibc: the limit stays as it was.
+  }
+  return soft();
+}
+
+// ------------------------------------------------------- small I/O helpers
+
+/** Resolves after `ms`, or as soon as `signal` aborts: a pause, never a wait for an event. */
+export function delay(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    if (signal?.aborted) done();
+    else signal?.addEventListener("abort", done);
+  });
+}
+
+/** Writes all of `bytes`: a write may take only part of them. */
+export async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
+  for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+}
+
+/** Closes `resource`; one that is closed already is no error. */
+export function closeQuietly(resource: { close(): void }): void {
+  try {
+    resource.close();
+  } catch {
+    // Already closed.
+  }
+}
