@@ -32,7 +32,7 @@ import {
   within,
   type WsClient,
 } from "./helpers.ts";
-import { memoryMiB, raiseOpenFileLimit } from "../tools/shared.ts";
+import { clientFrame, memoryMiB, raiseOpenFileLimit, UPGRADE_REQUEST } from "../tools/shared.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -52,10 +52,6 @@ const SHUTDOWN_CLIENTS = 1000;
 const FILES_NEEDED = 2 * SHUTDOWN_CLIENTS + 100;
 const FILES_WANTED = 4096;
 const ON_CI = Deno.env.get("CI") === "true";
-// Any key works: the server's answer to it is checked in main_test.ts.
-const UPGRADE_REQUEST = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
-  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-  "Sec-WebSocket-Version: 13\r\n\r\n";
 // WebSocket opcodes (RFC 6455, section 5.2).
 const OP_TEXT = 0x1;
 const OP_BINARY = 0x2;
@@ -95,23 +91,6 @@ function createLines() {
 }
 
 type Lines = ReturnType<typeof createLines>;
-
-/** A frame as a client must send it: masked (RFC 6455, section 5.3). */
-function clientFrame(opcode: number, payload: Uint8Array, mask = true): Uint8Array {
-  const extra = payload.length < 126 ? 0 : payload.length < 65536 ? 2 : 8;
-  const frame = new Uint8Array(2 + extra + 4 + payload.length);
-  const view = new DataView(frame.buffer);
-  frame[0] = 0x80 | opcode;
-  if (extra === 0) frame[1] = 0x80 | payload.length;
-  else if (extra === 2) (frame[1] = 0x80 | 126, view.setUint16(2, payload.length));
-  else (frame[1] = 0x80 | 127, view.setBigUint64(2, BigInt(payload.length)));
-  const key = frame.subarray(2 + extra, 6 + extra);
-  // A zero key is as valid as any and leaves the payload as it is (fast floods).
-  if (mask) crypto.getRandomValues(key);
-  const body = frame.subarray(6 + extra);
-  for (let i = 0; i < payload.length; i++) body[i] = payload[i] ^ key[i & 3];
-  return frame;
-}
 
 /**
  * A WebSocket client on a bare TCP socket: it does the upgrade by hand, then

@@ -32,6 +32,7 @@ import {
   residentBytes,
   type ServerProcess,
   spawnServer,
+  within,
   writeAll,
 } from "./shared.ts";
 
@@ -358,12 +359,7 @@ class Phase {
       })
     );
     this.#closeAll();
-    let timer;
-    await Promise.race([
-      Promise.all(closing),
-      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WAIT_MS)),
-    ]);
-    clearTimeout(timer);
+    await within(Promise.all(closing), "close handshakes", CLOSE_WAIT_MS).catch(() => {});
   }
 
   #closeAll(): void {
@@ -810,15 +806,11 @@ async function measureChat(round: Round): Promise<Figures> {
       }),
     );
     sendingDone = true;
-    // Whatever was sent is still arriving; wait for it, but not forever.
+    // Whatever was sent is still arriving; wait for it, but not forever:
+    // what has not come by then is lost.
     if (!caughtUp()) {
       drained = phase.wait<void>();
-      let timer;
-      await Promise.race([
-        drained.promise,
-        new Promise((resolve) => timer = setTimeout(resolve, STALL_MS)),
-      ]);
-      clearTimeout(timer);
+      await within(drained.promise, "chat deliveries", STALL_MS).catch(() => {});
     }
     phase.check();
     return {

@@ -1,7 +1,8 @@
 /**
  * tools/shared.ts: what bench.ts, soak.ts and the tests share about the
  * servers they run as child processes: starting one and reading its address,
- * its memory, the open-file limit it inherits, and a bound on every wait.
+ * its memory, the open-file limit it inherits, a bound on every wait, and
+ * the bytes of a WebSocket client written by hand (to misbehave on purpose).
  *
  * The four scripts a learner runs import nothing, so that each works alone
  * from its raw URL; this file is for the tools and tests around them.
@@ -19,8 +20,9 @@ export const WAIT_MS = 10_000;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { scriptPath } from "./shared.ts";
- * console.assert(scriptPath("tcp_server.ts").endsWith("/tcp_server.ts"));
+ * assert.ok(scriptPath("tcp_server.ts").endsWith("/tcp_server.ts"));
  * ```
  */
 export function scriptPath(name: string): string {
@@ -33,8 +35,10 @@ export function scriptPath(name: string): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { within } from "./shared.ts";
- * console.assert(await within(Promise.resolve(1), "a settled promise") === 1);
+ * assert.equal(await within(Promise.resolve(1), "a settled promise"), 1);
+ * await assert.rejects(within(new Promise(() => {}), "never", 10), /timed out after 10 ms: never/);
  * ```
  */
 export async function within<T>(promise: Promise<T>, what: string, ms = WAIT_MS): Promise<T> {
@@ -81,10 +85,11 @@ export interface SpawnOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { spawnServer } from "./shared.ts";
  * await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
- * console.assert(server.address === `tcp://127.0.0.1:${server.port}`);
- * console.assert((await server.stop()).code === 0);
+ * assert.equal(server.address, `tcp://127.0.0.1:${server.port}`);
+ * assert.equal((await server.stop()).code, 0);
  * ```
  *
  * @throws {Error} when it exits or says nothing before `startMs`, with its stderr.
@@ -196,8 +201,9 @@ function denoCommand(): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { memoryMiB } from "./shared.ts";
- * if (Deno.build.os === "linux") console.assert(memoryMiB("self", "VmRSS") > 0);
+ * if (Deno.build.os === "linux") assert.ok(memoryMiB("self", "VmRSS") > 0);
  * ```
  */
 export function memoryMiB(pid: number | "self", field: "VmRSS" | "VmHWM"): number {
@@ -213,8 +219,9 @@ export function memoryMiB(pid: number | "self", field: "VmRSS" | "VmHWM"): numbe
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { residentBytes } from "./shared.ts";
- * if (Deno.build.os !== "windows") console.assert(await residentBytes(Deno.pid) > 0);
+ * if (Deno.build.os !== "windows") assert.ok(await residentBytes(Deno.pid) > 0);
  * ```
  */
 export async function residentBytes(pid: number): Promise<number> {
@@ -245,8 +252,9 @@ export async function residentBytes(pid: number): Promise<number> {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { raiseOpenFileLimit } from "./shared.ts";
- * if (Deno.build.os === "linux") console.assert(raiseOpenFileLimit(64) >= 64);
+ * if (Deno.build.os === "linux") assert.ok(raiseOpenFileLimit(64) >= 64);
  * ```
  */
 export function raiseOpenFileLimit(needed: number, wanted = needed): number {
@@ -301,4 +309,42 @@ export function closeQuietly(resource: { close(): void }): void {
   } catch {
     // Already closed.
   }
+}
+
+// ------------------------------------------------------ a WebSocket by hand
+
+/**
+ * The upgrade request a bare TCP socket sends to become a WebSocket. Any key
+ * works: the server's answer to it is checked in main_test.ts.
+ */
+export const UPGRADE_REQUEST = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
+  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
+  "Sec-WebSocket-Version: 13\r\n\r\n";
+
+/**
+ * A frame as a client must send it: masked (RFC 6455, section 5.3). With
+ * `mask` false the key is zero, as valid as any, and leaves the payload as it
+ * is (fast floods).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { clientFrame } from "./shared.ts";
+ * const frame = clientFrame(0x1, new TextEncoder().encode("hi"), false);
+ * assert.deepEqual([...frame], [0x81, 0x82, 0, 0, 0, 0, 0x68, 0x69]);
+ * ```
+ */
+export function clientFrame(opcode: number, payload: Uint8Array, mask = true): Uint8Array {
+  const extra = payload.length < 126 ? 0 : payload.length < 65536 ? 2 : 8;
+  const frame = new Uint8Array(2 + extra + 4 + payload.length);
+  const view = new DataView(frame.buffer);
+  frame[0] = 0x80 | opcode;
+  if (extra === 0) frame[1] = 0x80 | payload.length;
+  else if (extra === 2) (frame[1] = 0x80 | 126, view.setUint16(2, payload.length));
+  else (frame[1] = 0x80 | 127, view.setBigUint64(2, BigInt(payload.length)));
+  const key = frame.subarray(2 + extra, 6 + extra);
+  if (mask) crypto.getRandomValues(key);
+  const body = frame.subarray(6 + extra);
+  for (let i = 0; i < payload.length; i++) body[i] = payload[i] ^ key[i & 3];
+  return frame;
 }

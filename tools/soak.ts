@@ -47,11 +47,13 @@
 
 import { parseArgs } from "node:util";
 import {
+  clientFrame,
   closeQuietly,
   delay,
   memoryMiB,
   raiseOpenFileLimit,
   spawnServer,
+  UPGRADE_REQUEST,
   within,
   writeAll,
 } from "./shared.ts";
@@ -78,9 +80,6 @@ const BATCH = 100;
 // Bytes past the servers' defaults, to break them on purpose.
 const OVERLONG_LINE = 70 * 1024; // --max-line is 64 KiB
 const OVERSIZE_MESSAGE = 1024 * 1024 + 1; // --max-message is 1 MiB
-const UPGRADE_REQUEST = `GET / HTTP/1.1\r\nHost: ${HOST}\r\nUpgrade: websocket\r\n` +
-  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-  "Sec-WebSocket-Version: 13\r\n\r\n";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -206,21 +205,6 @@ function padding(): string {
     out.push(words[Math.floor(Math.random() * words.length)]);
   }
   return out.join(" ");
-}
-
-/** A masked client frame (RFC 6455, section 5.3), for the bare WebSocket clients. */
-function clientFrame(opcode: number, payload: Uint8Array): Uint8Array {
-  const extra = payload.length < 126 ? 0 : payload.length < 65536 ? 2 : 8;
-  const frame = new Uint8Array(2 + extra + 4 + payload.length);
-  const view = new DataView(frame.buffer);
-  frame[0] = 0x80 | opcode;
-  if (extra === 0) frame[1] = 0x80 | payload.length;
-  else if (extra === 2) (frame[1] = 0x80 | 126, view.setUint16(2, payload.length));
-  else (frame[1] = 0x80 | 127, view.setBigUint64(2, BigInt(payload.length)));
-  const key = crypto.getRandomValues(frame.subarray(2 + extra, 6 + extra));
-  const body = frame.subarray(6 + extra);
-  for (let i = 0; i < payload.length; i++) body[i] = payload[i] ^ key[i & 3];
-  return frame;
 }
 
 // ----------------------------------------------------------------- servers
