@@ -29,9 +29,12 @@ import { parseArgs } from "node:util";
 import {
   closeQuietly,
   delay,
+  flagError,
   residentBytes,
+  runCommand,
   type ServerProcess,
   spawnServer,
+  UsageError,
   within,
   writeAll,
 } from "./shared.ts";
@@ -1061,19 +1064,6 @@ no server named are skipped, and so is memory without a PID. --tcp and
 must relay every line to every client, the sender included, as "NAME: TEXT".
 Exit status: 0, 1 if a phase failed or lost a chat delivery, 2 for bad flags.`;
 
-/** A command-line mistake: reported as one line plus the usage, exit code 2. */
-class UsageError extends Error {}
-
-// parseArgs explains itself over several sentences; keep the first, and say
-// how to pass a value that starts with "-" (a negative number, say).
-function parseArgsMessage(error: Error): string {
-  const first = error.message.split(/\.\s/)[0];
-  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
-  return option
-    ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE`
-    : first;
-}
-
 function parseCommandLine(args: string[]) {
   let parsed;
   try {
@@ -1099,7 +1089,7 @@ function parseCommandLine(args: string[]) {
       },
     }).values;
   } catch (error) {
-    throw new UsageError(parseArgsMessage(error as Error));
+    throw flagError(error);
   }
   const defaults = parsed.quick ? QUICK : DEFAULTS;
   const clients = optionalInteger("--clients", parsed.clients, 2, 1000) ?? defaults.clients;
@@ -1213,19 +1203,7 @@ function failed(report: Report): boolean {
   );
 }
 
-async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseCommandLine(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`bench: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options.help) {
-    console.log(USAGE);
-    return 0;
-  }
+async function bench(options: ReturnType<typeof parseCommandLine>): Promise<number> {
   const started: ServerProcess[] = [];
   const stopServers = () => Promise.all(started.map((server) => server.stop()));
   // Interrupted, it stops the servers it started before it goes.
@@ -1259,4 +1237,7 @@ function startError(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) {
+  const command = { name: "bench", usage: USAGE, parse: parseCommandLine, run: bench };
+  Deno.exit(await runCommand(command, Deno.args));
+}

@@ -1,8 +1,9 @@
 /**
  * tools/shared.ts: what bench.ts, soak.ts and the tests share about the
  * servers they run as child processes: starting one and reading its address,
- * its memory, the open-file limit it inherits, a bound on every wait, and
- * the bytes of a WebSocket client written by hand (to misbehave on purpose).
+ * its memory, the open-file limit it inherits, a bound on every wait, the
+ * bytes of a WebSocket client written by hand (to misbehave on purpose), and
+ * the frame of a tool's command line (a mistake is one line, then the usage).
  *
  * The four scripts a learner runs import nothing, so that each works alone
  * from its raw URL; this file is for the tools and tests around them.
@@ -51,6 +52,76 @@ export async function within<T>(promise: Promise<T>, what: string, ms = WAIT_MS)
   } finally {
     clearTimeout(timer);
   }
+}
+
+// ------------------------------------------------------------- command line
+
+/** A command-line mistake: `runCommand` prints it as one line, then the usage, and exits 2. */
+export class UsageError extends Error {}
+
+/**
+ * A parseArgs error as a UsageError of one line: parseArgs explains itself
+ * over several sentences, so the first is kept, with how to pass a value that
+ * starts with "-" (a negative number, say) where that was the trouble.
+ */
+export function flagError(error: unknown): UsageError {
+  const first = String((error as Error)?.message ?? error).split(/\.\s/)[0];
+  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
+  return new UsageError(
+    option ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE` : first,
+  );
+}
+
+/** A tool's command line: its name, its usage text, how to read its flags, and what it does. */
+export interface Command<Options extends { help: boolean }> {
+  name: string;
+  usage: string;
+  /** Reads the flags; throws a UsageError for a mistake. */
+  parse: (args: string[]) => Options;
+  /** Does the work; resolves with the exit code. */
+  run: (options: Options) => Promise<number>;
+}
+
+/**
+ * Runs a tool's command line and resolves with its exit code: a mistake is
+ * one line (`NAME: what is wrong`), a blank line and the usage on stderr,
+ * exit 2; `--help` prints the usage, exit 0; anything else is `run`'s.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { runCommand, UsageError } from "./shared.ts";
+ * const command = {
+ *   name: "demo",
+ *   usage: "Usage: demo [-h]",
+ *   parse(args: string[]) {
+ *     if (args.length > 1) throw new UsageError("one argument at most");
+ *     return { help: args[0] === "-h" };
+ *   },
+ *   run: () => Promise.resolve(0),
+ * };
+ * assert.equal(await runCommand(command, []), 0);
+ * assert.equal(await runCommand(command, ["-h"]), 0);
+ * assert.equal(await runCommand(command, ["a", "b"]), 2);
+ * ```
+ */
+export async function runCommand<Options extends { help: boolean }>(
+  command: Command<Options>,
+  args: string[],
+): Promise<number> {
+  let options;
+  try {
+    options = command.parse(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`${command.name}: ${error.message}\n\n${command.usage}`);
+    return 2;
+  }
+  if (options.help) {
+    console.log(command.usage);
+    return 0;
+  }
+  return await command.run(options);
 }
 
 // ------------------------------------------------------------------ servers

@@ -50,10 +50,13 @@ import {
   clientFrame,
   closeQuietly,
   delay,
+  flagError,
   memoryMiB,
   raiseOpenFileLimit,
+  runCommand,
   spawnServer,
   UPGRADE_REQUEST,
+  UsageError,
   within,
   writeAll,
 } from "./shared.ts";
@@ -151,8 +154,6 @@ Options:
                       (default ${DEFAULT_INTERVAL})
   -h, --help          show this help`;
 
-class UsageError extends Error {}
-
 function parseCommandLine(args: string[]): Options & { help: boolean } {
   let values;
   try {
@@ -167,7 +168,7 @@ function parseCommandLine(args: string[]): Options & { help: boolean } {
       },
     }).values;
   } catch (error) {
-    throw new UsageError((error as Error).message.split(/\.\s/)[0]);
+    throw flagError(error);
   }
   return {
     duration: numberOption("--duration", values.duration, 1, 3600),
@@ -850,19 +851,7 @@ function report(options: Options, rooms: Room[], lagMs: number): number {
   return failures.length === 0 ? 0 : 1;
 }
 
-async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseCommandLine(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`soak: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options.help) {
-    console.log(USAGE);
-    return 0;
-  }
+async function soak(options: Options): Promise<number> {
   if (Deno.build.os !== "linux") {
     console.error("soak: this needs Linux: it reads the servers' memory from /proc");
     return 1;
@@ -881,4 +870,7 @@ async function main(args: string[]): Promise<number> {
   return report(options, rooms, lagMs);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) {
+  const command = { name: "soak", usage: USAGE, parse: parseCommandLine, run: soak };
+  Deno.exit(await runCommand(command, Deno.args));
+}
