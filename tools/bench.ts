@@ -123,19 +123,22 @@ const MEANING = [
  * Runs every phase for both transports, against the `given` servers or ones
  * it starts (added to `started`, for the caller to stop), and returns the
  * report that --json prints. A failed phase is reported in `errors`, not
- * thrown; a server that cannot start is.
+ * thrown; a server that cannot start is, and so is `stop`'s reason: no phase
+ * starts once it has aborted.
  */
-async function runBench(
-  settings: Settings,
-  given: Partial<Record<Transport, Servers>>,
-  started: ServerProcess[],
-) {
+async function runBench(options: {
+  settings: Settings;
+  given: Partial<Record<Transport, Servers>>;
+  started: ServerProcess[];
+  stop: AbortSignal;
+}) {
+  const { settings, given, started, stop } = options;
   const began = performance.now();
   const servers = {
     tcp: given.tcp ?? await startServers("tcp", started),
     ws: given.ws ?? await startServers("ws", started),
   };
-  const results = await measureAll(servers, settings);
+  const results = await measureAll(servers, settings, stop);
   return {
     machine: { cpus: navigator.hardwareConcurrency, os: Deno.build.os, deno: Deno.version.deno },
     settings,
@@ -152,7 +155,11 @@ type Report = Awaited<ReturnType<typeof runBench>>;
 // Each timed phase runs in rounds, TCP and WebSocket taking turns, and each
 // keeps its best round: another program on the machine can only ever make a
 // round slower, and taking turns spreads what it does over both columns.
-async function measureAll(servers: Record<Transport, Servers>, settings: Settings) {
+async function measureAll(
+  servers: Record<Transport, Servers>,
+  settings: Settings,
+  stop: AbortSignal,
+) {
   const results = { tcp: emptyResult(), ws: emptyResult() };
   for (const step of STEPS) {
     for (const transport of TRANSPORTS) {
@@ -170,6 +177,7 @@ async function measureAll(servers: Record<Transport, Servers>, settings: Setting
     const best: Partial<Record<Transport, Figures>> = {};
     for (let round = 1; round <= rounds(step); round++) {
       for (const transport of measured(step)) {
+        stop.throwIfAborted();
         const result = results[transport];
         const name = rounds(step) > 1
           ? `${step.name} (round ${round} of ${rounds(step)})`
@@ -1206,24 +1214,26 @@ function failed(report: Report): boolean {
 async function bench(options: ReturnType<typeof parseCommandLine>): Promise<number> {
   const started: ServerProcess[] = [];
   const stopServers = () => Promise.all(started.map((server) => server.stop()));
-  // Interrupted, it stops the servers it started before it goes.
+  // Interrupted, it starts no further phase and stops the servers it
+  // started, so that the phase in progress fails at once.
+  const interrupted = new AbortController();
   const signals = Deno.build.os === "windows"
     ? ["SIGINT"] as const
     : ["SIGINT", "SIGTERM"] as const;
-  const interrupt = async () => {
-    console.error("bench: interrupted");
-    await stopServers();
-    Deno.exit(130);
+  const interrupt = () => {
+    interrupted.abort(new Error("interrupted"));
+    stopServers();
   };
   for (const signal of signals) Deno.addSignalListener(signal, interrupt);
   try {
-    const report = await runBench(options.settings, options.servers, started);
+    const { settings, servers: given } = options;
+    const report = await runBench({ settings, given, started, stop: interrupted.signal });
     await stopServers();
     console.log(options.json ? JSON.stringify(report, null, 2) : formatReport(report));
     return failed(report) ? 1 : 0;
   } catch (error) {
     console.error(`bench: ${startError(error)}`);
-    return 1;
+    return interrupted.signal.aborted ? 130 : 1;
   } finally {
     for (const signal of signals) Deno.removeSignalListener(signal, interrupt);
     await stopServers();
