@@ -14,9 +14,9 @@
  * and an unbounded queue misses by far.
  *
  * The 1,000-client tests need about 2,100 open files in this process (and the
- * server children inherit the limit). If the soft limit is lower they raise it
- * up to the hard limit; if even that is too low they are skipped with the
- * reason in their name, except under CI=true, where they run and fail.
+ * server children inherit the limit; Deno raises its soft limit to the hard
+ * one as it starts). If that is too low they are skipped with the reason in
+ * their name, except under CI=true, where they run and fail.
  */
 
 import assert from "node:assert/strict";
@@ -32,7 +32,7 @@ import {
   within,
   type WsClient,
 } from "./helpers.ts";
-import { clientFrame, memoryMiB, raiseOpenFileLimit, UPGRADE_REQUEST } from "../tools/shared.ts";
+import { clientFrame, memoryMiB, openFileLimit, UPGRADE_REQUEST } from "../tools/shared.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -163,17 +163,16 @@ async function openMany<T>(count: number, open: (i: number) => Promise<T>, batch
   return opened;
 }
 
-// The soft limit on open files, raised up to the hard limit if need be.
-// Returns why it is still too low, or undefined when it is enough.
-function raiseFileLimit(needed: number, wanted: number): string | undefined {
+// Why the limit on open files is too low, or undefined when it is enough.
+function fileLimitProblem(needed: number, wanted: number): string | undefined {
   if (Deno.build.os !== "linux") return "these tests read /proc, which only Linux has";
-  const now = raiseOpenFileLimit(needed, wanted);
+  const now = openFileLimit();
   return now >= needed
     ? undefined
     : `open files limit is ${now}, need ${needed}: run \`ulimit -n ${wanted}\` first`;
 }
 
-const FILE_LIMIT_PROBLEM = raiseFileLimit(FILES_NEEDED, FILES_WANTED);
+const FILE_LIMIT_PROBLEM = fileLimitProblem(FILES_NEEDED, FILES_WANTED);
 
 /** A test that needs many open files: skipped with the reason if they are not there, except on CI. */
 function manyClientsTest(name: string, fn: () => Promise<void>): void {

@@ -315,41 +315,22 @@ export async function residentBytes(pid: number): Promise<number> {
 // ---------------------------------------------------------- open-file limit
 
 /**
- * This process's soft limit on open files (`ulimit -n`), raised towards
- * `wanted` if it is below `needed`: Deno has no setrlimit, so this calls the C
- * library's through FFI, up to the hard limit. Child processes inherit it.
- * Returns the soft limit now; where FFI is not allowed or there is no glibc,
- * it stays as it was. Linux only (it reads /proc/self/limits).
+ * This process's soft limit on open files (`ulimit -n`), which its child
+ * processes inherit. Deno raises it to the hard limit as it starts
+ * (denoland/deno#10162), so this is as high as it goes without root: where it
+ * is too low, only `ulimit -Hn` (as root) helps. Linux only: it reads
+ * /proc/self/limits.
  *
  * @example
  * ```ts
  * import assert from "node:assert/strict";
- * import { raiseOpenFileLimit } from "./shared.ts";
- * if (Deno.build.os === "linux") assert.ok(raiseOpenFileLimit(64) >= 64);
+ * import { openFileLimit } from "./shared.ts";
+ * if (Deno.build.os === "linux") assert.ok(openFileLimit() >= 64);
  * ```
  */
-export function raiseOpenFileLimit(needed: number, wanted = needed): number {
-  const soft = () =>
-    Number(Deno.readTextFileSync("/proc/self/limits").match(/^Max open files\s+(\d+)/m)?.[1]);
-  if (soft() >= needed) return soft();
-  const RLIMIT_NOFILE = 7;
-  try {
-    const libc = Deno.dlopen("libc.so.6", {
-      getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
-      setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
-    });
-    try {
-      const limits = new BigUint64Array(2); // struct rlimit { soft, hard }
-      libc.symbols.getrlimit(RLIMIT_NOFILE, limits);
-      limits[0] = limits[1] < BigInt(wanted) ? limits[1] : BigInt(wanted);
-      libc.symbols.setrlimit(RLIMIT_NOFILE, limits);
-    } finally {
-      libc.close();
-    }
-  } catch {
-    // No FFI permission, or no glibc: the limit stays as it was.
-  }
-  return soft();
+export function openFileLimit(): number {
+  const limits = Deno.readTextFileSync("/proc/self/limits");
+  return Number(limits.match(/^Max open files\s+(\d+)/m)?.[1] ?? 0);
 }
 
 // ------------------------------------------------------- small I/O helpers

@@ -29,9 +29,8 @@
  * (a shutdown under load), and prints a summary: messages sent, delivered,
  * lost, disconnects by reason (from the servers' own logs), and peak memory.
  *
- * Run it (about 2,200 open files here, and as many in each server: it raises
- * its soft limit up to the hard one by itself, and where even that is too
- * low it stops and says so):
+ * Run it (about 2,200 open files here, and as many in each server; raise the
+ * limit first, or the script stops and says so):
  *
  *     ulimit -n 8192 && deno task soak
  *     ulimit -n 8192 && deno run -A tools/soak.ts --duration 20 --clients 200
@@ -52,7 +51,7 @@ import {
   delay,
   flagError,
   memoryMiB,
-  raiseOpenFileLimit,
+  openFileLimit,
   runCommand,
   spawnServer,
   UPGRADE_REQUEST,
@@ -144,8 +143,7 @@ const USAGE = `Usage: soak.ts [options]
 Soaks tcp_server.ts and ws_server.ts (chat mode, started here on 127.0.0.1)
 with well-behaved, slow and misbehaving clients, then prints messages sent,
 delivered and lost, disconnects by reason, and the servers' peak memory.
-Needs about 2.2 open files per client: where the hard limit is lower than
-that, run \`ulimit -n 8192\` first.
+Needs about 2.2 open files per client: run \`ulimit -n 8192\` first.
 
 Options:
   --duration SECONDS  how long the clients run (default ${DEFAULT_DURATION})
@@ -858,7 +856,7 @@ async function soak(options: Options): Promise<number> {
   }
   // This process holds every client's socket (and churn), each server as many.
   const needed = Math.ceil(2.2 * options.clients) + 100;
-  const limit = raiseOpenFileLimit(needed, Math.max(needed, 8192));
+  const limit = openFileLimit();
   if (limit < needed) {
     console.error(
       `soak: the open files limit is ${limit}, ${options.clients} clients per server need ` +
