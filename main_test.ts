@@ -23,7 +23,7 @@ import {
   runScript,
   scriptPath,
   spawnServer,
-} from "./test_helpers.ts";
+} from "./tests/helpers.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

@@ -17,7 +17,7 @@
  * Run it (least privilege: loopback only, run deno for the servers and ps
  * for their memory; a default run takes under a minute):
  *
- *     deno run --allow-net=127.0.0.1 --allow-run=deno,ps bench.ts
+ *     deno run --allow-net=127.0.0.1 --allow-run=deno,ps tools/bench.ts
  *     deno task bench --quick                  # a few seconds, a first look
  *     deno task bench --json > bench.json      # one JSON object, for machines
  *     deno task bench --tcp 127.0.0.1:9101 --ws ws://127.0.0.1:9102/   # servers you started
@@ -26,13 +26,20 @@
  */
 
 import { parseArgs } from "node:util";
+import {
+  closeQuietly,
+  delay,
+  flagError,
+  residentBytes,
+  runCommand,
+  type ServerProcess,
+  spawnServer,
+  UsageError,
+  within,
+  writeAll,
+} from "./shared.ts";
 
-const DEFAULT_DURATION = 4;
-const DEFAULT_ROUNDS = 2;
-const DEFAULT_CONNECTIONS = 50;
-const DEFAULT_IDLE = 500;
-const DEFAULT_CLIENTS = 20;
-const DEFAULT_SENDERS = 4;
+const DEFAULTS = { duration: 4, rounds: 2, connections: 50, idle: 500, clients: 20, senders: 4 };
 // --quick: enough to see every row and its verification work, in a few seconds.
 const QUICK = { duration: 0.4, rounds: 1, connections: 10, idle: 100, clients: 6, senders: 2 };
 const MAX_DURATION = 60;
@@ -62,128 +69,36 @@ const STALL_MS = 5000;
 // After opening the idle connections, time for the server to finish its
 // per-connection work before its memory is read.
 const SETTLE_MS = 300;
-const SERVER_START_MS = 15_000;
 const CLOSE_WAIT_MS = 1000;
 // The close code for "done, all is well" (RFC 6455, section 7.4.1). Closing
 // without one sends no code at all, which some servers log as an error.
 const NORMAL_CLOSURE = 1000;
 
 const encoder = new TextEncoder();
-const decoder = new TextDecoder();
 
-/** The two transports, in the order of the table's columns. */
-export type Transport = "tcp" | "ws";
+type Transport = "tcp" | "ws";
+// In the order of the table's columns.
+const TRANSPORTS = ["tcp", "ws"] as const;
+const NAMES = { tcp: "TCP", ws: "WebSocket" };
 
-/**
- * Which servers to measure for one transport. Leave it out and `runBench`
- * starts the project's own (`tcp_server.ts` or `ws_server.ts`, echo and chat).
- */
-export interface Targets {
-  /** Echo server: `HOST:PORT` (or `tcp://HOST:PORT`) for TCP, a `ws://` URL for WebSocket. */
-  echo?: string;
-  /** Chat server speaking the project's chat protocol, addressed the same way. */
-  chat?: string;
-  /** Process id of the echo server, for memory per connection. */
-  pid?: number;
+/** What a run does, from the command line with its defaults. Durations are in seconds. */
+interface Settings {
+  duration: number;
+  rounds: number;
+  connections: number;
+  idle: number;
+  clients: number;
+  senders: number;
 }
 
-/** Options for {@linkcode runBench}. Durations are in seconds. */
-export interface BenchOptions {
-  /** Measured time of each timed phase, per transport, split over the rounds. Default 4. */
-  duration?: number;
-  /** Rounds each timed phase is split into, TCP and WebSocket taking turns; the best counts. Default 2. */
-  rounds?: number;
-  /** Connections for the echoes-per-second phase. Default 50. */
-  connections?: number;
-  /** Idle connections opened for memory per connection. Default 500. */
-  idle?: number;
-  /** Chat clients in the room. Default 20. */
-  clients?: number;
-  /** How many of the chat clients send. Default 4. */
-  senders?: number;
-  /** TCP servers to measure instead of starting `tcp_server.ts`. */
-  tcp?: Targets;
-  /** WebSocket servers to measure instead of starting `ws_server.ts`. */
-  ws?: Targets;
-  /** Called as each phase starts. */
-  onPhase?: (phase: PhaseInfo) => void;
-  /** Stops the run: the servers it started are stopped and `runBench` rejects with the reason. */
-  signal?: AbortSignal;
-}
-
-/** One step of the run, for a progress display. */
-export interface PhaseInfo {
-  /** 1-based position among `total` phases. */
-  index: number;
-  total: number;
-  transport: Transport;
-  /** What is being measured, e.g. "latency". */
-  name: string;
-  /** Roughly how long it takes, in seconds. */
-  seconds: number;
-}
-
-/** The figures for one transport; `null` where a phase was skipped or failed. */
-export interface TransportResult {
-  /** Round trip of one 32-byte echo on one connection, median, in µs. */
-  latencyP50Us: number | null;
-  /** The same, 99th percentile. */
-  latencyP99Us: number | null;
-  /** Round trips the latency figures come from. */
-  roundTrips: number;
-  /** Opening a connection (TCP connect, plus the HTTP upgrade for WebSocket) and one echo, median µs. */
-  openP50Us: number | null;
-  /** Echoes per second over `connections` connections, one message in flight on each. */
-  messagesPerSecond: number | null;
-  /** Bytes echoed per second on one connection, in MB/s (10^6 bytes). */
-  bulkMBPerSecond: number | null;
-  /** Chat messages delivered per second, summed over all receiving clients. */
-  chatDeliveriesPerSecond: number | null;
-  /** Chat deliveries that never arrived; anything but 0 is a failure. */
-  chatLost: number | null;
-  /** Growth of the server's resident memory per idle connection, in bytes. */
-  memoryPerConnection: number | null;
-  /** Idle connections that memory figure is over. */
-  idleConnections: number;
-  /** Why a phase has no figure: phase name → reason. */
-  skipped: Record<string, string>;
-  /** Phases that failed: phase name → error. */
-  errors: Record<string, string>;
-}
-
-/** Where a transport's servers were. */
-export interface ServerInfo {
-  /** `started` when bench.ts ran the project's server itself, else `given`. */
+/** Where one transport's servers are: started here, or given by flags. */
+interface Servers {
   source: "started" | "given";
   echo: string | null;
   chat: string | null;
-  /** Process id of the echo server, when known. */
+  /** The echo server's process id, for its memory per connection. */
   pid: number | null;
 }
-
-/** What {@linkcode runBench} measured. */
-export interface BenchReport {
-  machine: { cpus: number; os: string; deno: string };
-  settings: Required<Omit<BenchOptions, "tcp" | "ws" | "onPhase" | "signal">>;
-  servers: Record<Transport, ServerInfo>;
-  tcp: TransportResult;
-  ws: TransportResult;
-  /** WebSocket ÷ TCP for every figure both have. */
-  ratios: Partial<Record<Metric, number>>;
-  /** Wall-clock time of the whole run. */
-  seconds: number;
-  /** What the figures are worth: the caveat printed under the table. */
-  note: string;
-}
-
-type Metric =
-  | "latencyP50Us"
-  | "latencyP99Us"
-  | "openP50Us"
-  | "messagesPerSecond"
-  | "bulkMBPerSecond"
-  | "chatDeliveriesPerSecond"
-  | "memoryPerConnection";
 
 const FLOOR_NOTE = "The load generator is JavaScript on this same machine, sharing its CPUs with " +
   "the server under test, so every absolute figure is a floor for what the server can do; " +
@@ -205,75 +120,49 @@ const MEANING = [
 ];
 
 /**
- * Runs every phase for both transports, starting (and afterwards stopping)
- * the servers it was not given, and resolves with the figures. A failed
- * phase is reported in `errors`, not thrown; a server that cannot start is.
- *
- * @example A short run against the project's own servers
- * ```ts
- * const report = await runBench({ duration: 0.5, connections: 10, idle: 50 });
- * console.log(formatReport(report));
- * // report.ratios.latencyP50Us is how many times longer a WebSocket round trip takes
- * ```
- *
- * @throws {Error} when a server to be started does not print its `listening on` line.
+ * Runs every phase for both transports, against the `given` servers or ones
+ * it starts (added to `started`, for the caller to stop), and returns the
+ * report that --json prints. A failed phase is reported in `errors`, not
+ * thrown; a server that cannot start is, and so is `stop`'s reason: no phase
+ * starts once it has aborted.
  */
-export async function runBench(options: BenchOptions = {}): Promise<BenchReport> {
+async function runBench(options: {
+  settings: Settings;
+  given: Partial<Record<Transport, Servers>>;
+  started: ServerProcess[];
+  stop: AbortSignal;
+}) {
+  const { settings, given, started, stop } = options;
   const began = performance.now();
-  const settings = {
-    duration: options.duration ?? DEFAULT_DURATION,
-    rounds: options.rounds ?? DEFAULT_ROUNDS,
-    connections: options.connections ?? DEFAULT_CONNECTIONS,
-    idle: options.idle ?? DEFAULT_IDLE,
-    clients: options.clients ?? DEFAULT_CLIENTS,
-    senders: Math.min(options.senders ?? DEFAULT_SENDERS, options.clients ?? DEFAULT_CLIENTS),
+  const servers = {
+    tcp: given.tcp ?? await startServers("tcp", started),
+    ws: given.ws ?? await startServers("ws", started),
   };
-  const { signal } = options;
-  const started: Server[] = [];
-  // Aborting stops the servers we started at once; the phase in progress
-  // then fails on its own, and no further phase starts.
-  const aborted = Promise.withResolvers<never>();
-  const abort = () => aborted.reject(signal!.reason);
-  signal?.addEventListener("abort", abort, { once: true });
-  try {
-    signal?.throwIfAborted();
-    const servers = {
-      tcp: await resolveServers("tcp", options.tcp, started),
-      ws: await resolveServers("ws", options.ws, started),
-    };
-    const results = await Promise.race([
-      measureAll({ servers, settings, onPhase: options.onPhase, signal }),
-      aborted.promise,
-    ]);
-    return {
-      machine: machineInfo(),
-      settings,
-      servers,
-      ...results,
-      ratios: ratiosOf(results.tcp, results.ws),
-      seconds: (performance.now() - began) / 1000,
-      note: FLOOR_NOTE,
-    };
-  } finally {
-    signal?.removeEventListener("abort", abort);
-    await Promise.all(started.map((server) => server.stop()));
-  }
+  const results = await measureAll(servers, settings, stop);
+  return {
+    machine: { cpus: navigator.hardwareConcurrency, os: Deno.build.os, deno: Deno.version.deno },
+    settings,
+    servers,
+    ...results,
+    ratios: ratiosOf(results.tcp, results.ws),
+    seconds: (performance.now() - began) / 1000,
+    note: FLOOR_NOTE,
+  };
 }
+
+type Report = Awaited<ReturnType<typeof runBench>>;
 
 // Each timed phase runs in rounds, TCP and WebSocket taking turns, and each
 // keeps its best round: another program on the machine can only ever make a
 // round slower, and taking turns spreads what it does over both columns.
-async function measureAll(options: {
-  servers: Record<Transport, ServerInfo>;
-  settings: Settings;
-  onPhase?: (phase: PhaseInfo) => void;
-  signal?: AbortSignal;
-}): Promise<Record<Transport, TransportResult>> {
-  const { servers, settings } = options;
+async function measureAll(
+  servers: Record<Transport, Servers>,
+  settings: Settings,
+  stop: AbortSignal,
+) {
   const results = { tcp: emptyResult(), ws: emptyResult() };
-  const plan = planPhases(settings);
-  for (const step of plan) {
-    for (const transport of ["tcp", "ws"] as const) {
+  for (const step of STEPS) {
+    for (const transport of TRANSPORTS) {
       if (servers[transport][step.server] === null) {
         const flag = `--${transport}${step.server === "chat" ? "-chat" : ""}`;
         results[transport].skipped[step.name] = `no ${step.server} server given (${flag})`;
@@ -281,32 +170,27 @@ async function measureAll(options: {
     }
   }
   const rounds = (step: Step) => step.timed ? settings.rounds : 1;
-  const runs = (step: Step) =>
-    rounds(step) * (["tcp", "ws"] as const).filter((t) => servers[t][step.server]).length;
-  const total = plan.reduce((sum, step) => sum + runs(step), 0);
+  const measured = (step: Step) => TRANSPORTS.filter((t) => servers[t][step.server] !== null);
+  const total = STEPS.reduce((sum, step) => sum + rounds(step) * measured(step).length, 0);
   let index = 0;
-  for (const step of plan) {
+  for (const step of STEPS) {
     const best: Partial<Record<Transport, Figures>> = {};
     for (let round = 1; round <= rounds(step); round++) {
-      for (const transport of ["tcp", "ws"] as const) {
+      for (const transport of measured(step)) {
+        stop.throwIfAborted();
         const result = results[transport];
-        const target = servers[transport][step.server];
-        if (target === null) continue;
-        options.signal?.throwIfAborted();
-        options.onPhase?.({
-          index: ++index,
-          total,
-          transport,
-          name: rounds(step) > 1 ? `${step.name} (round ${round} of ${rounds(step)})` : step.name,
-          seconds: step.seconds,
-        });
+        const name = rounds(step) > 1
+          ? `${step.name} (round ${round} of ${rounds(step)})`
+          : step.name;
+        console.error(`bench: [${++index}/${total}] ${NAMES[transport]} ${name}`);
         // A phase that failed once fails again, and may take STALL_MS to.
         if (result.errors[step.name]) continue;
         try {
           const figures = await step.run({
             transport,
-            target,
+            target: servers[transport][step.server]!,
             settings,
+            duration: settings.duration / settings.rounds,
             pid: servers[transport].pid,
             skip: (what, why) => result.skipped[what] = why,
           });
@@ -320,7 +204,7 @@ async function measureAll(options: {
         }
       }
     }
-    for (const transport of ["tcp", "ws"] as const) {
+    for (const transport of TRANSPORTS) {
       const { chatLost: _, ...figures } = best[transport] ?? {};
       Object.assign(results[transport], figures);
     }
@@ -333,19 +217,15 @@ async function measureAll(options: {
 
 // ------------------------------------------------------------------ the phases
 
-interface Settings {
-  duration: number;
-  rounds: number;
-  connections: number;
-  idle: number;
-  clients: number;
-  senders: number;
-}
-
-interface StepContext {
+/** What one round of a phase is run with. */
+interface Round {
   transport: Transport;
+  /** The echo or chat server's address. */
   target: string;
   settings: Settings;
+  /** Seconds counted in this round: --duration split over the rounds. */
+  duration: number;
+  /** The echo server's process id, for its memory. */
   pid: number | null;
   /** Records why one figure of the phase is missing. */
   skip: (what: string, why: string) => void;
@@ -359,9 +239,7 @@ interface Step {
   server: "echo" | "chat";
   /** Timed phases run once per round; the others once. */
   timed: boolean;
-  /** Roughly how long one round takes, in seconds. */
-  seconds: number;
-  run: (context: StepContext) => Promise<Figures>;
+  run: (round: Round) => Promise<Figures>;
   /** Which round was best: the higher, the better. */
   score: (figures: Figures) => number;
 }
@@ -369,90 +247,42 @@ interface Step {
 // The order matters for memory: it runs after the latency phase has warmed
 // the server up, but before the big phases have grown its heap, whose free
 // space would then absorb new connections and hide their cost.
-function planPhases(settings: Settings): Step[] {
-  const duration = settings.duration / settings.rounds;
-  const seconds = warmup(duration) + duration;
-  return [
-    {
-      name: "latency",
-      server: "echo",
-      timed: true,
-      seconds,
-      async run({ transport, target }) {
-        const samples = await measureLatency(opener(transport, target), duration);
-        return {
-          roundTrips: samples.length,
-          latencyP50Us: percentile(samples, 50) * 1000,
-          latencyP99Us: percentile(samples, 99) * 1000,
-        };
-      },
-      score: (figures) => -figures.latencyP50Us!,
-    },
-    {
-      name: "connections",
-      server: "echo",
-      timed: false,
-      seconds: 1,
-      async run({ transport, target, settings, pid, skip }) {
-        const idle = await measureIdle(opener(transport, target), {
-          count: settings.idle,
-          seconds: Math.max(settings.duration, 2),
-          pid,
-        });
-        if (idle.bytesPerConnection === null) {
-          skip("memory", `no process id for the ${transport} echo server (--${transport}-pid)`);
-        }
-        return {
-          openP50Us: percentile(idle.openMs, 50) * 1000,
-          idleConnections: idle.openMs.length,
-          memoryPerConnection: idle.bytesPerConnection,
-        };
-      },
-      score: () => 0,
-    },
-    {
-      name: "throughput",
-      server: "echo",
-      timed: true,
-      seconds,
-      async run({ transport, target, settings }) {
-        const messagesPerSecond = await measureThroughput(opener(transport, target), {
-          connections: settings.connections,
-          duration,
-        });
-        return { messagesPerSecond };
-      },
-      score: (figures) => figures.messagesPerSecond!,
-    },
-    {
-      name: "bulk",
-      server: "echo",
-      timed: true,
-      seconds,
-      async run({ transport, target }) {
-        const bytesPerSecond = transport === "tcp"
+const STEPS: Step[] = [
+  {
+    name: "latency",
+    server: "echo",
+    timed: true,
+    run: measureLatency,
+    score: (figures) => -figures.latencyP50Us!,
+  },
+  { name: "connections", server: "echo", timed: false, run: measureConnections, score: () => 0 },
+  {
+    name: "throughput",
+    server: "echo",
+    timed: true,
+    run: measureThroughput,
+    score: (figures) => figures.messagesPerSecond!,
+  },
+  {
+    name: "bulk",
+    server: "echo",
+    timed: true,
+    run: async ({ transport, target, duration }) => ({
+      bulkMBPerSecond:
+        (transport === "tcp"
           ? await measureTcpBulk(parseTcpAddress(target), duration)
-          : await measureWsBulk(target, duration);
-        return { bulkMBPerSecond: bytesPerSecond / 1e6 };
-      },
-      score: (figures) => figures.bulkMBPerSecond!,
-    },
-    {
-      name: "chat",
-      server: "chat",
-      timed: true,
-      seconds,
-      async run({ transport, target, settings }) {
-        const chat = await measureChat(
-          transport === "tcp" ? tcpChatOpener(parseTcpAddress(target)) : wsChatOpener(target),
-          { clients: settings.clients, senders: settings.senders, duration },
-        );
-        return { chatDeliveriesPerSecond: chat.deliveriesPerSecond, chatLost: chat.lost };
-      },
-      score: (figures) => figures.chatDeliveriesPerSecond!,
-    },
-  ];
-}
+          : await measureWsBulk(target, duration)) / 1e6,
+    }),
+    score: (figures) => figures.bulkMBPerSecond!,
+  },
+  {
+    name: "chat",
+    server: "chat",
+    timed: true,
+    run: measureChat,
+    score: (figures) => figures.chatDeliveriesPerSecond!,
+  },
+];
 
 function warmup(duration: number): number {
   return Math.min(MAX_WARMUP, duration / 4);
@@ -540,12 +370,7 @@ class Phase {
       })
     );
     this.#closeAll();
-    let timer;
-    await Promise.race([
-      Promise.all(closing),
-      new Promise((resolve) => timer = setTimeout(resolve, CLOSE_WAIT_MS)),
-    ]);
-    clearTimeout(timer);
+    await within(Promise.all(closing), "close handshakes", CLOSE_WAIT_MS).catch(() => {});
   }
 
   #closeAll(): void {
@@ -580,16 +405,17 @@ interface EchoConnection {
 
 type Opener = (phase: Phase) => Promise<EchoConnection>;
 
-function opener(transport: Transport, target: string): Opener {
+function opener({ transport, target }: Round): Opener {
   if (transport === "ws") return (phase) => openWsEcho(target, phase);
   const address = parseTcpAddress(target);
   return (phase) => openTcpEcho(address, phase);
 }
 
-/** Round trips of one small message on one connection, in milliseconds. */
-async function measureLatency(open: Opener, duration: number): Promise<Float64Array> {
+/** Round trips of one small message on one connection. */
+async function measureLatency(round: Round): Promise<Figures> {
+  const { duration } = round;
   return await inPhase(async (phase) => {
-    const connection = await open(phase);
+    const connection = await opener(round)(phase);
     const message = new Uint8Array(MESSAGE_SIZE);
     const samples = new Float64Array(MAX_SAMPLES);
     let count = 0;
@@ -604,25 +430,29 @@ async function measureLatency(open: Opener, duration: number): Promise<Float64Ar
       if (sent >= phase.start) samples[count++] = took;
     }
     if (count === 0) throw new Error("no round trip completed");
-    return samples.slice(0, count);
+    const taken = samples.subarray(0, count);
+    return {
+      roundTrips: count,
+      latencyP50Us: percentile(taken, 50) * 1000,
+      latencyP99Us: percentile(taken, 99) * 1000,
+    };
   });
 }
 
 /** Echoes per second over many connections, each with one message in flight. */
-async function measureThroughput(
-  open: Opener,
-  options: { connections: number; duration: number },
-): Promise<number> {
+async function measureThroughput(round: Round): Promise<Figures> {
+  const { duration, settings } = round;
+  const open = opener(round);
   return await inPhase(async (phase) => {
     const connections = await Promise.all(
-      Array.from({ length: options.connections }, () => open(phase)),
+      Array.from({ length: settings.connections }, () => open(phase)),
     );
     let counted = 0;
     let total = 0;
-    phase.go(warmup(options.duration), options.duration);
+    phase.go(warmup(duration), duration);
     await Promise.all(connections.map(async (connection, n) => {
       const message = new Uint8Array(MESSAGE_SIZE);
-      for (let seq = n; total < MAX_MESSAGES; seq += options.connections) {
+      for (let seq = n; total < MAX_MESSAGES; seq += settings.connections) {
         if (performance.now() >= phase.end) return;
         stamp(message, seq);
         const echo = await connection.roundTrip(message);
@@ -632,26 +462,25 @@ async function measureThroughput(
         if (now >= phase.start && now < phase.end) counted++;
       }
     }));
-    return counted / options.duration;
+    return { messagesPerSecond: counted / duration };
   });
 }
 
 /**
  * Opens connections one after another, each used for one echo and then left
  * idle, timing each from connect() to its echo; reads the server's resident
- * memory (VmRSS) before and after when its process id is known.
+ * memory before and after when its process id is known.
  */
-async function measureIdle(
-  open: Opener,
-  options: { count: number; seconds: number; pid: number | null },
-): Promise<{ openMs: Float64Array; bytesPerConnection: number | null }> {
+async function measureConnections(round: Round): Promise<Figures> {
+  const { transport, settings, pid } = round;
+  const open = opener(round);
   return await inPhase(async (phase) => {
-    const before = options.pid === null ? null : await residentBytes(options.pid);
-    const openMs = new Float64Array(options.count);
+    const before = pid === null ? null : await residentBytes(pid);
+    const openMs = new Float64Array(settings.idle);
     const message = new Uint8Array(MESSAGE_SIZE);
     let opened = 0;
-    phase.go(0, options.seconds);
-    while (opened < options.count && performance.now() < phase.end) {
+    phase.go(0, Math.max(settings.duration, 2));
+    while (opened < settings.idle && performance.now() < phase.end) {
       const began = performance.now();
       const connection = await open(phase);
       stamp(message, opened);
@@ -659,10 +488,18 @@ async function measureIdle(
       openMs[opened++] = performance.now() - began;
     }
     if (opened === 0) throw new Error("no connection opened");
-    if (before === null) return { openMs: openMs.slice(0, opened), bytesPerConnection: null };
-    await delay(SETTLE_MS);
-    const after = await residentBytes(options.pid!);
-    return { openMs: openMs.slice(0, opened), bytesPerConnection: (after - before) / opened };
+    let memoryPerConnection = null;
+    if (before === null) {
+      round.skip("memory", `no process id for the ${transport} echo server (--${transport}-pid)`);
+    } else {
+      await delay(SETTLE_MS);
+      memoryPerConnection = (await residentBytes(pid!) - before) / opened;
+    }
+    return {
+      openP50Us: percentile(openMs.subarray(0, opened), 50) * 1000,
+      idleConnections: opened,
+      memoryPerConnection,
+    };
   });
 }
 
@@ -776,13 +613,6 @@ function tcpChatOpener(address: TcpAddress): ChatOpener {
     })().catch((error) => phase.fail(error));
     return (text) => writeAll(conn, encoder.encode(`${text}\n`));
   };
-}
-
-// A write may take only part of the bytes; loop until all are written.
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let written = 0; written < bytes.length;) {
-    written += await conn.write(bytes.subarray(written));
-  }
 }
 
 // ------------------------------------------------------------------ WebSocket
@@ -901,12 +731,10 @@ type ChatSend = (text: string) => Promise<void>;
  * messages once and in order. Returns deliveries per second and how many
  * never arrived.
  */
-async function measureChat(
-  open: ChatOpener,
-  options: { clients: number; senders: number; duration: number },
-): Promise<{ deliveriesPerSecond: number; lost: number }> {
+async function measureChat(round: Round): Promise<Figures> {
+  const { transport, target, duration, settings: { clients, senders } } = round;
+  const open = transport === "tcp" ? tcpChatOpener(parseTcpAddress(target)) : wsChatOpener(target);
   return await inPhase(async (phase) => {
-    const { clients, senders } = options;
     // next[client][sender]: the sequence number that client expects next.
     const next = Array.from({ length: clients }, () => new Float64Array(senders));
     const heard = Array.from({ length: clients }, () => new Set<number>());
@@ -973,7 +801,7 @@ async function measureChat(
       await hellos.catch(() => {});
     }
 
-    phase.go(warmup(options.duration), options.duration);
+    phase.go(warmup(duration), duration);
     await Promise.all(
       sends.slice(0, senders).map(async (send, sender) => {
         const own = next[sender];
@@ -989,132 +817,33 @@ async function measureChat(
       }),
     );
     sendingDone = true;
-    // Whatever was sent is still arriving; wait for it, but not forever.
+    // Whatever was sent is still arriving; wait for it, but not forever:
+    // what has not come by then is lost.
     if (!caughtUp()) {
       drained = phase.wait<void>();
-      let timer;
-      await Promise.race([
-        drained.promise,
-        new Promise((resolve) => timer = setTimeout(resolve, STALL_MS)),
-      ]);
-      clearTimeout(timer);
+      await within(drained.promise, "chat deliveries", STALL_MS).catch(() => {});
     }
     phase.check();
     return {
-      deliveriesPerSecond: counted / options.duration,
-      lost: sent.reduce((sum, n) => sum + n, 0) * clients - delivered,
+      chatDeliveriesPerSecond: counted / duration,
+      chatLost: sent.reduce((sum, n) => sum + n, 0) * clients - delivered,
     };
   });
 }
 
 // --------------------------------------------------------------------- servers
 
-interface Server {
-  address: string;
-  pid: number;
-  stop(): Promise<void>;
-}
-
-async function resolveServers(
-  transport: Transport,
-  targets: Targets | undefined,
-  started: Server[],
-): Promise<ServerInfo> {
-  if (targets && (targets.echo || targets.chat)) {
-    return {
-      source: "given",
-      echo: targets.echo ?? null,
-      chat: targets.chat ?? null,
-      pid: targets.pid ?? null,
-    };
-  }
+/** Starts the project's echo and chat servers for one transport (tcp_server.ts or ws_server.ts). */
+async function startServers(transport: Transport, started: ServerProcess[]): Promise<Servers> {
   const script = transport === "tcp" ? "tcp_server.ts" : "ws_server.ts";
   // Each is listed as soon as it runs, so that it is stopped even when its
   // sibling fails to start.
   const [echo, chat] = await Promise.all(["echo", "chat"].map(async (mode) => {
-    const server = await startServer(script, ["--mode", mode]);
+    const server = await spawnServer(script, ["--quiet", "--mode", mode]);
     started.push(server);
     return server;
   }));
   return { source: "started", echo: echo.address, chat: chat.address, pid: echo.pid };
-}
-
-/**
- * Starts one of the project's servers as its own process, on a free port,
- * and reads the address from its one stdout line: a separate process, so
- * that its memory can be read on its own and it does not share an event
- * loop with the load.
- */
-async function startServer(script: string, args: string[]): Promise<Server> {
-  const path = decodeURIComponent(new URL(`./${script}`, import.meta.url).pathname);
-  const child = new Deno.Command(denoCommand(), {
-    args: ["run", "--allow-net=127.0.0.1", path, "--port", "0", "--quiet", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const reader = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  let timer;
-  const timeout = new Promise<void>((resolve) => timer = setTimeout(resolve, SERVER_START_MS));
-  while (!printed.includes("\n")) {
-    const read = await Promise.race([reader.read(), timeout]);
-    if (!read || read.done) break;
-    printed += read.value;
-  }
-  clearTimeout(timer);
-  await reader.cancel();
-  let stopped: Promise<void> | undefined;
-  const stop = () =>
-    stopped ??= (async () => {
-      try {
-        child.kill("SIGTERM");
-      } catch {
-        // Already exited.
-      }
-      await child.status;
-      await stderr;
-    })();
-  const address = printed.match(/^listening on (\S+)/)?.[1];
-  if (!address) {
-    await stop();
-    throw new Error(`${script} ${args.join(" ")} did not start: ${(await stderr).trim()}`);
-  }
-  return { address, pid: child.pid, stop };
-}
-
-// `--allow-run=deno` names the deno on PATH. Where that is a symlink (deno
-// installed from npm), Deno.execPath() is the link's target, which that
-// permission does not cover: then start the one the permission names.
-function denoCommand(): string {
-  const self = Deno.execPath();
-  return Deno.permissions.querySync({ name: "run", command: self }).state === "granted"
-    ? self
-    : "deno";
-}
-
-// Deno lets a script read /proc only with --allow-all, so the resident set
-// size (RSS, what VmRSS in /proc/PID/status shows) comes from ps, in KiB.
-async function residentBytes(pid: number): Promise<number> {
-  let output;
-  try {
-    output = await new Deno.Command("ps", {
-      args: ["-o", "rss=", "-p", String(pid)],
-      stdin: "null",
-      stderr: "null",
-    }).output();
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) throw new Error("no ps command to read memory");
-    throw error;
-  }
-  const kib = decoder.decode(output.stdout).trim();
-  if (!output.success || !/^\d+$/.test(kib)) throw new Error(`ps found no process ${pid}`);
-  return Number(kib) * 1024;
-}
-
-function machineInfo(): BenchReport["machine"] {
-  return { cpus: navigator.hardwareConcurrency, os: Deno.build.os, deno: Deno.version.deno };
 }
 
 // ------------------------------------------------------------------- helpers
@@ -1144,25 +873,37 @@ function percentile(samples: Float64Array, p: number): number {
   return samples[Math.max(0, Math.ceil((p / 100) * samples.length) - 1)];
 }
 
-function emptyResult(): TransportResult {
+/**
+ * One transport's figures, as --json prints them; null where a phase was
+ * skipped (`skipped` says why) or failed (`errors` says how). Round trips of
+ * one 32-byte echo on one connection, p50 and p99, and opening a connection
+ * (TCP connect, plus the HTTP upgrade for WebSocket) with one echo, in µs;
+ * echoes per second over `connections` connections; bulk echo in MB/s (10^6
+ * bytes); chat deliveries per second, summed over all receivers, and those
+ * that never arrived (anything but 0 is a failure); and the growth of the
+ * server's resident memory per idle connection, in bytes.
+ */
+function emptyResult() {
   return {
-    latencyP50Us: null,
-    latencyP99Us: null,
+    latencyP50Us: null as number | null,
+    latencyP99Us: null as number | null,
     roundTrips: 0,
-    openP50Us: null,
-    messagesPerSecond: null,
-    bulkMBPerSecond: null,
-    chatDeliveriesPerSecond: null,
-    chatLost: null,
-    memoryPerConnection: null,
+    openP50Us: null as number | null,
+    messagesPerSecond: null as number | null,
+    bulkMBPerSecond: null as number | null,
+    chatDeliveriesPerSecond: null as number | null,
+    chatLost: null as number | null,
+    memoryPerConnection: null as number | null,
     idleConnections: 0,
-    skipped: {},
-    errors: {},
+    skipped: {} as Record<string, string>,
+    errors: {} as Record<string, string>,
   };
 }
 
-function ratiosOf(tcp: TransportResult, ws: TransportResult): BenchReport["ratios"] {
-  const ratios: BenchReport["ratios"] = {};
+type TransportResult = ReturnType<typeof emptyResult>;
+
+function ratiosOf(tcp: TransportResult, ws: TransportResult) {
+  const ratios: Partial<Record<Metric, number>> = {};
   for (const row of ROWS) {
     const a = tcp[row.metric];
     const b = ws[row.metric];
@@ -1177,18 +918,6 @@ function parseTcpAddress(text: string): TcpAddress {
   return { hostname: match[1].replace(/^\[|\]$/g, ""), port: Number(match[2]) };
 }
 
-function closeQuietly(resource: { close(): void }): void {
-  try {
-    resource.close();
-  } catch {
-    // Already closed.
-  }
-}
-
-function delay(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
 function describe(error: unknown): string {
   if (error instanceof Deno.errors.ConnectionRefused) return "connection refused";
   if (error instanceof Deno.errors.ConnectionReset) return "connection reset by the server";
@@ -1197,44 +926,33 @@ function describe(error: unknown): string {
 
 // ---------------------------------------------------------------------- table
 
-interface Row {
-  metric: Metric;
-  label: (settings: Settings) => string;
-  unit: string;
-}
-
-const ROWS: Row[] = [
-  { metric: "latencyP50Us", label: () => `round trip, 1 connection, p50`, unit: "µs" },
-  { metric: "latencyP99Us", label: () => `round trip, 1 connection, p99`, unit: "µs" },
-  { metric: "openP50Us", label: () => `open + first echo, p50`, unit: "µs" },
+const ROWS = [
+  { metric: "latencyP50Us", label: () => "round trip, 1 connection, p50", unit: "µs" },
+  { metric: "latencyP99Us", label: () => "round trip, 1 connection, p99", unit: "µs" },
+  { metric: "openP50Us", label: () => "open + first echo, p50", unit: "µs" },
   {
     metric: "messagesPerSecond",
-    label: (s) => `echoes, ${s.connections} connections`,
+    label: (s: Settings) => `echoes, ${s.connections} connections`,
     unit: "msg/s",
   },
-  { metric: "bulkMBPerSecond", label: () => `bulk echo, 64 KiB chunks`, unit: "MB/s" },
+  { metric: "bulkMBPerSecond", label: () => "bulk echo, 64 KiB chunks", unit: "MB/s" },
   {
     metric: "chatDeliveriesPerSecond",
-    label: (s) => `chat, ${s.clients} clients, ${s.senders} sending`,
+    label: (s: Settings) => `chat, ${s.clients} clients, ${s.senders} sending`,
     unit: "dlv/s",
   },
   {
     metric: "memoryPerConnection",
-    label: (s) => `server memory, ${s.idle} idle`,
+    label: (s: Settings) => `server memory, ${s.idle} idle`,
     unit: "KiB/conn",
   },
-];
+] as const;
 
-/**
- * Formats a report as the table bench.ts prints: one row per figure,
- * columns TCP | WebSocket | WS ÷ TCP, then what the numbers mean.
- *
- * @example
- * ```ts
- * console.log(formatReport(await runBench({ duration: 0.5 })));
- * ```
- */
-export function formatReport(report: BenchReport): string {
+type Metric = (typeof ROWS)[number]["metric"];
+
+// One row per figure, columns TCP | WebSocket | WS ÷ TCP, then what the
+// numbers mean.
+function formatReport(report: Report): string {
   const { machine, settings, servers } = report;
   const lines = [
     `TCP vs WebSocket over loopback: ${machine.cpus} CPUs, ${machine.os}, Deno ${machine.deno}`,
@@ -1295,7 +1013,7 @@ export function formatReport(report: BenchReport): string {
   return lines.join("\n");
 }
 
-function serverLine(server: ServerInfo, script: string): string {
+function serverLine(server: Servers, script: string): string {
   const where = [server.echo && `echo ${server.echo}`, server.chat && `chat ${server.chat}`]
     .filter(Boolean).join(", ");
   return server.source === "started"
@@ -1331,14 +1049,14 @@ ratios are the point.
 
 Options:
   --duration SECONDS    measured time of each timed phase, per transport
-                        (default ${DEFAULT_DURATION}, at most ${MAX_DURATION})
+                        (default ${DEFAULTS.duration}, at most ${MAX_DURATION})
   --rounds N            split it into N rounds, TCP and WebSocket taking turns;
-                        the best round counts (default ${DEFAULT_ROUNDS})
+                        the best round counts (default ${DEFAULTS.rounds})
   --quick               ${QUICK.duration} s phases, one round, fewer connections: seconds in all
-  --connections N       connections for echoes per second (default ${DEFAULT_CONNECTIONS})
-  --idle N              idle connections for memory per connection (default ${DEFAULT_IDLE})
-  --clients N           chat clients in the room (default ${DEFAULT_CLIENTS})
-  --senders N           how many of them send (default ${DEFAULT_SENDERS})
+  --connections N       connections for echoes per second (default ${DEFAULTS.connections})
+  --idle N              idle connections for memory per connection (default ${DEFAULTS.idle})
+  --clients N           chat clients in the room (default ${DEFAULTS.clients})
+  --senders N           how many of them send (default ${DEFAULTS.senders})
   --json                print one JSON object instead of the table
   --tcp HOST:PORT       measure this TCP echo server instead of starting one
   --tcp-chat HOST:PORT  and this TCP chat server (tcp_server.ts --mode chat's protocol)
@@ -1354,20 +1072,7 @@ no server named are skipped, and so is memory without a PID. --tcp and
 must relay every line to every client, the sender included, as "NAME: TEXT".
 Exit status: 0, 1 if a phase failed or lost a chat delivery, 2 for bad flags.`;
 
-/** A command-line mistake: reported as one line plus the usage, exit code 2. */
-class UsageError extends Error {}
-
-// parseArgs explains itself over several sentences; keep the first, and say
-// how to pass a value that starts with "-" (a negative number, say).
-function parseArgsMessage(error: Error): string {
-  const first = error.message.split(/\.\s/)[0];
-  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
-  return option
-    ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE`
-    : first;
-}
-
-function parseCommandLine(args: string[]): BenchOptions & { json: boolean; help: boolean } {
+function parseCommandLine(args: string[]) {
   let parsed;
   try {
     parsed = parseArgs({
@@ -1392,20 +1097,11 @@ function parseCommandLine(args: string[]): BenchOptions & { json: boolean; help:
       },
     }).values;
   } catch (error) {
-    throw new UsageError(parseArgsMessage(error as Error));
+    throw flagError(error);
   }
-  const defaults = parsed.quick ? QUICK : {
-    duration: DEFAULT_DURATION,
-    rounds: DEFAULT_ROUNDS,
-    connections: DEFAULT_CONNECTIONS,
-    idle: DEFAULT_IDLE,
-    clients: DEFAULT_CLIENTS,
-    senders: DEFAULT_SENDERS,
-  };
+  const defaults = parsed.quick ? QUICK : DEFAULTS;
   const clients = optionalInteger("--clients", parsed.clients, 2, 1000) ?? defaults.clients;
-  const senders = optionalInteger("--senders", parsed.senders, 1, clients) ??
-    Math.min(defaults.senders, clients);
-  return {
+  const settings: Settings = {
     duration: parsed.duration === undefined
       ? defaults.duration
       : secondsOption("--duration", parsed.duration),
@@ -1414,20 +1110,26 @@ function parseCommandLine(args: string[]): BenchOptions & { json: boolean; help:
       defaults.connections,
     idle: optionalInteger("--idle", parsed.idle, 1, 10_000) ?? defaults.idle,
     clients,
-    senders,
-    tcp: targetsOption("tcp", parsed.tcp, parsed["tcp-chat"], parsed["tcp-pid"]),
-    ws: targetsOption("ws", parsed.ws, parsed["ws-chat"], parsed["ws-pid"]),
+    senders: optionalInteger("--senders", parsed.senders, 1, clients) ??
+      Math.min(defaults.senders, clients),
+  };
+  return {
+    settings,
+    servers: {
+      tcp: givenServers("tcp", parsed.tcp, parsed["tcp-chat"], parsed["tcp-pid"]),
+      ws: givenServers("ws", parsed.ws, parsed["ws-chat"], parsed["ws-pid"]),
+    },
     json: parsed.json,
     help: parsed.help,
   };
 }
 
-function targetsOption(
+function givenServers(
   transport: Transport,
   echo: string | undefined,
   chat: string | undefined,
   pid: string | undefined,
-): Targets | undefined {
+): Servers | undefined {
   for (const [flag, value] of [[`--${transport}`, echo], [`--${transport}-chat`, chat]]) {
     if (value !== undefined) {
       if (transport === "tcp") checkTcpTarget(flag!, value);
@@ -1440,7 +1142,12 @@ function targetsOption(
     );
   }
   if (echo === undefined && chat === undefined) return undefined;
-  return { echo, chat, pid: optionalInteger(`--${transport}-pid`, pid, 1) };
+  return {
+    source: "given",
+    echo: echo ?? null,
+    chat: chat ?? null,
+    pid: optionalInteger(`--${transport}-pid`, pid, 1) ?? null,
+  };
 }
 
 function checkTcpTarget(flag: string, text: string): void {
@@ -1498,81 +1205,39 @@ function secondsOption(name: string, text: string): number {
   return value;
 }
 
-// On a terminal, one line redrawn in place; otherwise (a pipe, CI) one line
-// per phase, which reads well in a log.
-function createProgress(): { onPhase: (phase: PhaseInfo) => void; done: () => void } {
-  const names = { tcp: "TCP", ws: "WebSocket" };
-  if (!Deno.stderr.isTerminal()) {
-    return {
-      onPhase: (p) =>
-        console.error(`bench: [${p.index}/${p.total}] ${names[p.transport]} ${p.name}`),
-      done: () => {},
-    };
-  }
-  const spinner = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏";
-  let current: PhaseInfo | undefined;
-  let since = 0;
-  let frame = 0;
-  const draw = () => {
-    if (!current) return;
-    const elapsed = ((performance.now() - since) / 1000).toFixed(1);
-    const line = `${spinner[frame++ % spinner.length]} [${current.index}/${current.total}] ` +
-      `${names[current.transport]} ${current.name} ${elapsed} s of ~${current.seconds} s`;
-    Deno.stderr.writeSync(encoder.encode(`\r\x1b[K${line}`));
-  };
-  const timer = setInterval(draw, 100);
-  return {
-    onPhase(phase) {
-      current = phase;
-      since = performance.now();
-      draw();
-    },
-    done() {
-      clearInterval(timer);
-      Deno.stderr.writeSync(encoder.encode("\r\x1b[K"));
-    },
-  };
-}
-
-function failed(report: BenchReport): boolean {
+function failed(report: Report): boolean {
   return [report.tcp, report.ws].some((result) =>
     Object.keys(result.errors).length > 0 || (result.chatLost ?? 0) > 0
   );
 }
 
-async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseCommandLine(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`bench: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options.help) {
-    console.log(USAGE);
-    return 0;
-  }
-  const progress = createProgress();
-  const interrupt = new AbortController();
+async function bench(options: ReturnType<typeof parseCommandLine>): Promise<number> {
+  const started: ServerProcess[] = [];
+  const stopServers = () => Promise.all(started.map((server) => server.stop()));
+  // Interrupted, it starts no further phase and stops the servers it
+  // started, so that the phase in progress fails at once.
+  const interrupted = new AbortController();
   const signals = Deno.build.os === "windows"
     ? ["SIGINT"] as const
     : ["SIGINT", "SIGTERM"] as const;
-  const stop = () => interrupt.abort(new Error("interrupted"));
-  for (const signal of signals) Deno.addSignalListener(signal, stop);
-  let report;
+  const interrupt = () => {
+    interrupted.abort(new Error("interrupted"));
+    stopServers();
+  };
+  for (const signal of signals) Deno.addSignalListener(signal, interrupt);
   try {
-    report = await runBench({ ...options, onPhase: progress.onPhase, signal: interrupt.signal });
+    const { settings, servers: given } = options;
+    const report = await runBench({ settings, given, started, stop: interrupted.signal });
+    await stopServers();
+    console.log(options.json ? JSON.stringify(report, null, 2) : formatReport(report));
+    return failed(report) ? 1 : 0;
   } catch (error) {
-    progress.done();
     console.error(`bench: ${startError(error)}`);
-    return interrupt.signal.aborted ? 130 : 1;
+    return interrupted.signal.aborted ? 130 : 1;
   } finally {
-    for (const signal of signals) Deno.removeSignalListener(signal, stop);
+    for (const signal of signals) Deno.removeSignalListener(signal, interrupt);
+    await stopServers();
   }
-  progress.done();
-  console.log(options.json ? JSON.stringify(report, null, 2) : formatReport(report));
-  return failed(report) ? 1 : 0;
 }
 
 function startError(error: unknown): string {
@@ -1582,4 +1247,7 @@ function startError(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) {
+  const command = { name: "bench", usage: USAGE, parse: parseCommandLine, run: bench };
+  Deno.exit(await runCommand(command, Deno.args));
+}

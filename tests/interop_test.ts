@@ -5,10 +5,10 @@
  * ws_server.ts serves. Each peer talks to our servers and, where that makes
  * sense, our clients talk to a server built on it.
  *
- *     npm ci --prefix interop             # the ws package, once
- *     deno test -A interop_test.ts        # or: deno task test:interop
+ *     npm ci --prefix tests/interop             # the ws package, once
+ *     deno test -A tests/interop_test.ts        # or: deno task test:interop
  *
- * The small peer programs are in interop/ (interop/README.md says what each
+ * The small peer programs are in tests/interop/ (its README.md says what each
  * is). A test whose peer is not installed is skipped, with what to install
  * in its name; under CI=true it fails instead, so CI never passes by
  * skipping. Every server binds port 0 and prints its real port, and every
@@ -28,11 +28,11 @@
  */
 
 import assert from "node:assert/strict";
-import { allBytes, randomBytes, scriptPath, within } from "./test_helpers.ts";
+import { allBytes, randomBytes, scriptPath, within } from "./helpers.ts";
 
 const TIMEOUT_MS = 15_000;
 const CI = Deno.env.get("CI") === "true";
-const INTEROP_DIR = scriptPath("interop");
+const INTEROP_DIR = scriptPath("tests/interop");
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
@@ -59,7 +59,7 @@ const pythonWebsockets: Peer = {
 const node: Peer = { found: await runs("node", ["--version"]), install: "Node.js (node)" };
 const nodeWs: Peer = {
   found: node.found && await exists(`${INTEROP_DIR}/node_modules/ws/package.json`),
-  install: "the ws package (npm ci --prefix interop)",
+  install: "the ws package (npm ci --prefix tests/interop)",
 };
 // Only OpenBSD's netcat has -N (half-close at the end of stdin).
 const netcat: Peer = {
@@ -116,9 +116,9 @@ const TCP_ONE_LINERS = new Set(["pythonTcp", "nodeTcp", "netcatEcho", "netcatCha
 
 // ------------------------------------------------------------ processes
 
-/** A peer program's path: they live in interop/. */
+/** A peer program's path: they live in tests/interop/. */
 function peer(name: string): string {
-  return scriptPath(`interop/${name}`);
+  return scriptPath(`tests/interop/${name}`);
 }
 
 function deno(script: string, ...args: string[]): [string, string[]] {
@@ -401,7 +401,7 @@ async function assertWsClientAgainstEchoServer(program: [string, string[]]) {
 }
 
 /**
- * A peer's WebSocket client (`command`, running `script` from interop/)
+ * A peer's WebSocket client (`command`, running `script` from tests/interop/)
  * sends two texts and binary messages of 256 and `largeSize` bytes to the
  * echo server at `url`: it must print every echo, then a clean close.
  */

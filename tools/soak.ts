@@ -33,7 +33,7 @@
  * limit first, or the script stops and says so):
  *
  *     ulimit -n 8192 && deno task soak
- *     ulimit -n 8192 && deno run -A soak.ts --duration 20 --clients 200
+ *     ulimit -n 8192 && deno run -A tools/soak.ts --duration 20 --clients 200
  *
  * It sends nothing anywhere but 127.0.0.1, opens a bounded number of
  * connections (a slow or misbehaving client at most one per 15 s), and stops
@@ -45,6 +45,20 @@
  */
 
 import { parseArgs } from "node:util";
+import {
+  clientFrame,
+  closeQuietly,
+  delay,
+  flagError,
+  memoryMiB,
+  openFileLimit,
+  runCommand,
+  spawnServer,
+  UPGRADE_REQUEST,
+  UsageError,
+  within,
+  writeAll,
+} from "./shared.ts";
 
 const HOST = "127.0.0.1";
 const DEFAULT_DURATION = 60;
@@ -68,9 +82,6 @@ const BATCH = 100;
 // Bytes past the servers' defaults, to break them on purpose.
 const OVERLONG_LINE = 70 * 1024; // --max-line is 64 KiB
 const OVERSIZE_MESSAGE = 1024 * 1024 + 1; // --max-message is 1 MiB
-const UPGRADE_REQUEST = `GET / HTTP/1.1\r\nHost: ${HOST}\r\nUpgrade: websocket\r\n` +
-  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-  "Sec-WebSocket-Version: 13\r\n\r\n";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -141,8 +152,6 @@ Options:
                       (default ${DEFAULT_INTERVAL})
   -h, --help          show this help`;
 
-class UsageError extends Error {}
-
 function parseCommandLine(args: string[]): Options & { help: boolean } {
   let values;
   try {
@@ -157,7 +166,7 @@ function parseCommandLine(args: string[]): Options & { help: boolean } {
       },
     }).values;
   } catch (error) {
-    throw new UsageError((error as Error).message.split(/\.\s/)[0]);
+    throw flagError(error);
   }
   return {
     duration: numberOption("--duration", values.duration, 1, 3600),
@@ -179,62 +188,12 @@ function numberOption(name: string, text: string, min: number, max: number, inte
 
 // ---------------------------------------------------------------- helpers
 
-/** Resolves after `ms`, or as soon as `signal` aborts. */
-function delay(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    if (signal?.aborted) done();
-    else signal?.addEventListener("abort", done);
-  });
-}
-
 function between(low: number, high: number): number {
   return low + Math.random() * (high - low);
 }
 
-async function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  try {
-    return await Promise.race([
-      promise,
-      new Promise<never>((_, reject) => {
-        timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-      }),
-    ]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
 function count(map: Map<string, number>, key: string, n = 1): void {
   map.set(key, (map.get(key) ?? 0) + n);
-}
-
-function memoryMiB(pid: number | "self", field: "VmRSS" | "VmHWM"): number {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  return Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1] ?? 0) / 1024;
-}
-
-function openFilesLimit(): number {
-  const limits = Deno.readTextFileSync("/proc/self/limits");
-  return Number(limits.match(/^Max open files\s+(\d+)/m)?.[1] ?? 0);
-}
-
-async function writeAll(conn: Deno.Conn, bytes: Uint8Array): Promise<void> {
-  for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
-}
-
-function closeQuietly(resource: { close(): void }): void {
-  try {
-    resource.close();
-  } catch {
-    // Already closed.
-  }
 }
 
 /** Text that makes messages of varied size, with some multi-byte UTF-8. */
@@ -247,57 +206,33 @@ function padding(): string {
   return out.join(" ");
 }
 
-/** A masked client frame (RFC 6455, section 5.3), for the bare WebSocket clients. */
-function clientFrame(opcode: number, payload: Uint8Array): Uint8Array {
-  const extra = payload.length < 126 ? 0 : payload.length < 65536 ? 2 : 8;
-  const frame = new Uint8Array(2 + extra + 4 + payload.length);
-  const view = new DataView(frame.buffer);
-  frame[0] = 0x80 | opcode;
-  if (extra === 0) frame[1] = 0x80 | payload.length;
-  else if (extra === 2) (frame[1] = 0x80 | 126, view.setUint16(2, payload.length));
-  else (frame[1] = 0x80 | 127, view.setBigUint64(2, BigInt(payload.length)));
-  const key = crypto.getRandomValues(frame.subarray(2 + extra, 6 + extra));
-  const body = frame.subarray(6 + extra);
-  for (let i = 0; i < payload.length; i++) body[i] = payload[i] ^ key[i & 3];
-  return frame;
-}
-
 // ----------------------------------------------------------------- servers
 
-/** Starts one server as a child process; resolves once it prints its address. */
-async function startServer(transport: Transport, options: Options): Promise<Room> {
-  const script = transport === "tcp" ? "tcp_server.ts" : "ws_server.ts";
+/** Starts one chat server as a child process, and its room's bookkeeping. */
+async function startRoom(transport: Transport, options: Options): Promise<Room> {
   // A well-behaved TCP client talks at least every 1.5 intervals: the idle
   // timeout must be longer than that, and short enough to come in a run.
   const idle = Math.ceil(transport === "tcp" ? 1.5 * options.interval + 5 : WS_IDLE_TIMEOUT);
-  const child = new Deno.Command(Deno.execPath(), {
-    args: [
-      "run",
-      `--allow-net=${HOST}`,
-      decodeURIComponent(new URL(`./${script}`, import.meta.url).pathname),
-      "--port",
-      "0",
-      "--mode",
-      "chat",
-      "--idle-timeout",
-      String(idle),
-    ],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await stdout.read();
-    if (done) throw new Error(`${script} did not start`);
-    printed += value;
-  }
+  const reasons = new Map<string, number>();
+  const otherLog: string[] = [];
+  const server = await spawnServer(
+    transport === "tcp" ? "tcp_server.ts" : "ws_server.ts",
+    ["--mode", "chat", "--idle-timeout", String(idle)],
+    {
+      // The server logs a line per connection that ends, "- PEER disconnected
+      // (NAME): REASON": those are the disconnects by reason.
+      onStderrLine(line) {
+        const reason = line.match(/^- \S+ disconnected(?: \([^)]*\))?: (.*)$/)?.[1];
+        if (reason !== undefined) count(reasons, reason);
+        else if (!line.startsWith("+ ")) otherLog.push(line);
+      },
+    },
+  );
   const n = Math.round(options.clients * WELL_BEHAVED_SHARE);
-  const room: Room = {
+  return {
     transport,
-    port: Number(printed.match(/:(\d+)\/?\n/)?.[1]),
-    pid: child.pid,
+    port: server.port,
+    pid: server.pid,
     idleTimeout: idle,
     sent: new Int32Array(n),
     got: new Int32Array(n * n),
@@ -307,40 +242,15 @@ async function startServer(transport: Transport, options: Options): Promise<Room
     connected: new Array(n).fill(false),
     dropped: new Map(),
     kinds: new Map(),
-    reasons: new Map(),
-    otherLog: [],
+    reasons,
+    otherLog,
     closing: false,
     result: { expected: 0, received: 0 },
-    rssStart: memoryMiB(child.pid, "VmRSS"),
+    rssStart: memoryMiB(server.pid, "VmRSS"),
     rssPeak: 0,
     shutdown: undefined,
-    async stop(signal) {
-      try {
-        child.kill(signal);
-      } catch {
-        // Already exited.
-      }
-      const { code } = await child.status;
-      await stdout.cancel();
-      await logging;
-      return code;
-    },
+    stop: async (signal) => (await server.stop(signal)).code,
   };
-  // The server logs a line per connection that ends, "- PEER disconnected
-  // (NAME): REASON": those are the disconnects by reason.
-  const logging = (async () => {
-    let rest = "";
-    for await (const chunk of child.stderr.pipeThrough(new TextDecoderStream())) {
-      const lines = (rest + chunk).split("\n");
-      rest = lines.pop()!;
-      for (const line of lines) {
-        const reason = line.match(/^- \S+ disconnected(?: \([^)]*\))?: (.*)$/)?.[1];
-        if (reason !== undefined) count(room.reasons, reason);
-        else if (!line.startsWith("+ ")) room.otherLog.push(line);
-      }
-    }
-  })();
-  return room;
 }
 
 // ------------------------------------------------- well-behaved clients
@@ -474,7 +384,7 @@ async function connectWellBehaved(room: Room): Promise<WellBehaved[]> {
     const ids = Array.from({ length: Math.min(BATCH, n - i) }, (_, j) => i + j);
     clients.push(...await Promise.all(ids.map((id) => open(room, id, notice))));
   }
-  await within(everyoneIn.promise, START_TIMEOUT_MS, `${room.transport}: every join`);
+  await within(everyoneIn.promise, `${room.transport}: every join`, START_TIMEOUT_MS);
   return clients;
 }
 
@@ -757,7 +667,7 @@ function parseFrames(bytes: Uint8Array) {
 // -------------------------------------------------------------------- run
 
 async function run(options: Options): Promise<{ rooms: Room[]; lagMs: number }> {
-  const rooms = await Promise.all([startServer("tcp", options), startServer("ws", options)]);
+  const rooms = await Promise.all([startRoom("tcp", options), startRoom("ws", options)]);
   const stop = new AbortController();
   try {
     console.error("soak: connecting the well-behaved clients");
@@ -781,7 +691,7 @@ async function run(options: Options): Promise<{ rooms: Room[]; lagMs: number }> 
     await delay(options.duration * 1000);
     stop.abort();
     console.error(`soak: draining, at most ${DRAIN_MS / 1000} s`);
-    await within(Promise.all(clients), 10_000, "the clients to stop").catch((error) => {
+    await within(Promise.all(clients), "the clients to stop").catch((error) => {
       console.error(`soak: ${error.message}; going on`);
     });
     await drain(rooms);
@@ -828,7 +738,7 @@ async function shutDown(room: Room, clients: WellBehaved[]): Promise<void> {
   const start = performance.now();
   const code = await room.stop("SIGTERM");
   const ms = performance.now() - start;
-  const ends = await within(Promise.all(still.map((client) => client.ended)), 10_000, "closes")
+  const ends = await within(Promise.all(still.map((client) => client.ended)), "closes")
     .catch(() => [] as string[]);
   const clean = room.transport === "tcp" ? /^EOF$/ : /^code 1001 /;
   const closed = ends.filter((end) => clean.test(end)).length;
@@ -939,26 +849,14 @@ function report(options: Options, rooms: Room[], lagMs: number): number {
   return failures.length === 0 ? 0 : 1;
 }
 
-async function main(args: string[]): Promise<number> {
-  let options;
-  try {
-    options = parseCommandLine(args);
-  } catch (error) {
-    if (!(error instanceof UsageError)) throw error;
-    console.error(`soak: ${error.message}\n\n${USAGE}`);
-    return 2;
-  }
-  if (options.help) {
-    console.log(USAGE);
-    return 0;
-  }
+async function soak(options: Options): Promise<number> {
   if (Deno.build.os !== "linux") {
     console.error("soak: this needs Linux: it reads the servers' memory from /proc");
     return 1;
   }
   // This process holds every client's socket (and churn), each server as many.
   const needed = Math.ceil(2.2 * options.clients) + 100;
-  const limit = openFilesLimit();
+  const limit = openFileLimit();
   if (limit < needed) {
     console.error(
       `soak: the open files limit is ${limit}, ${options.clients} clients per server need ` +
@@ -970,4 +868,7 @@ async function main(args: string[]): Promise<number> {
   return report(options, rooms, lagMs);
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) {
+  const command = { name: "soak", usage: USAGE, parse: parseCommandLine, run: soak };
+  Deno.exit(await runCommand(command, Deno.args));
+}

@@ -4,7 +4,7 @@
  * slowloris handshakes, bytes that are not UTF-8, and SIGTERM with 1,000
  * clients connected.
  *
- *     deno test -A hardening_test.ts      (also part of plain `deno test -A`)
+ *     deno test -A tests/hardening_test.ts      (also part of plain `deno test -A`)
  *
  * The rules of main_test.ts hold here too: port 0 on 127.0.0.1, every wait is
  * for an event (a line, a frame, a close, a log line, an exit) and is bounded
@@ -14,14 +14,14 @@
  * and an unbounded queue misses by far.
  *
  * The 1,000-client tests need about 2,100 open files in this process (and the
- * server children inherit the limit). If the soft limit is lower they raise it
- * up to the hard limit; if even that is too low they are skipped with the
- * reason in their name, except under CI=true, where they run and fail.
+ * server children inherit the limit; Deno raises its soft limit to the hard
+ * one as it starts). If that is too low they are skipped with the reason in
+ * their name, except under CI=true, where they run and fail.
  */
 
 import assert from "node:assert/strict";
-import { startTcpServer, type TcpServer } from "./tcp_server.ts";
-import { startWsServer, type WsServer } from "./ws_server.ts";
+import { startTcpServer, type TcpServer } from "../tcp_server.ts";
+import { startWsServer, type WsServer } from "../ws_server.ts";
 import {
   connectTcp,
   openWs,
@@ -32,7 +32,8 @@ import {
   WAIT_MS,
   within,
   type WsClient,
-} from "./test_helpers.ts";
+} from "./helpers.ts";
+import { clientFrame, memoryMiB, openFileLimit, UPGRADE_REQUEST } from "../tools/shared.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -52,10 +53,6 @@ const SHUTDOWN_CLIENTS = 1000;
 const FILES_NEEDED = 2 * SHUTDOWN_CLIENTS + 100;
 const FILES_WANTED = 4096;
 const ON_CI = Deno.env.get("CI") === "true";
-// Any key works: the server's answer to it is checked in main_test.ts.
-const UPGRADE_REQUEST = "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n" +
-  "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n" +
-  "Sec-WebSocket-Version: 13\r\n\r\n";
 // WebSocket opcodes (RFC 6455, section 5.2).
 const OP_TEXT = 0x1;
 const OP_BINARY = 0x2;
@@ -95,23 +92,6 @@ function createLines() {
 }
 
 type Lines = ReturnType<typeof createLines>;
-
-/** A frame as a client must send it: masked (RFC 6455, section 5.3). */
-function clientFrame(opcode: number, payload: Uint8Array, mask = true): Uint8Array {
-  const extra = payload.length < 126 ? 0 : payload.length < 65536 ? 2 : 8;
-  const frame = new Uint8Array(2 + extra + 4 + payload.length);
-  const view = new DataView(frame.buffer);
-  frame[0] = 0x80 | opcode;
-  if (extra === 0) frame[1] = 0x80 | payload.length;
-  else if (extra === 2) (frame[1] = 0x80 | 126, view.setUint16(2, payload.length));
-  else (frame[1] = 0x80 | 127, view.setBigUint64(2, BigInt(payload.length)));
-  const key = frame.subarray(2 + extra, 6 + extra);
-  // A zero key is as valid as any and leaves the payload as it is (fast floods).
-  if (mask) crypto.getRandomValues(key);
-  const body = frame.subarray(6 + extra);
-  for (let i = 0; i < payload.length; i++) body[i] = payload[i] ^ key[i & 3];
-  return frame;
-}
 
 /**
  * A WebSocket client on a bare TCP socket: it does the upgrade by hand, then
@@ -174,17 +154,6 @@ function closeFrame(payload: Uint8Array): { code: number; reason: string } {
   };
 }
 
-/**
- * A process's memory in MiB, from /proc: VmRSS is what is resident now, VmHWM
- * the most that ever was (its high-water mark).
- */
-function memoryMiB(pid: number, field: "VmRSS" | "VmHWM"): number {
-  const status = Deno.readTextFileSync(`/proc/${pid}/status`);
-  const kib = Number(status.match(new RegExp(`^${field}:\\s+(\\d+) kB`, "m"))?.[1]);
-  assert.ok(kib > 0, `${field} of ${pid}`);
-  return kib / 1024;
-}
-
 /** Opens `count` connections, `batch` at a time so the listen backlog never overflows. */
 async function openMany<T>(count: number, open: (i: number) => Promise<T>, batch = 100) {
   const opened: T[] = [];
@@ -195,38 +164,16 @@ async function openMany<T>(count: number, open: (i: number) => Promise<T>, batch
   return opened;
 }
 
-// Deno has no setrlimit, so this calls the C library's (FFI, allowed by -A)
-// to raise the soft limit on open files up to the hard limit. Returns why
-// the limit is still too low, or undefined when it is enough.
-function raiseFileLimit(needed: number, wanted: number): string | undefined {
+// Why the limit on open files is too low, or undefined when it is enough.
+function fileLimitProblem(needed: number, wanted: number): string | undefined {
   if (Deno.build.os !== "linux") return "these tests read /proc, which only Linux has";
-  const soft = () =>
-    Number(Deno.readTextFileSync("/proc/self/limits").match(/^Max open files\s+(\d+)/m)?.[1]);
-  if (soft() >= needed) return undefined;
-  const RLIMIT_NOFILE = 7;
-  try {
-    const libc = Deno.dlopen("libc.so.6", {
-      getrlimit: { parameters: ["i32", "buffer"], result: "i32" },
-      setrlimit: { parameters: ["i32", "buffer"], result: "i32" },
-    });
-    try {
-      const limits = new BigUint64Array(2); // struct rlimit { soft, hard }
-      libc.symbols.getrlimit(RLIMIT_NOFILE, limits);
-      limits[0] = limits[1] < BigInt(wanted) ? limits[1] : BigInt(wanted);
-      libc.symbols.setrlimit(RLIMIT_NOFILE, limits);
-    } finally {
-      libc.close();
-    }
-  } catch {
-    // No FFI permission, or no glibc: report the limit below.
-  }
-  const now = soft();
+  const now = openFileLimit();
   return now >= needed
     ? undefined
     : `open files limit is ${now}, need ${needed}: run \`ulimit -n ${wanted}\` first`;
 }
 
-const FILE_LIMIT_PROBLEM = raiseFileLimit(FILES_NEEDED, FILES_WANTED);
+const FILE_LIMIT_PROBLEM = fileLimitProblem(FILES_NEEDED, FILES_WANTED);
 
 /** A test that needs many open files: skipped with the reason if they are not there, except on CI. */
 function manyClientsTest(name: string, fn: () => Promise<void>): void {
@@ -1101,7 +1048,7 @@ for (const mode of ["chat", "echo"]) {
 
 Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one line and exit 2", async () => {
   const short = await within(
-    runScript("soak.ts", ["--duration", "2", "--clients", "20", "--interval", "0.5"]),
+    runScript("tools/soak.ts", ["--duration", "2", "--clients", "20", "--interval", "0.5"]),
     "a short soak",
     60_000,
   );
@@ -1109,7 +1056,7 @@ Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one lin
   assert.equal(short.code, 0, report + short.stderr);
   assert.match(report, /^ {2}lost +0 +0$/m);
   assert.match(report, /^result: PASS$/m);
-  const bad = await runScript("soak.ts", ["--duration", "soon"]);
+  const bad = await runScript("tools/soak.ts", ["--duration", "soon"]);
   assert.equal(bad.code, 2);
   const [first, blank, usage] = bad.stderr.split("\n");
   assert.equal(first, 'soak: --duration must be a number from 1 to 3600, got "soon"');

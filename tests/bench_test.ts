@@ -1,8 +1,8 @@
 /**
- * bench_test.ts: smoke tests for bench.ts, run as a real process with the
+ * bench_test.ts: smoke tests for tools/bench.ts, run as a real process with the
  * same least-privilege flags as `deno task bench`.
  *
- *     deno test -A bench_test.ts
+ *     deno test -A tests/bench_test.ts
  *
  * A short `--quick --json` run against the project's own servers must fill
  * every figure and lose no chat delivery; a server that echoes wrong bytes
@@ -10,15 +10,16 @@
  */
 
 import assert from "node:assert/strict";
-import { startWsServer } from "./ws_server.ts";
+import { startWsServer } from "../ws_server.ts";
+import { scriptPath, within } from "./helpers.ts";
 
 const decoder = new TextDecoder();
 const BENCH_FLAGS = ["--allow-net=127.0.0.1", "--allow-run=deno,ps"];
+const BENCH_PATH = scriptPath("tools/bench.ts");
 
 async function runBench(args: string[]) {
-  const path = decodeURIComponent(new URL("./bench.ts", import.meta.url).pathname);
   const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", ...BENCH_FLAGS, path, ...args],
+    args: ["run", ...BENCH_FLAGS, BENCH_PATH, ...args],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
@@ -135,4 +136,33 @@ Deno.test("bench: bad flags and non-loopback targets are one line, the usage, ex
     assert.equal(blank, "");
     assert.equal(usage, "Usage: bench.ts [options]");
   }
+});
+
+Deno.test("bench: SIGTERM mid-run starts no further phase and exits 130", async () => {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", ...BENCH_FLAGS, BENCH_PATH, "--quick"],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stdout = new Response(child.stdout).text();
+  const stderr = child.stderr.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  // The first phase has begun once its progress line is out.
+  const firstPhase = (async () => {
+    while (!printed.includes("[1/10]")) {
+      const { done, value } = await stderr.read();
+      if (done) break;
+      printed += value;
+    }
+  })();
+  await within(firstPhase, "bench's first phase", 30_000);
+  child.kill("SIGTERM");
+  for (let r = await stderr.read(); !r.done; r = await stderr.read()) printed += r.value;
+  const { code } = await child.status;
+  assert.equal(code, 130, printed);
+  assert.equal(await stdout, "");
+  const after = printed.slice(printed.indexOf("bench: interrupted"));
+  assert.ok(printed.includes("bench: interrupted"), printed);
+  assert.doesNotMatch(after, /\[\d+\/10\]/, "a phase started after the interrupt");
 });

@@ -1,5 +1,5 @@
 /**
- * test_helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
+ * tests/helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
  * share. A script's path, a bound on a wait, test bytes, the scripts run as
  * real processes, and a TCP connection and a WebSocket whose reads are
  * awaitable.
@@ -10,29 +10,18 @@
  * close, so that the sanitizers stay quiet.
  */
 
+import {
+  scriptPath,
+  type ServerProcess,
+  spawnServer as spawnServerProcess,
+  within,
+} from "../tools/shared.ts";
+
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
 
-/** A bound on any single wait. Waits end at their event, long before this. */
-export const WAIT_MS = 10_000;
-
-/** The absolute path of a file in this directory (a script, README.md, a peer in interop/). */
-export function scriptPath(name: string): string {
-  return decodeURIComponent(new URL(`./${name}`, import.meta.url).pathname);
-}
-
-/** `promise`, or a rejection after `ms`: a bound on waiting, never a pause. */
-export async function within<T>(promise: Promise<T>, what: string, ms = WAIT_MS): Promise<T> {
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms: ${what}`)), ms);
-  });
-  try {
-    return await Promise.race([promise, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
+// The wait bound and the server processes are the tools' too (bench.ts, soak.ts).
+export { scriptPath, type ServerExit, WAIT_MS, within } from "../tools/shared.ts";
 
 /** Every byte value once, 0 to 255. */
 export function allBytes(): Uint8Array {
@@ -63,74 +52,14 @@ export async function runScript(name: string, args: string[], stdin?: string) {
   return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
 }
 
-/** How a server started by `spawnServer` ended, and everything it printed. */
-export interface ServerExit {
-  code: number;
-  signal: string | null;
-  stdout: string;
-  stderr: string;
-  /** Milliseconds from the signal to the exit. */
-  exitMs: number;
-}
-
 /**
- * A server script started as a real process on `--port 0`, so that its
- * signals and memory are its own. It is ready once it has printed its first
- * line ("listening on tcp://127.0.0.1:PORT" or "ws://…/"). `stop` signals it
- * and collects its output; disposing of it kills it if `stop` was not called.
+ * A server script started as a real process on `--port 0`, with every
+ * permission (tools/shared.ts's `spawnServer`): ready once it has printed its
+ * first line; `stop` signals it and collects its output, and disposing of it
+ * kills it if `stop` was not called.
  */
-export async function spawnServer(name: string, args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath(name), "--port", "0", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await stdout.read();
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<ServerExit> | undefined;
-  async function stop(signal: Deno.Signal): Promise<ServerExit> {
-    const start = performance.now();
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const status = await child.status;
-    const exitMs = performance.now() - start;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return {
-      code: status.code,
-      signal: status.signal,
-      stdout: printed,
-      stderr: await stderr,
-      exitMs,
-    };
-  }
-  const line = printed.split("\n")[0];
-  const port = Number(line.match(/:(\d+)\/?$/)?.[1]);
-  if (!port) {
-    const { stderr } = await stop("SIGKILL");
-    throw new Error(`${name} did not start: ${stderr}`);
-  }
-  return {
-    /** The first line it printed. */
-    line,
-    port,
-    /** Its process id, to read its memory from /proc. */
-    pid: child.pid,
-    /** Signals it (once: later calls return the same result) and waits for its exit. */
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
+export function spawnServer(name: string, args: string[]): Promise<ServerProcess> {
+  return spawnServerProcess(name, args, { permissions: ["-A"] });
 }
 
 /**
