@@ -1109,7 +1109,7 @@ async function spawnWithFileLimit(files: number, args: string[]) {
       "-c",
       `ulimit -n ${files} && script="$1" && shift && exec "$0" run -A "$script" --port 0 "$@"`,
       Deno.execPath(),
-      new URL("./ws_server.ts", import.meta.url).pathname,
+      scriptPath("ws_server.ts"),
       ...args,
     ],
     stdin: "null",
