@@ -10,7 +10,10 @@
  * each `message` event is exactly one message the peer sent, text or binary.
  * It also shows close codes (1001 going away, 1003 unsupported data, 1008
  * policy, 1009 too big), ping/pong to find dead peers, and backpressure
- * through `bufferedAmount`.
+ * through `bufferedAmount`. And what a server must check before it says 101:
+ * the handshake itself, the page's `Origin` (any web page may open a
+ * WebSocket to any server, so the server decides who may), and which
+ * subprotocol the two sides will speak.
  *
  * Run it (least privilege, from a checkout or straight from its URL):
  *
