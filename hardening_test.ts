@@ -1254,6 +1254,9 @@ Deno.test("ws server: subprotocols: the client's first offer by default, or the 
       ["graphql-ws, chat", "graphql-ws"],
       // Node's ws separates with a bare comma; Deno's own option would throw.
       ["a,b", "a"],
+      // Empty list elements are ignored (RFC 9110, section 5.6.1).
+      [" , x", "x"],
+      ["", undefined],
       [undefined, undefined],
     ];
     for (const [offer, chosen] of offers) {

@@ -298,7 +298,8 @@ function hostRefusal(request: Request): Refusal {
 }
 
 // What RFC 6455 (section 4.2.1) requires of the request, checked before
-// upgrading: Deno answers 101 to a missing version or a key of any shape.
+// upgrading: Deno answers 101 to any method, a missing version, and a key
+// of any shape.
 function handshakeRefusal(request: Request): Refusal | undefined {
   if (request.method !== "GET") {
     return {
@@ -365,7 +366,9 @@ function originAllowed(state: ServerState, origin: string, url: URL): boolean {
 function offeredProtocols(request: Request): string[] | undefined {
   const header = request.headers.get("sec-websocket-protocol");
   if (header === null) return [];
-  const names = header.split(",").map((name) => name.trim());
+  // Empty list elements ("a, , b", or an empty header) are to be ignored
+  // (RFC 9110, section 5.6.1).
+  const names = header.split(",").map((name) => name.trim()).filter((name) => name !== "");
   return names.every((name) => TOKEN.test(name)) ? names : undefined;
 }
 
