@@ -1180,6 +1180,10 @@ Deno.test("ws server: a bad Host header is a 400 with a one-line reason and one 
         assert.equal(answer.body.split("\n").length, 2, "one line");
       }
     }
+    // An absolute URL in the request line stands for the Host header.
+    const target = await exchange(server.port, "GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert.equal(target.status, 400);
+    assert.equal(target.body, `bad request: the request's URL is not a URL: "http://[::1/"\n`);
     // The text answers that were fine before say nosniff too.
     const missing = await exchange(server.port, "GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
     assert.equal(missing.status, 404);
@@ -1191,9 +1195,12 @@ Deno.test("ws server: a bad Host header is a 400 with a one-line reason and one 
       continue;
     }
     const lines = stderr.trimEnd().split("\n");
-    assert.equal(lines.length, 2 * BAD_HOSTS.length, stderr);
+    assert.equal(lines.length, 2 * BAD_HOSTS.length + 1, stderr);
     for (const line of lines) {
-      assert.match(line, /^! 127\.0\.0\.1:\d+ refused with 400: bad request: the Host header /);
+      assert.match(
+        line,
+        /^! 127\.0\.0\.1:\d+ refused with 400: bad request: the (Host|request's URL) /,
+      );
     }
   }
 });

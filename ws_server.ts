@@ -200,7 +200,7 @@ function handleRequest(
   const { hostname, port } = info.remoteAddr as Deno.NetAddr;
   const peer = `${hostname}:${port}`;
   const url = addressedUrl(request);
-  if (!url) return refuse(state, peer, hostRefusal(request));
+  if (!url) return refuse(state, peer, addressRefusal(request));
   // Header values are case-insensitive: "WebSocket" is as valid as "websocket".
   if (request.headers.get("upgrade")?.toLowerCase() === "websocket") {
     return upgrade(state, request, { peer, url });
@@ -280,7 +280,7 @@ const LOCAL_HOSTNAMES = new Set(["localhost", "127.0.0.1", "[::1]"]);
 /** The URL the request was addressed to, or undefined if its Host is not a host. */
 function addressedUrl(request: Request): URL | undefined {
   const host = request.headers.get("host");
-  if (host && !HOST_HEADER.test(host)) return undefined;
+  if (host && !isHost(host)) return undefined;
   try {
     return new URL(request.url);
   } catch {
@@ -288,12 +288,24 @@ function addressedUrl(request: Request): URL | undefined {
   }
 }
 
-function hostRefusal(request: Request): Refusal {
-  const host = escapeControls(request.headers.get("host") ?? "");
+function isHost(text: string): boolean {
+  // The pattern lets through a port over 65535 or an IPv6 address that is not one.
+  return HOST_HEADER.test(text) && URL.canParse(`http://${text}/`);
+}
+
+function addressRefusal(request: Request): Refusal {
+  const host = request.headers.get("host");
+  if (host && !isHost(host)) {
+    return {
+      status: 400,
+      reason: "bad request: the Host header must be a host name or address with an optional " +
+        `:port, got "${escapeControls(host)}"`,
+    };
+  }
+  // An absolute URL in the request line names the host instead of Host.
   return {
     status: 400,
-    reason:
-      `bad request: the Host header must be a host name or address with an optional :port, got "${host}"`,
+    reason: `bad request: the request's URL is not a URL: "${escapeControls(request.url)}"`,
   };
 }
 
