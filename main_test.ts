@@ -234,8 +234,11 @@ Deno.test("ws chat: three clients, everyone gets every message, joins and leaves
   const c = await openWs(url);
   assert.equal(await a.next(), "* guest-3 joined");
   assert.equal(await b.next(), "* guest-3 joined");
+  // A newline would print as a second line, which could pose as anyone's.
   a.socket.send("hello\nwith a newline");
-  for (const peer of [a, b, c]) assert.equal(await peer.next(), "guest-1: hello\nwith a newline");
+  for (const peer of [a, b, c]) {
+    assert.equal(await peer.next(), "guest-1: hello\u240awith a newline");
+  }
   c.socket.send("bye");
   for (const peer of [a, b, c]) assert.equal(await peer.next(), "guest-3: bye");
   await c[Symbol.asyncDispose]();
@@ -541,4 +544,58 @@ Deno.test("readme: every link to a script line lands on the code it names", asyn
       `${link}: line ${line} is "${lines[Number(line) - 1]}"`,
     );
   }
+});
+
+Deno.test("cli: ws_server's --protocol and --allow-origin take lists, and bad ones are one line and exit 2", async () => {
+  const cases: [string[], RegExp][] = [
+    [
+      ["--protocol", "chat, bad name"],
+      /--protocol takes names separated by commas .*, got "bad name"$/,
+    ],
+    [["--protocol", ""], /--protocol takes names .*, got ""$/],
+    [["--allow-origin", "example.com"], /--allow-origin takes origins .*, got "example.com"$/],
+    [
+      ["--allow-origin", "http://x:1/path"],
+      /--allow-origin takes origins .*, got "http:\/\/x:1\/path"$/,
+    ],
+  ];
+  for (const [args, expected] of cases) {
+    const { code, stdout, stderr } = await runScript("ws_server.ts", args);
+    assert.equal(code, 2, args.join(" "));
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.match(first, expected);
+    assert.equal(blank, "");
+    assert.match(usage, /^Usage: /);
+  }
+  await using server = await spawnServer("ws_server.ts", [
+    "--protocol",
+    "chat,superchat",
+    "--allow-origin",
+    "http://127.0.0.2:8080,https://chat.example",
+  ]);
+  const url = `ws://127.0.0.1:${server.port}/`;
+  const socket = new WebSocket(url, ["superchat"]);
+  const opened = await new Promise<string>((resolve, reject) => {
+    socket.onopen = () => resolve(socket.protocol);
+    socket.onclose = () => reject(new Error("refused"));
+  });
+  assert.equal(opened, "superchat");
+  const closed = new Promise((resolve) => socket.onclose = resolve);
+  socket.close();
+  await closed;
+  for (
+    const [origin, status] of [["https://chat.example", 101], ["http://127.0.0.3", 403]] as const
+  ) {
+    using tcp = await connectTcp(server.port);
+    await tcp.write(
+      `GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n` +
+        `Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n` +
+        `Origin: ${origin}\r\n\r\n`,
+    );
+    assert.match((await tcp.readLine())!, new RegExp(`^HTTP/1\\.1 ${status} `), origin);
+  }
+  const { stderr } = await server.stop();
+  assert.match(stderr, /^\+ 127\.0\.0\.1:\d+ connected, protocol superchat$/m);
+  assert.match(stderr, /^! 127\.0\.0\.1:\d+ refused with 403: origin "http:\/\/127\.0\.0\.3" /m);
 });

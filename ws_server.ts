@@ -10,7 +10,10 @@
  * each `message` event is exactly one message the peer sent, text or binary.
  * It also shows close codes (1001 going away, 1003 unsupported data, 1008
  * policy, 1009 too big), ping/pong to find dead peers, and backpressure
- * through `bufferedAmount`.
+ * through `bufferedAmount`. And what a server must check before it says 101:
+ * the handshake itself, the page's `Origin` (any web page may open a
+ * WebSocket to any server, so the server decides who may), and which
+ * subprotocol the two sides will speak.
  *
  * Run it (least privilege, from a checkout or straight from its URL):
  *
@@ -83,6 +86,16 @@ export interface WsServerOptions {
    * Default 30.
    */
   idleTimeout?: number;
+  /**
+   * Subprotocols spoken: the client's first offered name in the list is chosen, and a
+   * client offering only others is refused (400). Default: the client's first offer.
+   */
+  protocols?: string[];
+  /**
+   * Browser origins accepted besides the server's own pages and `localhost`,
+   * `127.0.0.1`, `[::1]` on any port (`"*"` = any origin). Default none.
+   */
+  allowOrigins?: string[];
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
 }
@@ -101,6 +114,8 @@ interface Client {
   socket: WebSocket;
   peer: string;
   name: string;
+  /** The subprotocol chosen in the handshake, if the client offered one. */
+  protocol?: string;
   /** Set once the client is gone: Deno can fire `close` twice for one socket. */
   gone: boolean;
   /** Chat: its leave was announced (a too-slow client's comes before its close event). */
@@ -113,6 +128,9 @@ interface ServerState {
   maxQueue: number;
   maxConnections: number;
   idleTimeout: number;
+  protocols: string[];
+  /** Normalized origins (`scheme://host[:port]`), `"null"` or `"*"`. */
+  allowOrigins: Set<string>;
   log: (line: string) => void;
   /** Every open WebSocket, and upgrades on their way to being one. */
   clients: Set<Client>;
@@ -152,6 +170,8 @@ export function startWsServer(options: WsServerOptions = {}): WsServer {
     maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
     maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
     idleTimeout: options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT,
+    protocols: options.protocols ?? [],
+    allowOrigins: allowedOrigins(options.allowOrigins ?? []),
     log: options.log ?? console.error,
     clients: new Set(),
     guests: 0,
@@ -194,43 +214,58 @@ function handleRequest(
   request: Request,
   info: Deno.ServeHandlerInfo,
 ): Response {
+  // remoteAddr can only be read while the request is being handled.
+  const { hostname, port } = info.remoteAddr as Deno.NetAddr;
+  const peer = `${hostname}:${port}`;
+  const url = addressedUrl(request);
+  if (!url) return refuse(state, peer, addressRefusal(request));
   // Header values are case-insensitive: "WebSocket" is as valid as "websocket".
   if (request.headers.get("upgrade")?.toLowerCase() === "websocket") {
-    return upgrade(state, request, info);
+    return upgrade(state, request, { peer, url });
   }
-  const { host, pathname } = new URL(request.url);
-  if ((request.method === "GET" || request.method === "HEAD") && pathname === "/") {
+  if ((request.method === "GET" || request.method === "HEAD") && url.pathname === "/") {
     return new Response(PAGE, { headers: { "content-type": "text/html; charset=utf-8" } });
   }
-  return new Response(
-    `not found: the browser client is at http://${host}/ and the WebSocket endpoint is ws://${host}/\n`,
-    { status: 404, headers: { "content-type": "text/plain; charset=utf-8" } },
+  return plain(
+    404,
+    `not found: the browser client is at http://${url.host}/ and the WebSocket endpoint is ws://${url.host}/`,
   );
 }
 
 // The HTTP upgrade handshake. Everything up to the 101 response is ordinary
 // HTTP, which is why a WebSocket server can refuse with a status code (400,
-// 503) and a reason, something a raw TCP server can only do by closing.
-function upgrade(state: ServerState, request: Request, info: Deno.ServeHandlerInfo): Response {
-  if (!request.headers.has("sec-websocket-key")) {
-    return plain(400, "bad WebSocket handshake: the Sec-WebSocket-Key header is missing");
-  }
+// 403, 426, 503) and a reason, something a raw TCP server can only do by closing.
+function upgrade(
+  state: ServerState,
+  request: Request,
+  { peer, url }: { peer: string; url: URL },
+): Response {
+  const refusal = handshakeRefusal(request) ?? originRefusal(state, request, url) ??
+    protocolRefusal(state, request);
+  if (refusal) return refuse(state, peer, refusal);
   if (state.closing) return plain(503, "server shutting down");
   if (state.clients.size >= state.maxConnections) {
     return plain(503, `server full (max ${state.maxConnections} connections), try again later`);
   }
-  // remoteAddr can only be read while the request is being handled.
-  const { hostname, port } = info.remoteAddr as Deno.NetAddr;
+  // Read before upgrading: from then on the request's headers are gone.
+  const protocol = chosenProtocol(state, request);
   let upgraded;
   try {
     upgraded = Deno.upgradeWebSocket(request, { idleTimeout: state.idleTimeout });
   } catch (error) {
-    return plain(400, `bad WebSocket handshake: ${(error as Error).message}`);
+    return refuse(state, peer, {
+      status: 400,
+      reason: `bad WebSocket handshake: ${(error as Error).message}`,
+    });
   }
+  // Deno's own `protocol` option looks for the name only between ", ", so
+  // it throws for "a,b" (what Node's ws sends); the header is set here.
+  if (protocol) upgraded.response.headers.set("sec-websocket-protocol", protocol);
   const client: Client = {
     socket: upgraded.socket,
-    peer: `${hostname}:${port}`,
+    peer,
     name: "",
+    protocol,
     gone: false,
     left: false,
   };
@@ -239,13 +274,191 @@ function upgrade(state: ServerState, request: Request, info: Deno.ServeHandlerIn
   return upgraded.response;
 }
 
+// ------------------------------------------------------- handshake checks
+
+/** An HTTP answer instead of a 101: a status, a one-line reason, extra headers. */
+interface Refusal {
+  status: number;
+  reason: string;
+  headers?: Record<string, string>;
+}
+
+// Host is `host[:port]` (RFC 9110, section 7.2). Deno builds request.url from
+// it unchecked: "a b" makes `new URL` throw, and "x@y" or "x/y" would name
+// another host or path.
+const HOST_HEADER = /^(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/;
+// A Sec-WebSocket-Key is 16 random bytes in base64: 22 characters and "==".
+const WEBSOCKET_KEY = /^[A-Za-z0-9+/]{22}==$/;
+// Subprotocol names are HTTP tokens (RFC 6455, section 4.1).
+const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+const WEBSOCKET_VERSION = "13";
+// Browsers on this machine: local development pages keep working.
+const LOCAL_HOSTNAMES = new Set(["localhost", "127.0.0.1", "[::1]"]);
+
+/** The URL the request was addressed to, or undefined if its Host is not a host. */
+function addressedUrl(request: Request): URL | undefined {
+  const host = request.headers.get("host");
+  if (host && !isHost(host)) return undefined;
+  try {
+    return new URL(request.url);
+  } catch {
+    return undefined;
+  }
+}
+
+function isHost(text: string): boolean {
+  // The pattern lets through a port over 65535 or an IPv6 address that is not one.
+  return HOST_HEADER.test(text) && URL.canParse(`http://${text}/`);
+}
+
+function addressRefusal(request: Request): Refusal {
+  const host = request.headers.get("host");
+  if (host && !isHost(host)) {
+    return {
+      status: 400,
+      reason: "bad request: the Host header must be a host name or address with an optional " +
+        `:port, got "${escapeControls(host)}"`,
+    };
+  }
+  // An absolute URL in the request line names the host instead of Host.
+  return {
+    status: 400,
+    reason: `bad request: the request's URL is not a URL: "${escapeControls(request.url)}"`,
+  };
+}
+
+// What RFC 6455 (section 4.2.1) requires of the request, checked before
+// upgrading: Deno answers 101 to any method, a missing version, and a key
+// of any shape.
+function handshakeRefusal(request: Request): Refusal | undefined {
+  if (request.method !== "GET") {
+    return {
+      status: 400,
+      reason: `bad WebSocket handshake: the method must be GET, got ${
+        escapeControls(request.method)
+      }`,
+    };
+  }
+  const key = request.headers.get("sec-websocket-key");
+  if (key === null || !WEBSOCKET_KEY.test(key)) {
+    return {
+      status: 400,
+      reason: `bad WebSocket handshake: the Sec-WebSocket-Key header ${
+        key === null ? "is missing" : "must be 16 bytes in base64"
+      }`,
+    };
+  }
+  const version = request.headers.get("sec-websocket-version");
+  if (version !== WEBSOCKET_VERSION) {
+    return {
+      status: 426,
+      reason:
+        `bad WebSocket handshake: this server speaks WebSocket version ${WEBSOCKET_VERSION}, ` +
+        (version === null
+          ? "and the Sec-WebSocket-Version header is missing"
+          : `not ${escapeControls(version)}`),
+      headers: { "sec-websocket-version": WEBSOCKET_VERSION },
+    };
+  }
+  return undefined;
+}
+
+// A browser lets any page open a WebSocket to any server, cookies and all,
+// and says which page in Origin: checking it is the server's job, or any
+// site a user visits can join the chat as them (Cross-Site WebSocket
+// Hijacking). Clients that are not browsers send no Origin.
+function originRefusal(state: ServerState, request: Request, url: URL): Refusal | undefined {
+  const origin = request.headers.get("origin");
+  if (origin === null || originAllowed(state, origin, url)) return undefined;
+  return {
+    status: 403,
+    reason: `origin "${escapeControls(origin)}" is not allowed: pages from other sites ` +
+      "may not use this server (start it with --allow-origin ORIGIN to accept one)",
+  };
+}
+
+function originAllowed(state: ServerState, origin: string, url: URL): boolean {
+  if (state.allowOrigins.has("*") || state.allowOrigins.has(origin)) return true;
+  let page;
+  try {
+    page = new URL(origin);
+  } catch {
+    return false;
+  }
+  if (page.protocol !== "http:" && page.protocol !== "https:") return false;
+  if (state.allowOrigins.has(page.origin) || LOCAL_HOSTNAMES.has(page.hostname)) return true;
+  // The server's own pages: the same host and port the request was sent to
+  // (https too, for a server behind a TLS proxy).
+  return page.host === new URL(`${page.protocol}//${url.host}`).host;
+}
+
+/** The names in Sec-WebSocket-Protocol, in the client's order; undefined if malformed. */
+function offeredProtocols(request: Request): string[] | undefined {
+  const header = request.headers.get("sec-websocket-protocol");
+  if (header === null) return [];
+  // Empty list elements ("a, , b", or an empty header) are to be ignored
+  // (RFC 9110, section 5.6.1).
+  const names = header.split(",").map((name) => name.trim()).filter((name) => name !== "");
+  return names.every((name) => TOKEN.test(name)) ? names : undefined;
+}
+
+function protocolRefusal(state: ServerState, request: Request): Refusal | undefined {
+  const offered = offeredProtocols(request);
+  if (!offered) {
+    return {
+      status: 400,
+      reason:
+        "bad WebSocket handshake: Sec-WebSocket-Protocol must be a comma-separated list of names",
+    };
+  }
+  if (offered.length === 0 || chosenProtocol(state, request)) return undefined;
+  return {
+    status: 400,
+    reason: `no common subprotocol: the client offered ${offered.join(", ")}; ` +
+      `this server speaks ${state.protocols.join(", ")}`,
+  };
+}
+
+// The client lists what it speaks, most preferred first; the server picks
+// one and names it in the 101, or a browser fails the connection (1006).
+function chosenProtocol(state: ServerState, request: Request): string | undefined {
+  return offeredProtocols(request)?.find((name) =>
+    state.protocols.length === 0 || state.protocols.includes(name)
+  );
+}
+
+/** `scheme://host[:port]` as browsers write it, `"null"` or `"*"`; undefined if not an origin. */
+function normalizeOrigin(text: string): string | undefined {
+  if (text === "*" || text === "null") return text;
+  try {
+    const url = new URL(text);
+    const bare = url.pathname === "/" && !url.search && !url.hash && !url.username;
+    return bare && (url.protocol === "http:" || url.protocol === "https:") ? url.origin : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function allowedOrigins(origins: string[]): Set<string> {
+  return new Set(origins.map((origin) => normalizeOrigin(origin) ?? origin));
+}
+
+/** A refusal: its one log line (the peer's words escaped) and the HTTP answer. */
+function refuse(state: ServerState, peer: string, refusal: Refusal): Response {
+  state.log(`! ${peer} refused with ${refusal.status}: ${refusal.reason}`);
+  return plain(refusal.status, refusal.reason, refusal.headers);
+}
+
 function serveSocket(state: ServerState, client: Client): void {
   const { socket } = client;
   // Binary messages arrive as ArrayBuffer (the browser default is Blob).
   socket.binaryType = "arraybuffer";
   socket.onopen = () => {
     if (state.mode === "chat") join(state, client);
-    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
+    state.log(
+      `+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}` +
+        (client.protocol ? `, protocol ${client.protocol}` : ""),
+    );
   };
   socket.onmessage = state.mode === "chat"
     ? (event) => chatMessage(state, client, event.data)
@@ -275,7 +488,7 @@ function chatMessage(state: ServerState, client: Client, data: string | ArrayBuf
     closeSocket(client.socket, UNSUPPORTED_DATA, "text messages only");
     return;
   }
-  broadcast(state, `${client.name}: ${data}`);
+  broadcast(state, `${client.name}: ${sanitizeChatText(data)}`);
 }
 
 function tooBig(state: ServerState, client: Client, data: string | ArrayBuffer): boolean {
@@ -306,7 +519,8 @@ function leave(state: ServerState, client: Client, event: CloseEvent): void {
   }
   state.log(
     `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ` +
-      `code ${event.code || "none (connection lost)"}${event.reason ? ` ${event.reason}` : ""}`,
+      `code ${event.code || "none (connection lost)"}` +
+      (event.reason ? ` ${escapeControls(event.reason)}` : ""),
   );
   announceLeave(state, client);
 }
@@ -354,10 +568,16 @@ function closeSocket(socket: WebSocket, code: number, reason: string): void {
   }
 }
 
-function plain(status: number, text: string): Response {
+// nosniff: a browser must not read a text answer, which may quote what the
+// client sent, as HTML.
+function plain(status: number, text: string, headers: Record<string, string> = {}): Response {
   return new Response(`${text}\n`, {
     status,
-    headers: { "content-type": "text/plain; charset=utf-8" },
+    headers: {
+      "content-type": "text/plain; charset=utf-8",
+      "x-content-type-options": "nosniff",
+      ...headers,
+    },
   });
 }
 
@@ -449,6 +669,17 @@ function onDenoWebSocketFailure(event: PromiseRejectionEvent): void {
       }`,
     );
   }
+}
+
+// Chat text may carry no control characters but tab: a "\r" or an ESC
+// sequence would let one sender overwrite or forge lines on everyone's
+// terminal. Each is replaced by its visible Unicode "control picture".
+function sanitizeChatText(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, (c) => {
+    const code = c.charCodeAt(0);
+    return code < 0x20 ? String.fromCharCode(0x2400 + code) : code === 0x7f ? "\u2421" : "\ufffd";
+  });
 }
 
 // Anything a peer chose (a close reason, a name, a header) is escaped before
@@ -598,6 +829,13 @@ Options:
   --max-connections N     WebSockets open at once; more get HTTP 503 (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS  drop a peer that sends no whole message and no pong this long
                           (1001); it is pinged halfway; 0 = never (default ${DEFAULT_IDLE_TIMEOUT})
+  --protocol NAMES        subprotocols spoken, comma-separated: the client's first offered
+                          name among them is chosen; a client offering only others gets
+                          HTTP 400 (default: whatever the client offers first)
+  --allow-origin ORIGINS  also accept browser pages from these origins, comma-separated
+                          (http://host:port), or from any with '*' (default: only this
+                          server's own pages, and localhost, 127.0.0.1, [::1] on any port;
+                          other pages get HTTP 403)
   --quiet                 no connection log on stderr
   -h, --help              show this help`;
 
@@ -628,6 +866,8 @@ function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; h
         "max-queue": { type: "string", default: String(DEFAULT_MAX_QUEUE) },
         "max-connections": { type: "string", default: String(DEFAULT_MAX_CONNECTIONS) },
         "idle-timeout": { type: "string", default: String(DEFAULT_IDLE_TIMEOUT) },
+        protocol: { type: "string" },
+        "allow-origin": { type: "string" },
         quiet: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
       },
@@ -647,6 +887,8 @@ function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; h
     maxQueue: integerOption("--max-queue", parsed["max-queue"], 1),
     maxConnections: integerOption("--max-connections", parsed["max-connections"], 1),
     idleTimeout: integerOption("--idle-timeout", parsed["idle-timeout"], 0),
+    protocols: protocolsOption(parsed.protocol),
+    allowOrigins: originsOption(parsed["allow-origin"]),
     quiet: parsed.quiet,
     help: parsed.help,
   };
@@ -664,6 +906,30 @@ function integerOption(
     throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
   }
   return value;
+}
+
+function protocolsOption(text: string | undefined): string[] | undefined {
+  if (text === undefined) return undefined;
+  const names = text.split(",").map((name) => name.trim());
+  const bad = names.find((name) => !TOKEN.test(name));
+  if (bad !== undefined) {
+    throw new UsageError(
+      `--protocol takes names separated by commas (letters, digits and !#$%&'*+-.^_\`|~), got "${bad}"`,
+    );
+  }
+  return names;
+}
+
+function originsOption(text: string | undefined): string[] | undefined {
+  if (text === undefined) return undefined;
+  const origins = text.split(",").map((origin) => origin.trim());
+  const bad = origins.find((origin) => normalizeOrigin(origin) === undefined);
+  if (bad !== undefined) {
+    throw new UsageError(
+      `--allow-origin takes origins such as http://example.com:8080 separated by commas, or '*', got "${bad}"`,
+    );
+  }
+  return origins;
 }
 
 function formatHost(hostname: string): string {

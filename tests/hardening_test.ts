@@ -1652,3 +1652,327 @@ Deno.test("ws_client one-shot: a chat server's '* you are NAME' tells it whose l
   assert.deepEqual(heard, ["hello", "pong", "close 1000"]);
   assert.equal(run.stdout, "* you are guest-2\nguest-9: hello\nguest-2: hello\n");
 });
+// ------------------------------------------ WebSocket: what the handshake checks
+
+/**
+ * An upgrade request by hand: the headers a browser sends, each of which a
+ * test may replace (a value) or leave out (undefined).
+ */
+function upgradeRequest(
+  headers: Record<string, string | undefined> = {},
+  { method = "GET", path = "/" } = {},
+): string {
+  const all: Record<string, string | undefined> = {
+    Host: "127.0.0.1",
+    Upgrade: "websocket",
+    Connection: "Upgrade",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    "Sec-WebSocket-Version": "13",
+    ...headers,
+  };
+  const lines = Object.entries(all).filter(([, value]) => value !== undefined)
+    .map(([name, value]) => `${name}: ${value}\r\n`);
+  return `${method} ${path} HTTP/1.1\r\n${lines.join("")}\r\n`;
+}
+
+/**
+ * One request on a fresh connection, as raw bytes: the status, the headers
+ * (lower-case names) and the body (none for a 101). The connection is closed.
+ */
+async function exchange(port: number, request: string) {
+  using tcp = await connectTcp(port);
+  return await within(
+    (async () => {
+      await tcp.write(request);
+      const status = Number((await tcp.readLine())?.split(" ")[1]);
+      const headers = new Map<string, string>();
+      for (let line = await tcp.readLine(); line && line !== "\r"; line = await tcp.readLine()) {
+        const colon = line.indexOf(":");
+        headers.set(line.slice(0, colon).toLowerCase(), line.slice(colon + 1).trim());
+      }
+      const length = status === 101 ? 0 : Number(headers.get("content-length") ?? 0);
+      return { status, headers, body: decoder.decode(await tcp.readBytes(length)) };
+    })(),
+    `an answer to ${JSON.stringify(request.split("\r\n")[0])}`,
+  );
+}
+
+const BAD_HOSTS = ["a b", "<script>", "[::1", "x@y", "x/y", "x:99999"];
+
+Deno.test("ws server: a bad Host header is a 400 with a one-line reason and one log line, no stack trace", async () => {
+  for (const quiet of [false, true]) {
+    await using server = await spawnServer("ws_server.ts", quiet ? ["--quiet"] : []);
+    for (const host of BAD_HOSTS) {
+      for (
+        const request of [
+          `GET /x HTTP/1.1\r\nHost: ${host}\r\n\r\n`,
+          upgradeRequest({ Host: host }),
+        ]
+      ) {
+        const answer = await exchange(server.port, request);
+        assert.equal(answer.status, 400, `Host: ${host}`);
+        assert.equal(answer.headers.get("x-content-type-options"), "nosniff");
+        assert.match(answer.body, /^bad request: the Host header must be a host name .*\n$/);
+        assert.equal(answer.body.split("\n").length, 2, "one line");
+      }
+    }
+    // An absolute URL in the request line stands for the Host header.
+    const target = await exchange(server.port, "GET http://[::1/ HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert.equal(target.status, 400);
+    assert.equal(target.body, `bad request: the request's URL is not a URL: "http://[::1/"\n`);
+    // The text answers that were fine before say nosniff too.
+    const missing = await exchange(server.port, "GET /nope HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n");
+    assert.equal(missing.status, 404);
+    assert.equal(missing.headers.get("x-content-type-options"), "nosniff");
+    const { code, stderr } = await server.stop();
+    assert.equal(code, 0);
+    if (quiet) {
+      assert.equal(stderr, "");
+      continue;
+    }
+    const lines = stderr.trimEnd().split("\n");
+    assert.equal(lines.length, 2 * BAD_HOSTS.length + 1, stderr);
+    for (const line of lines) {
+      assert.match(
+        line,
+        /^! 127\.0\.0\.1:\d+ refused with 400: bad request: the (Host|request's URL) /,
+      );
+    }
+  }
+});
+
+Deno.test("ws server: the handshake is checked before upgrading: method, key, version", async () => {
+  const log = createLines();
+  await using server = startWsServer({ port: 0, log: log.push });
+  const { port } = server.addr;
+  const cases: [string, number, RegExp][] = [
+    [upgradeRequest({}, { method: "POST" }), 400, /the method must be GET, got POST$/],
+    [upgradeRequest({}, { method: "PUT" }), 400, /the method must be GET, got PUT$/],
+    [
+      upgradeRequest({ "Sec-WebSocket-Key": undefined }),
+      400,
+      /Sec-WebSocket-Key header is missing/,
+    ],
+    [
+      upgradeRequest({ "Sec-WebSocket-Key": "abc" }),
+      400,
+      /Sec-WebSocket-Key header must be 16 bytes/,
+    ],
+    // Base64, but of 15 and of 17 bytes.
+    [upgradeRequest({ "Sec-WebSocket-Key": btoa("x".repeat(15)) }), 400, /must be 16 bytes/],
+    [upgradeRequest({ "Sec-WebSocket-Key": btoa("x".repeat(17)) }), 400, /must be 16 bytes/],
+    [upgradeRequest({ "Sec-WebSocket-Version": undefined }), 426, /Version header is missing$/],
+    [upgradeRequest({ "Sec-WebSocket-Version": "8" }), 426, /speaks WebSocket version 13, not 8$/],
+    [upgradeRequest({ "Sec-WebSocket-Version": "13, 8" }), 426, /not 13, 8$/],
+  ];
+  for (const [request, status, reason] of cases) {
+    const answer = await exchange(port, request);
+    const what = request.split("\r\n").filter((line) => /^(GET|POST|PUT|Sec)/.test(line)).join(" ");
+    assert.equal(answer.status, status, what);
+    assert.match(answer.body, /^bad WebSocket handshake: [^\n]+\n$/, what);
+    assert.match(answer.body.trimEnd(), reason, what);
+    assert.equal(answer.headers.get("x-content-type-options"), "nosniff");
+    if (status === 426) assert.equal(answer.headers.get("sec-websocket-version"), "13", what);
+  }
+  assert.equal(
+    log.count(/^! 127\.0\.0\.1:\d+ refused with (400|426): bad WebSocket handshake: /),
+    cases.length,
+  );
+  assert.equal(log.count(/^\+ /), 0, "none of them became a WebSocket");
+  assert.equal(server.connections, 0);
+  // RFC 6455's own example key, with everything right, still upgrades.
+  const good = await exchange(
+    port,
+    upgradeRequest({ "Sec-WebSocket-Key": btoa("0123456789abcdef") }),
+  );
+  assert.equal(good.status, 101);
+});
+
+Deno.test("ws server: subprotocols: the client's first offer by default, or the first in --protocol", async () => {
+  const log = createLines();
+  {
+    await using server = startWsServer({ port: 0, log: log.push });
+    const { port } = server.addr;
+    const offers: [string | undefined, string | undefined][] = [
+      ["graphql-ws, chat", "graphql-ws"],
+      // Node's ws separates with a bare comma; Deno's own option would throw.
+      ["a,b", "a"],
+      // Empty list elements are ignored (RFC 9110, section 5.6.1).
+      [" , x", "x"],
+      ["", undefined],
+      [undefined, undefined],
+    ];
+    for (const [offer, chosen] of offers) {
+      const answer = await exchange(port, upgradeRequest({ "Sec-WebSocket-Protocol": offer }));
+      assert.equal(answer.status, 101, `offering ${offer}`);
+      assert.equal(answer.headers.get("sec-websocket-protocol"), chosen, `offering ${offer}`);
+    }
+    const malformed = await exchange(port, upgradeRequest({ "Sec-WebSocket-Protocol": "a b" }));
+    assert.equal(malformed.status, 400);
+    assert.match(malformed.body, /Sec-WebSocket-Protocol must be a comma-separated list of names/);
+    // Deno's own client, which checks the answer as a browser does.
+    await using ws = await openWsWith(`ws://127.0.0.1:${port}/`, ["graphql-ws"]);
+    assert.equal(ws.socket.protocol, "graphql-ws");
+    ws.socket.send("hi");
+    assert.equal(await ws.next(), "hi");
+    await log.waitFor(/^\+ 127\.0\.0\.1:\d+ connected, protocol graphql-ws$/);
+  }
+  await using server = startWsServer({ port: 0, protocols: ["chat", "superchat"], log: log.push });
+  const { port } = server.addr;
+  for (const [offer, chosen] of [["x, superchat, chat", "superchat"], [undefined, undefined]]) {
+    const answer = await exchange(port, upgradeRequest({ "Sec-WebSocket-Protocol": offer }));
+    assert.equal(answer.status, 101, `offering ${offer}`);
+    assert.equal(answer.headers.get("sec-websocket-protocol"), chosen, `offering ${offer}`);
+  }
+  const other = await exchange(port, upgradeRequest({ "Sec-WebSocket-Protocol": "x, y" }));
+  assert.equal(other.status, 400);
+  assert.equal(
+    other.body,
+    "no common subprotocol: the client offered x, y; this server speaks chat, superchat\n",
+  );
+});
+
+/** `openWs` offering subprotocols: a connection that fails to open rejects. */
+async function openWsWith(url: string, protocols: string[]) {
+  const socket = new WebSocket(url, protocols);
+  const opened = await within(
+    new Promise<boolean>((resolve) => {
+      socket.onopen = () => resolve(true);
+      socket.onclose = () => resolve(false);
+    }),
+    `open ${url}`,
+  );
+  if (!opened) throw new Error(`could not open ${url} with ${protocols}`);
+  const messages: unknown[] = [];
+  const closed = new Promise<CloseEvent>((resolve) => socket.onclose = resolve);
+  let wake = () => {};
+  socket.onmessage = (event) => {
+    messages.push(event.data);
+    wake();
+  };
+  return {
+    socket,
+    async next() {
+      while (messages.length === 0) await new Promise<void>((resolve) => wake = resolve);
+      return messages.shift();
+    },
+    async [Symbol.asyncDispose]() {
+      if (socket.readyState === WebSocket.OPEN) socket.close();
+      await closed;
+    },
+  };
+}
+
+Deno.test("ws chat: a refused handshake is never announced and takes no guest name", async () => {
+  const log = createLines();
+  await using server = startWsServer({ port: 0, mode: "chat", protocols: ["chat"], log: log.push });
+  const { port } = server.addr;
+  const url = `ws://127.0.0.1:${port}/`;
+  await using member = await openWs(url);
+  const refused = [
+    upgradeRequest({ "Sec-WebSocket-Protocol": "graphql-ws" }),
+    upgradeRequest({ Origin: "http://evil.example" }),
+    upgradeRequest({ "Sec-WebSocket-Version": "8" }),
+  ];
+  for (const request of refused) assert.notEqual((await exchange(port, request)).status, 101);
+  member.socket.send("anyone?");
+  assert.equal(await member.next(), "guest-1: anyone?", "no join or leave came first");
+  await using next = await openWs(url);
+  assert.equal(await member.next(), "* guest-2 joined");
+  next.socket.send("me");
+  assert.equal(await next.next(), "guest-2: me");
+  assert.equal(log.count(/^! /), refused.length);
+});
+
+Deno.test("ws server: Origin: its own pages, localhost and no Origin are accepted, other pages 403", async () => {
+  const log = createLines();
+  {
+    await using server = startWsServer({ port: 0, log: log.push });
+    const { port } = server.addr;
+    const accepted: Record<string, string | undefined>[] = [
+      {},
+      { Origin: `http://127.0.0.1:${port}` },
+      { Origin: "http://localhost:3000" },
+      { Origin: "https://localhost" },
+      { Origin: "http://[::1]:5173" },
+      { Origin: "http://127.0.0.1:1" },
+      // The server's own pages, under whatever name the browser used for it.
+      { Host: "chat.example:8080", Origin: "http://chat.example:8080" },
+      { Host: "chat.example", Origin: "https://chat.example" },
+      { Host: "Chat.Example:80", Origin: "http://chat.example" },
+    ];
+    for (const headers of accepted) {
+      const answer = await exchange(port, upgradeRequest(headers));
+      assert.equal(answer.status, 101, JSON.stringify(headers));
+    }
+    const refused: Record<string, string>[] = [
+      { Origin: "http://evil.example" },
+      { Origin: "http://127.0.0.2:8080" },
+      { Origin: "http://localhost.evil.example" },
+      { Origin: "null" },
+      { Origin: "file://" },
+      { Origin: "not an origin" },
+      { Host: "chat.example:8080", Origin: "http://chat.example:8081" },
+      { Host: "chat.example", Origin: "http://evil.chat.example" },
+      // Sent as UTF-8, read by Deno as Latin-1: C1 controls, which must not reach the log.
+      { Origin: "http://evil.example\x85\x9b2J" },
+    ];
+    for (const headers of refused) {
+      const answer = await exchange(port, upgradeRequest(headers));
+      assert.equal(answer.status, 403, JSON.stringify(headers));
+      assert.match(
+        answer.body,
+        /^origin "[^"\n]+" is not allowed: .* --allow-origin ORIGIN to accept one\)\n$/,
+      );
+      assert.equal(answer.headers.get("x-content-type-options"), "nosniff");
+    }
+    assert.equal(log.count(/^! 127\.0\.0\.1:\d+ refused with 403: origin /), refused.length);
+    assert.ok(log.lines.some((line) => /evil\.example.\\x85.\\x9b2J/.test(line)), "escaped");
+    assert.ok(log.lines.every((line) => !/\p{Cc}/u.test(line)), "no raw controls");
+  }
+  {
+    await using server = startWsServer({
+      port: 0,
+      allowOrigins: ["http://127.0.0.2:8080/"],
+      log: log.push,
+    });
+    const { port } = server.addr;
+    const allowed = await exchange(port, upgradeRequest({ Origin: "http://127.0.0.2:8080" }));
+    assert.equal(allowed.status, 101);
+    const other = await exchange(port, upgradeRequest({ Origin: "http://127.0.0.2:8081" }));
+    assert.equal(other.status, 403);
+  }
+  await using server = startWsServer({ port: 0, allowOrigins: ["*"], log: log.push });
+  for (const origin of ["http://evil.example", "null"]) {
+    const answer = await exchange(server.addr.port, upgradeRequest({ Origin: origin }));
+    assert.equal(answer.status, 101, origin);
+  }
+});
+
+Deno.test("ws chat: control characters are relayed as visible pictures, echo stays exact, close reasons are escaped in the log", async () => {
+  const hostile = "hi\n* guest-1 left\r\x1b[2J\x07\x00\x7f\x9b\ttab";
+  const log = createLines();
+  {
+    await using server = startWsServer({ port: 0, mode: "chat", log: log.push });
+    const url = `ws://127.0.0.1:${server.addr.port}/`;
+    await using reader = await openWs(url);
+    await using sender = await openWs(url);
+    assert.equal(await reader.next(), "* guest-2 joined");
+    sender.socket.send(hostile);
+    const shown = "guest-2: hi\u240a* guest-1 left\u240d\u241b[2J\u2407\u2400\u2421\ufffd\ttab";
+    assert.equal(await reader.next(), shown);
+    assert.equal(await sender.next(), shown);
+    sender.socket.close(4000, "bye\n+ 10.0.0.1:1 connected as guest-9\x1b[31m");
+    assert.equal(await reader.next(), "* guest-2 left");
+    await log.waitFor(/^- .*\(guest-2\)/);
+    const line = log.lines.find((line) => line.includes("(guest-2)"))!;
+    assert.ok(
+      line.endsWith("code 4000 bye\\n+ 10.0.0.1:1 connected as guest-9\\x1b[31m"),
+      line,
+    );
+  }
+  await using server = startWsServer({ port: 0, log: log.push });
+  await using echo = await openWs(`ws://127.0.0.1:${server.addr.port}/`);
+  echo.socket.send(hostile);
+  assert.equal(await echo.next(), hostile, "echo is byte-exact");
+});

@@ -1108,3 +1108,171 @@ Deno.test("readme: 'Talk to it from anything' shows the lines these tests run", 
   assert.match(section, /!\[[^\]]+\]\(docs\/chat\.png\)/, "and the screenshot");
   assert.ok(await exists(scriptPath("docs/chat.png")), "docs/chat.png exists");
 });
+
+// ================================ subprotocols and origins (issue 8, items 5 and 6)
+
+interopTest("ws (Node.js): a client offering a subprotocol gets one, in echo and in chat", [
+  nodeWs,
+], async () => {
+  {
+    await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+    const echo = await run(["node", [
+      peer("ws_client.mjs"),
+      server.url,
+      "--protocol=graphql-ws",
+      "hi",
+    ]]);
+    assert.equal(echo.stdout, "protocol graphql-ws\nhi\nclosed 1000\n", echo.stderr);
+    assert.equal(echo.code, 0);
+  }
+  await using server = await startServer(
+    deno("ws_server.ts", "--port", "0", "--mode", "chat", "--protocol", "chat", "--quiet"),
+  );
+  await using denoClient = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
+  await denoClient.write("hi\n");
+  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  // ws joins several names with a bare comma: "graphql-ws,chat".
+  const js = await run(["node", [
+    peer("ws_client.mjs"),
+    server.url,
+    "--protocol=graphql-ws,chat",
+    "yo",
+  ]]);
+  assert.equal(js.stdout, "protocol chat\nguest-2: yo\nclosed 1000\n", js.stderr);
+  const other = await run(["node", [
+    peer("ws_client.mjs"),
+    server.url,
+    "--protocol=graphql-ws",
+    "no",
+  ]]);
+  assert.match(other.stderr, /Unexpected server response: 400/);
+  assert.equal(other.code, 1);
+  await denoClient.write("still here\n");
+  assert.deepEqual(await nextLines(denoClient, 4), [
+    "* guest-2 joined",
+    "guest-2: yo",
+    "* guest-2 left",
+    "guest-1: still here",
+  ]);
+  assert.equal((await denoClient.finish()).code, 0);
+});
+
+/**
+ * In a page: opens a WebSocket to `url` offering `protocols`, sends `text`
+ * once open, and resolves with what happened: the protocol chosen, the
+ * first message, or the close code if it never opened.
+ */
+function subprotocolSnippet(url: string, protocols: string[], text: string): string {
+  return `new Promise((resolve) => {
+    const ws = new WebSocket(${JSON.stringify(url)}, ${JSON.stringify(protocols)});
+    ws.onopen = () => ws.send(${JSON.stringify(text)});
+    ws.onmessage = (event) => {
+      resolve({ protocol: ws.protocol, message: event.data });
+      ws.close(1000);
+    };
+    ws.onclose = (event) => resolve({ code: event.code });
+  })`;
+}
+
+interopTest("chromium: a page offering a subprotocol gets one, in echo and in chat", [
+  chromium,
+], async () => {
+  await using browser = await launchChromium();
+  {
+    await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+    const page = await browser.openPage(ONE_LINERS.browser(server.port));
+    assert.deepEqual(
+      await evaluate(page, subprotocolSnippet(server.url, ["graphql-ws"], "hello")),
+      { protocol: "graphql-ws", message: "hello" },
+    );
+  }
+  await using server = await startServer(
+    deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using terminal = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
+  await terminal.write("hi\n");
+  assert.equal(await terminal.nextLine(), "guest-1: hi");
+  const page = await browser.openPage(ONE_LINERS.browser(server.port));
+  // The page's own client is guest-2; the snippet's socket is guest-3.
+  assert.equal(await terminal.nextLine(), "* guest-2 joined");
+  assert.deepEqual(
+    await evaluate(page, subprotocolSnippet(server.url, ["chat", "superchat"], "from a tab")),
+    { protocol: "chat", message: "guest-3: from a tab" },
+  );
+  assert.deepEqual(await nextLines(terminal, 3), [
+    "* guest-3 joined",
+    "guest-3: from a tab",
+    "* guest-3 left",
+  ]);
+  assert.equal((await terminal.finish()).code, 0);
+});
+
+// A page on another site, as far as the browser knows: 127.0.0.2 is this
+// machine too, but a different origin from 127.0.0.1 and localhost. Its
+// script joins the chat at ?ws=URL, posts, and shows everything it can.
+const ELSEWHERE_PAGE = `<!doctype html>
+<title>somewhere else</title>
+<pre id="events"></pre>
+<script>
+  const show = (text) => document.getElementById("events").textContent += text + "\\n";
+  const ws = new WebSocket(new URLSearchParams(location.search).get("ws"));
+  ws.onopen = () => { show("open"); ws.send("posted by another site"); };
+  ws.onmessage = (event) => show("message " + event.data);
+  ws.onclose = (event) => show("close " + event.code);
+</script>`;
+
+interopTest("chromium: a page from another origin cannot join the chat (403); its own pages can", [
+  chromium,
+], async () => {
+  const elsewhere = Deno.serve(
+    { hostname: "127.0.0.2", port: 0, onListen: () => {} },
+    () => new Response(ELSEWHERE_PAGE, { headers: { "content-type": "text/html" } }),
+  );
+  try {
+    const origin = `http://127.0.0.2:${elsewhere.addr.port}`;
+    await using browser = await launchChromium();
+    const events = (page: Page, last: string) =>
+      waitForPage(
+        page,
+        `document.getElementById("events").textContent.includes(${JSON.stringify(last)}) &&
+          document.getElementById("events").textContent`,
+        `the page elsewhere to show ${last}`,
+      );
+    {
+      await using server = await startServer(
+        deno("ws_server.ts", "--port", "0", "--mode", "chat"),
+      );
+      await using terminal = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
+      await terminal.write("my secret\n");
+      assert.equal(await terminal.nextLine(), "guest-1: my secret");
+      const page = await browser.openPage(`${origin}/?ws=${server.url}`);
+      // A refused handshake is, to a page, a connection that failed.
+      assert.equal(await events(page, "close"), "close 1006\n");
+      // The server's own page still connects, and is the next guest.
+      const own = await browser.openPage(ONE_LINERS.browser(server.port));
+      await waitForStatus(own, "Connected");
+      await terminal.write("anyone else?\n");
+      assert.deepEqual(await nextLines(terminal, 2), ["* guest-2 joined", "guest-1: anyone else?"]);
+      const { stderr } = await server.stop();
+      assert.match(
+        stderr,
+        new RegExp(
+          `^! 127\\.0\\.0\\.1:\\d+ refused with 403: origin "${origin}" is not allowed`,
+          "m",
+        ),
+      );
+      await terminal.finish();
+    }
+    // Allowed by name, the same page gets in: the refusal was its origin.
+    await using server = await startServer(
+      deno("ws_server.ts", "--port", "0", "--mode", "chat", "--allow-origin", origin, "--quiet"),
+    );
+    const page = await browser.openPage(`${origin}/?ws=${server.url}`);
+    assert.equal(
+      await events(page, "message"),
+      "open\nmessage guest-1: posted by another site\n",
+    );
+  } finally {
+    await elsewhere.shutdown();
+  }
+});

@@ -5,10 +5,13 @@
  * which is sent as N binary bytes 0, 1, 2, …, 255, 0, 1, …. Prints each
  * message received on its own line (binary as `<binary N bytes sha256 HEX>`),
  * closes with 1000 after one reply per message sent (never, with --stay),
- * and prints how the connection closed: `closed CODE REASON`.
+ * and prints how the connection closed: `closed CODE REASON`. With
+ * --protocol=A,B it offers those subprotocols (ws insists that the server
+ * picks one) and prints the one chosen first: `protocol NAME`.
  *
  *     node interop/ws_client.mjs ws://127.0.0.1:8080/ hello binary:256
  *     node interop/ws_client.mjs ws://127.0.0.1:8080/ --stay hello
+ *     node interop/ws_client.mjs ws://127.0.0.1:8080/ --protocol=graphql-ws hello
  */
 
 import { createHash } from "node:crypto";
@@ -17,7 +20,8 @@ import WebSocket from "ws";
 
 const [url, ...args] = process.argv.slice(2);
 const stay = args.includes("--stay");
-const messages = args.filter((arg) => arg !== "--stay");
+const protocols = args.find((arg) => arg.startsWith("--protocol="))?.slice(11).split(",");
+const messages = args.filter((arg) => arg !== "--stay" && !arg.startsWith("--protocol="));
 let received = 0;
 
 function payload(message) {
@@ -32,8 +36,9 @@ function describe(data, isBinary) {
   return `<binary ${data.length} bytes sha256 ${createHash("sha256").update(data).digest("hex")}>`;
 }
 
-const socket = new WebSocket(url);
+const socket = new WebSocket(url, protocols);
 socket.on("open", () => {
+  if (protocols) console.log(`protocol ${socket.protocol}`);
   for (const message of messages) socket.send(payload(message));
 });
 // ws hands over every message as a Buffer; isBinary says which opcode it had.
