@@ -81,6 +81,8 @@ const strictDecoder = new TextDecoder("utf-8", { fatal: true });
 
 interface ServerState {
   socket: dgram.Socket;
+  /** The address and port bound, to refuse datagrams that claim to come from them. */
+  own: { address: string; port: number };
   mode: Mode;
   dropRate: number;
   random: () => number;
@@ -126,7 +128,7 @@ function serve(state: ServerState): void {
 }
 
 function receive(state: ServerState, data: Uint8Array, from: dgram.RemoteInfo): void {
-  if (state.closing) return;
+  if (state.closing || isOwnAddress(state, from)) return;
   const number = ++state.received;
   if (dropOnPurpose(state, number, data, from)) return;
   if (state.mode === "chat") chatDatagram(state, data, from);
@@ -395,6 +397,14 @@ function createTokenBucket(rate: number, burst: number, now: number): TokenBucke
       return true;
     },
   };
+}
+
+// A datagram's source address is only a field its sender filled in. One that
+// names this very socket would have the server answer itself, and then its
+// own answer, for ever.
+function isOwnAddress(state: ServerState, from: dgram.RemoteInfo): boolean {
+  return from.port === state.own.port &&
+    (from.address === state.own.address || isWildcard(state.own.address));
 }
 
 function markSeen(state: ServerState, peer: Peer, now: number): void {
@@ -687,8 +697,10 @@ export async function startUdpServer(options: UdpServerOptions = {}): Promise<Ud
   const socket = await bindSocket(hostname, port);
   const seed = options.seed ?? crypto.getRandomValues(new Uint32Array(1))[0];
   const log = options.log ?? console.error;
+  const { address, port: boundPort } = socket.address();
   const state: ServerState = {
     socket,
+    own: { address, port: boundPort },
     mode: options.mode ?? "echo",
     dropRate: options.drop ?? 0,
     random: mulberry32(seed),
@@ -706,7 +718,6 @@ export async function startUdpServer(options: UdpServerOptions = {}): Promise<Ud
   };
   state.timers.push(setInterval(() => state.limited.flush(), LOG_WINDOW_MS));
   serve(state);
-  const { address, port: boundPort } = socket.address();
   let closed: Promise<void> | undefined;
   function close() {
     state.closing = true;
@@ -786,7 +797,8 @@ export async function sendDatagrams(options: UdpSendOptions): Promise<UdpSendRes
     socket.on("message", (data: Uint8Array, from) => {
       if (!isReply(exchange, from)) return;
       exchange.replies++;
-      options.onReply(data);
+      // A plain Uint8Array, not node:dgram's Buffer subclass.
+      options.onReply(new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
       exchange.wake();
     });
     await sendAll(exchange, options.messages);
@@ -999,7 +1011,7 @@ async function serveCommand(options: ReturnType<typeof parseServeArgs>): Promise
   console.log(`listening on udp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
   if (options.drop > 0) {
     log(
-      `dropping ${options.drop * 100}% of incoming datagrams on purpose ` +
+      `dropping ${Number((options.drop * 100).toFixed(2))}% of incoming datagrams on purpose ` +
         `(--drop ${options.drop} --seed ${server.seed} repeats this run's choices)`,
     );
   }
