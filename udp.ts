@@ -156,17 +156,7 @@ function chatDatagram(state: ServerState, data: Uint8Array, from: dgram.RemoteIn
   const peer = state.peers.get(key) ?? join(state, key, from, now);
   if (!peer) return;
   markSeen(state, peer, now);
-  if (!peer.bucket.take(now)) {
-    state.limited(
-      "fast",
-      `- ${key} (${peer.name}) sends over ${CHAT_RATE} datagrams a second: dropped`,
-    );
-    return;
-  }
-  if (data.length > MAX_CHAT_TEXT) {
-    sendText(state, peer, `* error: message too long (max ${MAX_CHAT_TEXT} bytes)`);
-    return;
-  }
+  if (tooFast(state, peer, now) || tooLong(state, peer, data)) return;
   const text = chatText(data);
   // An empty datagram relays nothing: it only says "still here".
   if (text !== "") broadcast(state, `${peer.name}: ${text}`);
@@ -412,6 +402,25 @@ function markSeen(state: ServerState, peer: Peer, now: number): void {
   // Deleting and setting again moves the peer to the end of the Map's order.
   state.peers.delete(peer.key);
   state.peers.set(peer.key, peer);
+}
+
+// A peer over its rate loses the datagram, as a congested network would
+// lose it; every other peer's share of the room is untouched.
+function tooFast(state: ServerState, peer: Peer, now: number): boolean {
+  if (peer.bucket.take(now)) return false;
+  state.limited(
+    "fast",
+    `- ${peer.key} (${peer.name}) sends over ${CHAT_RATE} datagrams a second: dropped`,
+  );
+  return true;
+}
+
+// Every chat datagram is sent on to every peer: a big one is refused, and
+// its sender told, in a datagram smaller than the one it sent.
+function tooLong(state: ServerState, peer: Peer, data: Uint8Array): boolean {
+  if (data.length <= MAX_CHAT_TEXT) return false;
+  sendText(state, peer, `* error: message too long (max ${MAX_CHAT_TEXT} bytes)`);
+  return true;
 }
 
 // A stranger's datagram when the room is full. There is no connection to
