@@ -1119,7 +1119,7 @@ const UDP_ONE_LINERS = {
 };
 
 /** A UDP server that prints "listening on udp://127.0.0.1:PORT" first. */
-async function startUdpServer(program: [string, string[]]) {
+async function startDatagramServer(program: [string, string[]]) {
   const server = spawn(program);
   const line = await server.nextLine().catch(() => null);
   const port = Number(line?.match(/^listening on udp:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
@@ -1136,7 +1136,9 @@ interopTest(
     python,
   ],
   async () => {
-    await using server = await startUdpServer(deno("udp.ts", "serve", "--port", "0", "--quiet"));
+    await using server = await startDatagramServer(
+      deno("udp.ts", "serve", "--port", "0", "--quiet"),
+    );
     const oneLiner = await run(shell(UDP_ONE_LINERS.pythonUdp(server.port)));
     assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
     assert.equal(oneLiner.code, 0);
@@ -1160,7 +1162,7 @@ for payload in (bytes(range(256)), bytes(i % 251 for i in range(65507)), b""):
 interopTest("python socket: SOCK_DGRAM chats through udp.ts with udp.ts send", [
   python,
 ], async () => {
-  await using server = await startUdpServer(
+  await using server = await startDatagramServer(
     deno("udp.ts", "serve", "--port", "0", "--mode", "chat", "--quiet"),
   );
   const oneLiner = await run(shell(UDP_ONE_LINERS.pythonUdp(server.port)));
@@ -1174,7 +1176,7 @@ interopTest(
   "python socket: udp.ts send against a Python UDP echo server",
   [python],
   async () => {
-    await using server = await startUdpServer([PYTHON!, [peer("udp_echo_server.py"), "0"]]);
+    await using server = await startDatagramServer([PYTHON!, [peer("udp_echo_server.py"), "0"]]);
     const port = String(server.port);
     const oneShot = await run(deno("udp.ts", "send", "--port", port, "hello", "ü ✓", ""));
     assert.equal(oneShot.stdout, "hello\nü ✓\n\n", oneShot.stderr);
@@ -1190,12 +1192,12 @@ interopTest(
 interopTest("netcat: nc -u against udp.ts echo, and nc -u chats with udp.ts send", [
   netcat,
 ], async () => {
-  await using echo = await startUdpServer(deno("udp.ts", "serve", "--port", "0", "--quiet"));
+  await using echo = await startDatagramServer(deno("udp.ts", "serve", "--port", "0", "--quiet"));
   const oneLiner = await run(shell(UDP_ONE_LINERS.netcatUdpEcho(echo.port)));
   assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
   assert.equal(oneLiner.code, 0);
 
-  await using chat = await startUdpServer(
+  await using chat = await startDatagramServer(
     deno("udp.ts", "serve", "--port", "0", "--mode", "chat", "--quiet"),
   );
   // Run without sh in between, so that stopping it stops nc itself.
