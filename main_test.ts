@@ -932,3 +932,12 @@ Deno.test("udp cli: bad options print one line plus usage and exit 2; a port in 
     await new Promise<void>((resolve) => taken.close(() => resolve()));
   }
 });
+
+Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exit 0 within a second", async () => {
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    await using server = await spawnUdpServer(["--mode", "chat"]);
+    const { code, exitMs } = await server.stop(signal);
+    assert.equal(code, 0, `${signal}: exit code`);
+    assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
+  }
+});

@@ -1017,18 +1017,20 @@ async function serveCommand(options: ReturnType<typeof parseServeArgs>): Promise
     console.error(`udp: cannot listen on udp://${address}: ${startError(error, options.port)}`);
     return 1;
   }
+  // Listening for the signals before saying "listening": whoever reads that
+  // line may signal at once.
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    if (Deno.build.os !== "windows" || signal === "SIGINT") {
+      Deno.addSignalListener(signal, stop.resolve);
+    }
+  }
   console.log(`listening on udp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
   if (options.drop > 0) {
     log(
       `dropping ${Number((options.drop * 100).toFixed(2))}% of incoming datagrams on purpose ` +
         `(--drop ${options.drop} --seed ${server.seed} repeats this run's choices)`,
     );
-  }
-  const stop = Promise.withResolvers<void>();
-  for (const signal of ["SIGINT", "SIGTERM"] as const) {
-    if (Deno.build.os !== "windows" || signal === "SIGINT") {
-      Deno.addSignalListener(signal, stop.resolve);
-    }
   }
   await stop.promise;
   // Closing is quick; the timer guarantees the process is gone within a second.
