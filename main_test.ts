@@ -11,10 +11,12 @@
  */
 
 import assert from "node:assert/strict";
+import dgram from "node:dgram";
 import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
+import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
   allBytes,
   connectTcp,
@@ -23,6 +25,7 @@ import {
   runScript,
   scriptPath,
   spawnServer,
+  within,
 } from "./tests/helpers.ts";
 
 const encoder = new TextEncoder();
@@ -373,7 +376,7 @@ Deno.test("ws client: refused, and not a WebSocket server, are clear errors", as
 
 // ------------------------------------------------------- the command lines
 
-const SCRIPTS = ["tcp_server.ts", "tcp_client.ts", "ws_server.ts", "ws_client.ts"];
+const SCRIPTS = ["tcp_server.ts", "tcp_client.ts", "ws_server.ts", "ws_client.ts", "udp.ts"];
 
 Deno.test("cli: --help prints usage and exits 0", async () => {
   for (const script of SCRIPTS) {
@@ -598,4 +601,399 @@ Deno.test("cli: ws_server's --protocol and --allow-origin take lists, and bad on
   const { stderr } = await server.stop();
   assert.match(stderr, /^\+ 127\.0\.0\.1:\d+ connected, protocol superchat$/m);
   assert.match(stderr, /^! 127\.0\.0\.1:\d+ refused with 403: origin "http:\/\/127\.0\.0\.3" /m);
+});
+// ------------------------------------------------------------------- UDP
+
+/** A UDP socket on 127.0.0.1 that talks to one server port, with its datagrams awaitable. */
+async function udpPeer(serverPort: number) {
+  const socket = dgram.createSocket("udp4");
+  await new Promise<void>((resolve) => socket.bind(0, "127.0.0.1", resolve));
+  const received: Uint8Array[] = [];
+  let wake = () => {};
+  socket.on("message", (data) => {
+    received.push(new Uint8Array(data));
+    wake();
+  });
+  return {
+    port: socket.address().port,
+    /** Sends one datagram (a string as UTF-8) and waits until the kernel has taken it. */
+    send(data: string | Uint8Array): Promise<void> {
+      return new Promise((resolve, reject) =>
+        socket.send(data, serverPort, "127.0.0.1", (error) => error ? reject(error) : resolve())
+      );
+    },
+    /** The next datagram, whole. */
+    async next(): Promise<Uint8Array> {
+      while (received.length === 0) {
+        await within(new Promise<void>((resolve) => wake = resolve), "a datagram");
+      }
+      return received.shift()!;
+    },
+    /** The next datagram as text, without the "\n" the chat ends each one with. */
+    async nextText(): Promise<string> {
+      return decoder.decode(await this.next()).replace(/\n$/, "");
+    },
+    async [Symbol.asyncDispose]() {
+      await new Promise<void>((resolve) => socket.close(() => resolve()));
+    },
+  };
+}
+
+/** A UDP port nothing listens on (bound, read, released). */
+async function closedUdpPort(): Promise<number> {
+  const socket = dgram.createSocket("udp4");
+  await new Promise<void>((resolve) => socket.bind(0, "127.0.0.1", resolve));
+  const { port } = socket.address();
+  await new Promise<void>((resolve) => socket.close(() => resolve()));
+  return port;
+}
+
+/** `udp.ts serve --port 0 ARGS` as a real process: like spawnServer, with the command first. */
+async function spawnUdpServer(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath("udp.ts"), "serve", "--port", "0", ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  while (!printed.includes("\n")) {
+    const { done, value } = await within(stdout.read(), "udp.ts serve's first line");
+    if (done) break;
+    printed += value;
+  }
+  let stopped: Promise<{ code: number; stdout: string; stderr: string; exitMs: number }>;
+  async function stop(signal: Deno.Signal) {
+    const start = performance.now();
+    try {
+      child.kill(signal);
+    } catch {
+      // Already exited.
+    }
+    const { code } = await child.status;
+    const exitMs = performance.now() - start;
+    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
+    return { code, stdout: printed, stderr: await stderr, exitMs };
+  }
+  const line = printed.split("\n")[0];
+  const port = Number(line.match(/^listening on udp:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
+  if (!port) {
+    throw new Error(`udp.ts serve did not start: ${line} ${(await stop("SIGKILL")).stderr}`);
+  }
+  return {
+    line,
+    port,
+    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+Deno.test("udp echo: text, binary, every byte value, empty and 65,507 bytes come back whole", async () => {
+  await using server = await startUdpServer({ port: 0, log: quiet });
+  const big = randomBytes(65_507);
+  const messages = ["hello ✓", allBytes(), new Uint8Array(0), big];
+  const replies: Uint8Array[] = [];
+  const result = await sendDatagrams({
+    port: server.addr.port,
+    messages,
+    onReply: (data) => replies.push(Uint8Array.from(data)),
+  });
+  assert.deepEqual(result, { sent: 4, replies: 4, missing: 0, refused: false });
+  // One send is one receive: four datagrams, four replies, each exactly one of them.
+  assert.deepEqual(replies, [encoder.encode("hello ✓"), allBytes(), new Uint8Array(0), big]);
+});
+
+Deno.test("udp echo: a datagram over 65,507 bytes is refused clearly, and nothing is sent", async () => {
+  await using server = await startUdpServer({ port: 0, log: quiet });
+  const replies: Uint8Array[] = [];
+  await assert.rejects(
+    sendDatagrams({
+      port: server.addr.port,
+      messages: ["first", randomBytes(65_508)],
+      onReply: (data) => replies.push(data),
+    }),
+    (error: Error) =>
+      error instanceof DatagramTooBig &&
+      /^datagram 2 is 65508 bytes, .* \(65507 over IPv4, .*EMSGSIZE.* nothing of it was sent$/
+        .test(error.message),
+  );
+  const oversize = await runScript("udp.ts", [
+    "send",
+    "--port",
+    String(server.addr.port),
+    "x".repeat(65_508),
+  ]);
+  assert.equal(oversize.code, 1);
+  assert.equal(oversize.stdout, "");
+  assert.match(oversize.stderr, /^udp: udp:\/\/127\.0\.0\.1:\d+: datagram 1 is 65508 bytes, .*\n$/);
+  assertNoStackTrace(oversize.stderr);
+});
+
+Deno.test("udp chat: three peers join by their first datagram, and everyone gets every message", async () => {
+  const logged: string[] = [];
+  await using server = await startUdpServer({
+    port: 0,
+    mode: "chat",
+    log: (line) => logged.push(line),
+  });
+  await using a = await udpPeer(server.addr.port);
+  await using b = await udpPeer(server.addr.port);
+  await using c = await udpPeer(server.addr.port);
+  await a.send("hello");
+  assert.equal(await a.nextText(), "guest-1: hello");
+  await b.send("hi");
+  assert.deepEqual([await a.nextText(), await a.nextText()], ["* guest-2 joined", "guest-2: hi"]);
+  assert.equal(await b.nextText(), "guest-2: hi");
+  // netcat sends the line's "\n"; a datagram needs none, and it is dropped.
+  await c.send("hey\n");
+  for (const peer of [a, b]) assert.equal(await peer.nextText(), "* guest-3 joined");
+  for (const peer of [a, b, c]) assert.equal(await peer.nextText(), "guest-3: hey");
+  // Control characters cannot forge lines or move a terminal's cursor.
+  await a.send("x\r\x1b[2Jy");
+  for (const peer of [a, b, c]) assert.equal(await peer.nextText(), "guest-1: x\u240d\u241b[2Jy");
+  // Bytes that are not UTF-8 arrive as U+FFFD; an empty datagram relays nothing.
+  await c.send(Uint8Array.of(0x68, 0xff, 0x69));
+  await a.send(new Uint8Array(0));
+  await b.send("next");
+  for (const peer of [a, b, c]) {
+    assert.deepEqual([await peer.nextText(), await peer.nextText()], [
+      "guest-3: h\uFFFDi",
+      "guest-2: next",
+    ]);
+  }
+  assert.equal(server.peers, 3);
+  assert.match(logged.join("\n"), /^\+ 127\.0\.0\.1:\d+ joined as guest-1$/m);
+});
+
+Deno.test("udp chat: a silent peer is forgotten after --idle-timeout, and told so", async () => {
+  const logged: string[] = [];
+  await using server = await startUdpServer({
+    port: 0,
+    mode: "chat",
+    idleTimeout: 1,
+    log: (line) => logged.push(line),
+  });
+  await using a = await udpPeer(server.addr.port);
+  await using b = await udpPeer(server.addr.port);
+  await using c = await udpPeer(server.addr.port);
+  await a.send("1");
+  await b.send("2");
+  await c.send("3");
+  // a and b speak again, so c has been silent longest, then a, then b.
+  await a.send("a again");
+  await b.send("b again");
+  const left = "* you left the room: silent for 1 s (send anything to rejoin)";
+  const seen = async (peer: typeof a, count: number) => {
+    const texts: string[] = [];
+    for (let i = 0; i < count; i++) texts.push(await peer.nextText());
+    return texts;
+  };
+  assert.deepEqual(await seen(a, 9), [
+    "guest-1: 1",
+    "* guest-2 joined",
+    "guest-2: 2",
+    "* guest-3 joined",
+    "guest-3: 3",
+    "guest-1: a again",
+    "guest-2: b again",
+    "* guest-3 left",
+    left,
+  ]);
+  assert.deepEqual((await seen(b, 8)).slice(3), [
+    "guest-1: a again",
+    "guest-2: b again",
+    "* guest-3 left",
+    "* guest-1 left",
+    left,
+  ]);
+  assert.deepEqual((await seen(c, 4)).slice(1), ["guest-1: a again", "guest-2: b again", left]);
+  assert.equal(server.peers, 0);
+  // Nothing to reconnect: the next datagram is a new peer.
+  await c.send("back");
+  assert.equal(await c.nextText(), "guest-4: back");
+  assert.match(logged.join("\n"), /^- 127\.0\.0\.1:\d+ \(guest-3\) left: silent for 1 s$/m);
+});
+
+Deno.test("udp chat: too long, too fast and room full touch only their sender", async () => {
+  const logged: string[] = [];
+  await using server = await startUdpServer({
+    port: 0,
+    mode: "chat",
+    maxPeers: 2,
+    log: (line) => logged.push(line),
+  });
+  await using a = await udpPeer(server.addr.port);
+  await using b = await udpPeer(server.addr.port);
+  await using c = await udpPeer(server.addr.port);
+  await a.send("hi");
+  assert.equal(await a.nextText(), "guest-1: hi");
+  await b.send("x".repeat(2049));
+  assert.equal(await b.nextText(), "* error: message too long (max 2048 bytes)");
+  await c.send("let me in");
+  assert.equal(await c.nextText(), "* error: room full (max 2 peers), try again later");
+  // A burst of 100: the room gets b's burst allowance (40, less the one its
+  // too-long datagram took) and what the rate refills meanwhile, no more.
+  for (let i = 1; i <= 100; i++) await b.send(`burst ${i}`);
+  await a.send("still fine");
+  const relayed = [];
+  for (let text = await a.nextText(); text !== "guest-1: still fine"; text = await a.nextText()) {
+    relayed.push(text);
+  }
+  assert.equal(relayed[0], "* guest-2 joined", "b joined with its too-long datagram");
+  const bursts = relayed.slice(1);
+  assert.ok(bursts.length >= 39 && bursts.length < 100, `${bursts.length} of 100 relayed`);
+  assert.deepEqual(bursts, bursts.map((_, i) => `guest-2: burst ${i + 1}`));
+  assert.equal(server.peers, 2, "c was never let in");
+  await server.close();
+  const log = logged.join("\n");
+  assert.match(log, /guest-2\) sends over 20 datagrams a second: dropped/);
+  assert.match(log, /\(and \d+ more like it in the last 20 s\)/, "counted, not printed each time");
+  assert.match(log, /room full \(max 2 peers\), not let in/);
+});
+
+Deno.test("udp cli: send prints each reply, one-shot and interactive, echo and chat", async () => {
+  await using echo = await spawnUdpServer(["--quiet"]);
+  assert.match(echo.line, /^listening on udp:\/\/127\.0\.0\.1:\d+$/);
+  const port = String(echo.port);
+  const oneShot = await runScript("udp.ts", ["send", "--port", port, "hello", "two words"]);
+  assert.equal(oneShot.stdout, "hello\ntwo words\n", oneShot.stderr);
+  assert.equal(oneShot.code, 0);
+  const interactive = await runScript("udp.ts", ["send", "--port", port], "typed\r\nlines\n");
+  assert.equal(interactive.stdout, "typed\nlines\n", interactive.stderr);
+  assert.equal(interactive.code, 0);
+  // What a peer sent is escaped before it reaches the terminal.
+  const escaped = await runScript("udp.ts", ["send", "--port", port, "a\x1b[2Jb"]);
+  assert.equal(escaped.stdout, "a\\x1b[2Jb\n");
+
+  await using chat = await spawnUdpServer(["--mode", "chat"]);
+  const chatted = await runScript("udp.ts", ["send", "--port", String(chat.port), "hi all"]);
+  assert.equal(chatted.stdout, "guest-1: hi all\n", chatted.stderr);
+  assert.equal(chatted.code, 0);
+  const { code, stderr, exitMs } = await chat.stop("SIGTERM");
+  assert.equal(code, 0);
+  assert.ok(exitMs < 1000, `SIGTERM to exit took ${exitMs} ms`);
+  assert.match(stderr, /^\+ 127\.0\.0\.1:\d+ joined as guest-1$/m);
+});
+
+Deno.test("udp cli: --drop 0.5 --seed drops the same datagrams every run, and the client counts them", async () => {
+  const messages = Array.from({ length: 10 }, (_, i) => `m${i + 1}`);
+  const dropLine =
+    /^- dropped datagram #(\d+) from 127\.0\.0\.1:\d+ on purpose \(--drop 0\.5\): "([^"]*)" \(\d+ bytes\)$/gm;
+  async function run() {
+    const server = await spawnUdpServer(["--drop", "0.5", "--seed", "42"]);
+    const client = await runScript("udp.ts", [
+      "send",
+      "--port",
+      String(server.port),
+      "--timeout",
+      "300",
+      ...messages,
+    ]);
+    const { code, stderr, exitMs } = await server.stop("SIGTERM");
+    assert.equal(code, 0);
+    assert.ok(exitMs < 1000, `SIGTERM to exit took ${exitMs} ms`);
+    assertNoStackTrace(stderr + client.stderr);
+    const dropped = [...stderr.matchAll(dropLine)].map(([, number, text]) => {
+      // One client, so datagram #N is the Nth message it sent.
+      assert.equal(text, `m${number}`);
+      return Number(number);
+    });
+    return { port: server.port, client, dropped };
+  }
+  const first = await run();
+  assert.ok(
+    first.dropped.length > 0 && first.dropped.length < messages.length,
+    `some but not all dropped: ${first.dropped}`,
+  );
+  // What the server dropped is exactly what did not come back, and counted.
+  const echoed = messages.filter((_, i) => !first.dropped.includes(i + 1));
+  assert.equal(first.client.stdout, echoed.map((m) => `${m}\n`).join(""));
+  assert.equal(first.client.code, 1);
+  assert.equal(
+    first.client.stderr,
+    `udp: udp://127.0.0.1:${first.port}: no reply to ${first.dropped.length} of 10 datagrams ` +
+      "within 300 ms (lost, dropped, or nobody is listening: UDP does not say which)\n",
+  );
+  const second = await run();
+  assert.deepEqual(second.dropped, first.dropped, "the same seed drops the same datagrams");
+  assert.equal(second.client.stdout, first.client.stdout);
+});
+
+Deno.test("udp cli: a closed port gets 'nobody is listening' where ICMP shows, else 'no reply'", async () => {
+  const port = await closedUdpPort();
+  const { code, stdout, stderr } = await runScript("udp.ts", [
+    "send",
+    "--port",
+    String(port),
+    "--timeout",
+    "200",
+    "anyone?",
+  ]);
+  assert.equal(code, 1);
+  assert.equal(stdout, "");
+  // Deno 2.9.6's node:dgram never connects the socket for real, so the ICMP
+  // "port unreachable" never reaches it: there, only the second can happen.
+  const where = `udp://127.0.0.1:${port}`;
+  assert.ok(
+    stderr === `udp: nobody is listening on ${where} (ICMP port unreachable)\n` ||
+      stderr === `udp: ${where}: no reply to 1 of 1 datagrams within 200 ms ` +
+          "(lost, dropped, or nobody is listening: UDP does not say which)\n",
+    stderr,
+  );
+});
+
+Deno.test("udp cli: bad options print one line plus usage and exit 2; a port in use exits 1", async () => {
+  const cases: [string[], RegExp][] = [
+    [[], /^udp: say what to do: "serve" \(a server\) or "send" \(a client\)$/],
+    [["listen"], /^udp: unknown command "listen": use "serve" or "send"$/],
+    [["serve", "--drop", "2"], /--drop must be a number from 0 to 1 .*, got "2"$/],
+    [["serve", "--drop", "half"], /--drop must be a number from 0 to 1/],
+    [["serve", "--seed", "x"], /--seed must be an integer from 0 to 4294967295, got "x"/],
+    [["serve", "--seed", "-1"], /--seed needs a value; .* write --seed=VALUE/],
+    [["serve", "--mode", "shout"], /--mode must be echo or chat, got "shout"/],
+    [["serve", "--port", "70000"], /--port must be an integer from 0 to 65535, got "70000"/],
+    [["serve", "--idle-timeout", "soon"], /--idle-timeout must be an integer at least 0/],
+    [["send", "--timeout", "0", "x"], /--timeout must be an integer at least 1, got "0"/],
+    [["send", "--drop", "1", "x"], /Unknown option '--drop'/],
+  ];
+  for (const [args, expected] of cases) {
+    const { code, stdout, stderr } = await runScript("udp.ts", args);
+    assert.equal(code, 2, `udp.ts ${args.join(" ")}`);
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.match(first, expected);
+    assert.equal(blank, "");
+    assert.match(usage, /^Usage: udp\.ts serve/);
+    assertNoStackTrace(stderr);
+  }
+  const taken = dgram.createSocket("udp4");
+  await new Promise<void>((resolve) => taken.bind(0, "127.0.0.1", resolve));
+  try {
+    const { code, stdout, stderr } = await runScript("udp.ts", [
+      "serve",
+      "--port",
+      String(taken.address().port),
+    ]);
+    assert.equal(code, 1);
+    assert.equal(stdout, "");
+    assert.match(
+      stderr,
+      /^udp: cannot listen on udp:\/\/127\.0\.0\.1:\d+: address already in use .*\n$/,
+    );
+  } finally {
+    await new Promise<void>((resolve) => taken.close(() => resolve()));
+  }
+});
+
+Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exit 0 within a second", async () => {
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    await using server = await spawnUdpServer(["--mode", "chat"]);
+    const { code, exitMs } = await server.stop(signal);
+    assert.equal(code, 0, `${signal}: exit code`);
+    assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
+  }
 });

@@ -1276,3 +1276,120 @@ interopTest("chromium: a page from another origin cannot join the chat (403); it
     await elsewhere.shutdown();
   }
 });
+// ==================================================================== UDP
+
+// The README's UDP one-liners, as the tests run them; its "UDP" section
+// shows each with the default port, 9002, and a test keeps the two the same.
+const UDP_ONE_LINERS = {
+  pythonUdp: (port: number) =>
+    `python3 -c 'import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); ` +
+    `s.settimeout(2); s.sendto(b"hello\\n", ("127.0.0.1", ${port})); ` +
+    `print(s.recv(65535).decode(), end="")'`,
+  netcatUdpEcho: (port: number) => `printf 'hello\\n' | nc -u -w1 127.0.0.1 ${port}`,
+  netcatUdpChat: (port: number) => `nc -u 127.0.0.1 ${port}`,
+};
+
+/** A UDP server that prints "listening on udp://127.0.0.1:PORT" first. */
+async function startDatagramServer(program: [string, string[]]) {
+  const server = spawn(program);
+  const line = await server.nextLine().catch(() => null);
+  const port = Number(line?.match(/^listening on udp:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
+  if (!port) {
+    const { stderr } = await server.stop("SIGKILL");
+    throw new Error(`${program[1].join(" ")} did not start: ${line}\n${stderr}`);
+  }
+  return Object.assign(server, { port });
+}
+
+interopTest(
+  "python socket: SOCK_DGRAM datagrams, every byte value and 65,507 bytes through udp.ts echo",
+  [
+    python,
+  ],
+  async () => {
+    await using server = await startDatagramServer(
+      deno("udp.ts", "serve", "--port", "0", "--quiet"),
+    );
+    const oneLiner = await run(shell(UDP_ONE_LINERS.pythonUdp(server.port)));
+    assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
+    assert.equal(oneLiner.code, 0);
+    // Each sendto is one datagram and each recv one reply, whole: no loop to
+    // gather the pieces, as TCP would need.
+    const script = `
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for payload in (bytes(range(256)), bytes(i % 251 for i in range(65507)), b""):
+    s.sendto(payload, ("127.0.0.1", int(sys.argv[1])))
+    reply = s.recv(65535)
+    print(len(reply), reply == payload)
+`;
+    const datagrams = await run([PYTHON!, ["-c", script, String(server.port)]]);
+    assert.equal(datagrams.stdout, "256 True\n65507 True\n0 True\n", datagrams.stderr);
+    assert.equal(datagrams.code, 0);
+  },
+);
+
+interopTest("python socket: SOCK_DGRAM chats through udp.ts with udp.ts send", [
+  python,
+], async () => {
+  await using server = await startDatagramServer(
+    deno("udp.ts", "serve", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  const oneLiner = await run(shell(UDP_ONE_LINERS.pythonUdp(server.port)));
+  assert.equal(oneLiner.stdout, "guest-1: hello\n", oneLiner.stderr);
+  const denoClient = await run(deno("udp.ts", "send", "--port", String(server.port), "hi"));
+  assert.equal(denoClient.stdout, "guest-2: hi\n", denoClient.stderr);
+  assert.equal(denoClient.code, 0);
+});
+
+interopTest(
+  "python socket: udp.ts send against a Python UDP echo server",
+  [python],
+  async () => {
+    await using server = await startDatagramServer([PYTHON!, [peer("udp_echo_server.py"), "0"]]);
+    const port = String(server.port);
+    const oneShot = await run(deno("udp.ts", "send", "--port", port, "hello", "ü ✓", ""));
+    assert.equal(oneShot.stdout, "hello\nü ✓\n\n", oneShot.stderr);
+    assert.equal(oneShot.code, 0);
+    const interactive = await run(deno("udp.ts", "send", "--port", port), {
+      stdin: "typed\nlines\n",
+    });
+    assert.equal(interactive.stdout, "typed\nlines\n", interactive.stderr);
+    assert.equal(interactive.code, 0);
+  },
+);
+
+interopTest("netcat: nc -u against udp.ts echo, and nc -u chats with udp.ts send", [
+  netcat,
+], async () => {
+  await using echo = await startDatagramServer(deno("udp.ts", "serve", "--port", "0", "--quiet"));
+  const oneLiner = await run(shell(UDP_ONE_LINERS.netcatUdpEcho(echo.port)));
+  assert.equal(oneLiner.stdout, "hello\n", oneLiner.stderr);
+  assert.equal(oneLiner.code, 0);
+
+  await using chat = await startDatagramServer(
+    deno("udp.ts", "serve", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  // Run without sh in between, so that stopping it stops nc itself.
+  const [command, ...args] = UDP_ONE_LINERS.netcatUdpChat(chat.port).split(" ");
+  await using nc = spawn([command, args], { stdin: true });
+  // Each write reaches nc as one read, and nc sends each read as one datagram.
+  await nc.write("netcat here\n");
+  assert.equal(await nc.nextLine(), "guest-1: netcat here");
+  const denoClient = await run(deno("udp.ts", "send", "--port", String(chat.port), "hi nc"));
+  assert.equal(denoClient.stdout, "guest-2: hi nc\n", denoClient.stderr);
+  assert.deepEqual(await nextLines(nc, 2), ["* guest-2 joined", "guest-2: hi nc"]);
+  // nc -u has no end to send, and would wait for more datagrams forever.
+  await nc.stop("SIGTERM");
+});
+
+Deno.test("readme: the UDP section shows the lines these tests run", async () => {
+  const readme = await Deno.readTextFile(scriptPath("README.md"));
+  const section = readme.split(/^## /m).find((part) => part.startsWith("UDP"));
+  assert.ok(section, 'README has a section "## UDP…"');
+  for (const [name, line] of Object.entries(UDP_ONE_LINERS)) {
+    const shown = line(9002);
+    assert.ok(section.includes(shown), `the README shows ${name}: ${shown}`);
+  }
+});
