@@ -649,7 +649,8 @@ Deno.test("tcp chat: bytes that are not UTF-8 reach everyone as U+FFFD; valid te
     [[[0xe2, 0x82, 0x0a]], "\uFFFD"], // a sequence cut short by the newline
     [[[0xc0, 0xaf, 0x0a]], "\uFFFD\uFFFD"], // an overlong "/"
     [[[0xed, 0xa0, 0x80, 0x0a]], "\uFFFD\uFFFD\uFFFD"], // a UTF-16 surrogate
-    [[[0x00, 0x01, 0x7f, 0x0a]], "\u0000\u0001\u007f"], // control bytes pass as they are
+    [[[0x00, 0x01, 0x09, 0x7f, 0x0a]], "\u2400\u2401\t\u2421"], // controls as pictures, tab as is
+    [[[0xc2, 0x9b, 0x0a]], "\uFFFD"], // a C1 control (CSI), valid UTF-8
     [[[0xe2], [0x82], [0xac, 0x0a]], "€"], // valid, in three writes
   ];
   for (const [writes, expected] of cases) {
@@ -1114,4 +1115,18 @@ Deno.test("soak.ts: a short run loses nothing and exits 0; a bad flag is one lin
   assert.equal(first, 'soak: --duration must be a number from 1 to 3600, got "soon"');
   assert.equal(blank, "");
   assert.match(usage, /^Usage: soak\.ts/);
+});
+
+// ------------- TCP: forged lines, stalled readers, open files, log floods
+
+Deno.test("tcp chat: a sender cannot forge lines or send terminal escapes; receivers get control pictures", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: () => {} });
+  using sender = await connectTcp(server.addr.port); // guest-1
+  using receiver = await connectTcp(server.addr.port); // guest-2
+  assert.equal(await within(sender.readLine(), "the join"), "* guest-2 joined");
+  await sender.write("innocent\rguest-1: forged\x1b[2K\x07\x00\n");
+  const expected = "guest-1: innocent\u240dguest-1: forged\u241b[2K\u2407\u2400";
+  for (const client of [sender, receiver]) {
+    assert.equal(await within(client.readLine(), "the relayed line"), expected);
+  }
 });

@@ -349,7 +349,8 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
   const { conn } = client;
   const buf = new Uint8Array(READ_BUFFER_SIZE);
   const push = createLineFramer(state.maxLine);
-  const relay = (line: Uint8Array) => broadcast(state, `${client.name}: ${decoder.decode(line)}\n`);
+  const relay = (line: Uint8Array) =>
+    broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
   for (;;) {
     const n = await conn.read(buf);
     client.idleSweeps = 0;
@@ -473,6 +474,17 @@ function closeQuietly(resource: { close(): void }): void {
 
 function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+// Chat text may carry no control characters but tab: a "\r" or an ESC
+// sequence would let one sender overwrite or forge lines on everyone's
+// terminal. Each is replaced by its visible Unicode "control picture".
+function sanitizeChatText(text: string): string {
+  // deno-lint-ignore no-control-regex -- matching control characters is the point
+  return text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, (c) => {
+    const code = c.charCodeAt(0);
+    return code < 0x20 ? String.fromCharCode(0x2400 + code) : code === 0x7f ? "\u2421" : "\ufffd";
+  });
 }
 
 function describe(error: unknown): string {
