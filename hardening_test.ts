@@ -1130,3 +1130,27 @@ Deno.test("tcp chat: a sender cannot forge lines or send terminal escapes; recei
     assert.equal(await within(client.readLine(), "the relayed line"), expected);
   }
 });
+
+Deno.test("tcp echo: two clients that send 7 MiB and stop reading are dropped at --idle-timeout; a newcomer is served", async () => {
+  const log = createLines();
+  await using server = startTcpServer({
+    port: 0,
+    idleTimeout: 2,
+    maxConnections: 2,
+    log: log.push,
+  });
+  const greedy = await Promise.all([0, 1].map(() => connectTcp(server.addr.port)));
+  // Each sends far more than the kernel's buffers hold both ways and reads
+  // nothing: the server's echo write stalls, and so does this write.
+  const payload = new Uint8Array(7 * MiB);
+  const writes = greedy.map((client) => client.write(payload).catch(() => {}));
+  try {
+    await log.waitFor(/^- .*: idle timeout \(stopped reading\)$/, 2, 3 * WAIT_MS);
+    const { client: newcomer, accepted } = await probeTcp(server.addr.port);
+    newcomer.close();
+    assert.ok(accepted, "the newcomer is served once the greedy clients are gone");
+  } finally {
+    for (const client of greedy) client.close();
+  }
+  await within(Promise.all(writes), "the greedy writes ending");
+});

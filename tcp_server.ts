@@ -88,9 +88,9 @@ interface Client {
   queued: number;
   /** Set while a flush is writing; awaiting it waits until the queue is empty. */
   flushing: Promise<void> | undefined;
-  /** Echo: a write is in progress (an idle client is never mid-write). */
+  /** Echo: a write is in progress. */
   writing: boolean;
-  /** Idle sweeps since the last byte arrived. */
+  /** Idle sweeps since the client last made progress (see markProgress). */
   idleSweeps: number;
   /** No more input is processed; the connection is on its way out. */
   ending: boolean;
@@ -335,12 +335,15 @@ async function echoLoop(client: Client): Promise<void> {
   for (;;) {
     const n = await conn.read(buf);
     if (n === null) return;
-    client.idleSweeps = 0;
+    markProgress(client);
     if (client.ending) continue;
     client.writing = true;
     // A write may take only part of the bytes (a "partial send"): loop until
     // all are out. Each await waits for room in the kernel's send buffer.
-    for (let written = 0; written < n;) written += await conn.write(buf.subarray(written, n));
+    for (let written = 0; written < n;) {
+      written += await conn.write(buf.subarray(written, n));
+      markProgress(client);
+    }
     client.writing = false;
   }
 }
@@ -353,7 +356,7 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
     broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
   for (;;) {
     const n = await conn.read(buf);
-    client.idleSweeps = 0;
+    markProgress(client);
     // At EOF (null), a last line without "\n" still counts.
     const chunk = n === null ? null : buf.subarray(0, n);
     if (!client.ending && !push(chunk, relay)) {
@@ -439,17 +442,39 @@ function end(state: ServerState, client: Client, error?: string): void {
   client.linger = setTimeout(() => closeQuietly(client.conn), LINGER_MS);
 }
 
-// Every sweep counts one more idle period for each client; reading a byte
-// resets the count (a single store in the hot path, no timer per client).
+// A client is alive while it makes progress: a read that brings its bytes,
+// or, in echo mode, a write of its echo that moves (a client taking a long
+// echo slowly is busy, not idle). A single store in the hot path.
+function markProgress(client: Client): void {
+  client.idleSweeps = 0;
+}
+
+// Every sweep counts one more idle period for each client; progress resets
+// the count (no timer per client). A write that never moves is no progress,
+// so a client that sends and stops reading is dropped like a silent one.
 function startIdleSweeper(state: ServerState, idleTimeout: number): ReturnType<typeof setInterval> {
   const every = Math.min(SWEEP_MS, (idleTimeout * 1000) / 4);
   const limit = Math.ceil((idleTimeout * 1000) / every);
   return setInterval(() => {
     for (const client of state.clients) {
-      if (client.ending || client.writing || ++client.idleSweeps < limit) continue;
-      end(state, client, "idle timeout");
+      if (client.ending || ++client.idleSweeps < limit) continue;
+      dropIdle(state, client);
     }
   }, every);
+}
+
+// A silent client is told why and lingers like any other. One idle in the
+// middle of a write has stopped reading, its kernel buffers are full and no
+// error line could reach it: closing the connection aborts the stuck write
+// and frees its place at once.
+function dropIdle(state: ServerState, client: Client): void {
+  if (client.writing) {
+    client.reason ||= "idle timeout (stopped reading)";
+    end(state, client);
+    closeQuietly(client.conn);
+  } else {
+    end(state, client, "idle timeout");
+  }
 }
 
 function concat(chunks: Uint8Array[]): Uint8Array {
