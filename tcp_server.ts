@@ -571,7 +571,8 @@ function tooManyFiles(limit: number | undefined, maxConnections: number): string
  * limit to the hard one at startup (denoland/deno#10162), so under a shell's
  * `ulimit -n N` (which sets both) this is N.
  *
- * Self-contained: copy it with {@linkcode fileLimitWarning} into any server.
+ * Self-contained: copy it, with {@linkcode fileLimitWarning} and
+ * RESERVED_FILES, into any server.
  *
  * @example
  * ```ts
@@ -629,7 +630,7 @@ export interface LogLimiter {
  * So a flood costs at most two lines per kind and window. The timers are
  * unref'd: they never keep a process alive, but `close()` them anyway.
  *
- * Self-contained: copy it into any server.
+ * Self-contained: copy it, with LOG_WINDOW_MS, into any server.
  *
  * @example
  * ```ts
