@@ -1157,6 +1157,32 @@ Deno.test("tcp echo: two clients that send 7 MiB and stop reading are dropped at
   await within(Promise.all(writes), "the greedy writes ending");
 });
 
+Deno.test("tcp chat: a client that talks but stopped reading is dropped once its pending write has not moved for --idle-timeout", async () => {
+  const log = createLines();
+  await using server = startTcpServer({
+    port: 0,
+    mode: "chat",
+    idleTimeout: 2,
+    maxQueue: 64 * MiB,
+    log: log.push,
+  });
+  using talker = await connectTcp(server.addr.port); // guest-1: never reads
+  // Its own lines come back to it: 12 MiB of them, more than the kernel's
+  // buffers hold (and less than --max-queue), so the write to it stalls.
+  const line = `${"x".repeat(60 * 1024)}\n`;
+  for (let i = 0; i < 200; i++) await talker.write(line);
+  // It goes on talking, several times per sweep: silence is not what drops it.
+  for (let tick = 0; log.count(/^- /) === 0; tick++) {
+    assert.ok(tick < 100, "the client that stopped reading was never dropped");
+    await talker.write(`tick ${tick}\n`).catch(() => {});
+    await pause(200);
+  }
+  assert.match(
+    log.lines.find((line) => line.startsWith("- "))!,
+    /\(guest-1\): idle timeout \(stopped reading\)$/,
+  );
+});
+
 /**
  * tcp_server.ts as a process, optionally under `ulimit -n` (through sh, since
  * Deno has no setrlimit), with its stderr read line by line as it is written:

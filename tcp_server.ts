@@ -109,6 +109,8 @@ interface Client {
   writing: boolean;
   /** Idle sweeps since the client last made progress (see markProgress). */
   idleSweeps: number;
+  /** Chat: idle sweeps with a flush pending since a write to it last moved. */
+  stalledSweeps: number;
   /** No more input is processed; the connection is on its way out. */
   ending: boolean;
   /** Why the connection ended, for the log; the first cause found wins. */
@@ -307,6 +309,7 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
     flushing: undefined,
     writing: false,
     idleSweeps: 0,
+    stalledSweeps: 0,
     ending: false,
     reason: "",
     counted: false,
@@ -434,7 +437,11 @@ async function flush(client: Client): Promise<void> {
       // the rest until all are out. (A subarray only then: this runs once
       // per delivery, and a new view per write costs measurably.)
       let written = await client.conn.write(bytes);
-      while (written < bytes.length) written += await client.conn.write(bytes.subarray(written));
+      markWritten(client);
+      while (written < bytes.length) {
+        written += await client.conn.write(bytes.subarray(written));
+        markWritten(client);
+      }
       client.queued -= bytes.length;
     }
     if (client.ending) await client.conn.closeWrite();
@@ -474,32 +481,44 @@ function markProgress(client: Client): void {
   client.idleSweeps = 0;
 }
 
+// Chat: a write to the client moved. In chat that is not a sign of life (a
+// write lands in the kernel's buffers whether or not anyone reads them), but
+// a write that does not move for the whole timeout means it stopped reading.
+function markWritten(client: Client): void {
+  client.stalledSweeps = 0;
+}
+
 // Every sweep counts one more idle period for each client; progress resets
-// the count (no timer per client). A write that never moves is no progress,
-// so a client that sends and stops reading is dropped like a silent one.
+// the count (no timer per client). A write that never moves is no progress:
+// an echo client that sends and stops reading is dropped like a silent one,
+// and a chat client whose flush is stuck that long is dropped even while it
+// talks.
 function startIdleSweeper(state: ServerState, idleTimeout: number): ReturnType<typeof setInterval> {
   const every = Math.min(SWEEP_MS, (idleTimeout * 1000) / 4);
   const limit = Math.ceil((idleTimeout * 1000) / every);
   return setInterval(() => {
     for (const client of state.clients) {
-      if (client.ending || ++client.idleSweeps < limit) continue;
-      dropIdle(state, client);
+      if (client.ending) continue;
+      if (++client.idleSweeps >= limit) dropIdle(state, client);
+      else if (client.flushing && ++client.stalledSweeps >= limit) dropStuck(state, client);
     }
   }, every);
 }
 
-// A silent client is told why and lingers like any other. One idle in the
-// middle of a write has stopped reading, its kernel buffers are full and no
-// error line could reach it: closing the connection aborts the stuck write
-// and frees its place at once.
+// A silent client is told why and lingers like any other, unless it is
+// silent because its echo is stuck.
 function dropIdle(state: ServerState, client: Client): void {
-  if (client.writing) {
-    client.reason ||= "idle timeout (stopped reading)";
-    end(state, client);
-    closeQuietly(client.conn);
-  } else {
-    end(state, client, "idle timeout");
-  }
+  if (client.writing) dropStuck(state, client);
+  else end(state, client, "idle timeout");
+}
+
+// A client whose write has not moved for the whole timeout has stopped
+// reading: its kernel buffers are full and no error line could reach it.
+// Closing the connection aborts the stuck write and frees its place at once.
+function dropStuck(state: ServerState, client: Client): void {
+  client.reason ||= "idle timeout (stopped reading)";
+  end(state, client);
+  closeQuietly(client.conn);
 }
 
 function concat(chunks: Uint8Array[]): Uint8Array {
