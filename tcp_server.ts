@@ -755,7 +755,7 @@ Options:
   --max-line BYTES        chat: longest line accepted (default ${DEFAULT_MAX_LINE})
   --max-queue BYTES       chat: unsent bytes a client may fall behind by (default ${DEFAULT_MAX_QUEUE})
   --max-connections N     clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
-  --idle-timeout SECONDS  drop clients silent this long, 0 = never
+  --idle-timeout SECONDS  drop clients silent, or not reading, this long; 0 = never
                           (default 0 for echo, ${DEFAULT_CHAT_IDLE_TIMEOUT} for chat)
   --quiet                 no connection log on stderr
   -h, --help              show this help
