@@ -20,6 +20,14 @@
  *     printf 'hello\n' | nc -N 127.0.0.1 9000     # echo: prints hello
  *     nc 127.0.0.1 9000                           # chat: type lines, Ctrl-D leaves
  *
+ * Every connection is an open file, and running out of them is survived:
+ * accept() fails, new clients wait in the kernel's queue, and are served as
+ * soon as others leave. With `-A` the server also reads its open-file limit
+ * (`ulimit -n`) and warns at start when it is too low for --max-connections:
+ * the limit is in /proc/self/limits, which Deno 2.9.6 lets a script read
+ * only with --allow-all (as every file in /proc but /proc/pressure/*); with
+ * less, that check is skipped, silently.
+ *
  * @module
  */
 
@@ -40,6 +48,15 @@ const READ_BUFFER_SIZE = 64 * 1024;
 const LINGER_MS = 2000;
 // How often the idle sweep runs, at most.
 const SWEEP_MS = 1000;
+// Open files a server needs beyond one per client: Deno itself holds about
+// 20, plus the listener, plus clients being turned away or lingering.
+const RESERVED_FILES = 64;
+// A line that a peer can make us repeat at any rate (one per reset, one per
+// refused connection) is printed once per window, then summed up.
+const LOG_WINDOW_MS = 20_000;
+// How long accept() rests after an error that is not about one client (out
+// of files): the error would come back at once, in a busy loop.
+const ACCEPT_RETRY_MS = 100;
 
 const encoder = new TextEncoder();
 // Not `fatal`: bytes that are not UTF-8 become U+FFFD instead of an error.
@@ -88,10 +105,12 @@ interface Client {
   queued: number;
   /** Set while a flush is writing; awaiting it waits until the queue is empty. */
   flushing: Promise<void> | undefined;
-  /** Echo: a write is in progress (an idle client is never mid-write). */
+  /** Echo: a write is in progress. */
   writing: boolean;
-  /** Idle sweeps since the last byte arrived. */
+  /** Idle sweeps since the client last made progress (see markProgress). */
   idleSweeps: number;
+  /** Chat: idle sweeps with a flush pending since a write to it last moved. */
+  stalledSweeps: number;
   /** No more input is processed; the connection is on its way out. */
   ending: boolean;
   /** Why the connection ended, for the log; the first cause found wins. */
@@ -106,7 +125,11 @@ interface ServerState {
   maxLine: number;
   maxQueue: number;
   maxConnections: number;
+  /** The process's open-file limit, when it can be read. */
+  fileLimit: number | undefined;
   log: (line: string) => void;
+  /** For the lines a peer can make us repeat at any rate. */
+  limitedLog: LogLimiter;
   listener: Deno.TcpListener;
   /** Every open connection, including those being turned away. */
   clients: Set<Client>;
@@ -141,12 +164,15 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     hostname: options.hostname ?? DEFAULT_HOSTNAME,
     port: options.port ?? DEFAULT_PORT,
   });
+  const log = safeLog(options.log ?? console.error);
   const state: ServerState = {
     mode,
     maxLine: options.maxLine ?? DEFAULT_MAX_LINE,
     maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
     maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
-    log: options.log ?? console.error,
+    fileLimit: openFileLimit(),
+    log,
+    limitedLog: createLogLimiter(log),
     listener,
     clients: new Set(),
     served: 0,
@@ -169,6 +195,7 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     for (const client of state.clients) closeQuietly(client.conn);
     await accepting;
     while (state.tasks.size > 0) await Promise.all(state.tasks);
+    state.limitedLog.close();
   }
   return {
     addr: listener.addr,
@@ -255,8 +282,8 @@ async function acceptLoop(state: ServerState): Promise<void> {
       conn = await state.listener.accept();
     } catch (error) {
       if (state.closing || error instanceof Deno.errors.BadResource) return;
-      state.log(`accept failed: ${describe(error)}`);
-      if (!(error instanceof Deno.errors.NotConnected)) await delay(100);
+      logAcceptFailure(state, error);
+      if (!(error instanceof Deno.errors.NotConnected)) await delay(ACCEPT_RETRY_MS);
       continue;
     }
     // close() may have run while this accept was completing: close() has
@@ -282,6 +309,7 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
     flushing: undefined,
     writing: false,
     idleSweeps: 0,
+    stalledSweeps: 0,
     ending: false,
     reason: "",
     counted: false,
@@ -289,7 +317,7 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
   };
   state.clients.add(client);
   if (state.served >= state.maxConnections) {
-    state.log(`! ${client.peer} turned away: server full`);
+    state.limitedLog.log("turned away", `! ${client.peer} turned away: server full`);
     end(state, client, "server full");
   } else {
     client.counted = true;
@@ -335,12 +363,15 @@ async function echoLoop(client: Client): Promise<void> {
   for (;;) {
     const n = await conn.read(buf);
     if (n === null) return;
-    client.idleSweeps = 0;
+    markProgress(client);
     if (client.ending) continue;
     client.writing = true;
     // A write may take only part of the bytes (a "partial send"): loop until
     // all are out. Each await waits for room in the kernel's send buffer.
-    for (let written = 0; written < n;) written += await conn.write(buf.subarray(written, n));
+    for (let written = 0; written < n;) {
+      written += await conn.write(buf.subarray(written, n));
+      markProgress(client);
+    }
     client.writing = false;
   }
 }
@@ -349,10 +380,11 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
   const { conn } = client;
   const buf = new Uint8Array(READ_BUFFER_SIZE);
   const push = createLineFramer(state.maxLine);
-  const relay = (line: Uint8Array) => broadcast(state, `${client.name}: ${decoder.decode(line)}\n`);
+  const relay = (line: Uint8Array) =>
+    broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
   for (;;) {
     const n = await conn.read(buf);
-    client.idleSweeps = 0;
+    markProgress(client);
     // At EOF (null), a last line without "\n" still counts.
     const chunk = n === null ? null : buf.subarray(0, n);
     if (!client.ending && !push(chunk, relay)) {
@@ -405,7 +437,11 @@ async function flush(client: Client): Promise<void> {
       // the rest until all are out. (A subarray only then: this runs once
       // per delivery, and a new view per write costs measurably.)
       let written = await client.conn.write(bytes);
-      while (written < bytes.length) written += await client.conn.write(bytes.subarray(written));
+      markWritten(client);
+      while (written < bytes.length) {
+        written += await client.conn.write(bytes.subarray(written));
+        markWritten(client);
+      }
       client.queued -= bytes.length;
     }
     if (client.ending) await client.conn.closeWrite();
@@ -438,17 +474,51 @@ function end(state: ServerState, client: Client, error?: string): void {
   client.linger = setTimeout(() => closeQuietly(client.conn), LINGER_MS);
 }
 
-// Every sweep counts one more idle period for each client; reading a byte
-// resets the count (a single store in the hot path, no timer per client).
+// A client is alive while it makes progress: a read that brings its bytes,
+// or, in echo mode, a write of its echo that moves (a client taking a long
+// echo slowly is busy, not idle). A single store in the hot path.
+function markProgress(client: Client): void {
+  client.idleSweeps = 0;
+}
+
+// Chat: a write to the client moved. In chat that is not a sign of life (a
+// write lands in the kernel's buffers whether or not anyone reads them), but
+// a write that does not move for the whole timeout means it stopped reading.
+function markWritten(client: Client): void {
+  client.stalledSweeps = 0;
+}
+
+// Every sweep counts one more idle period for each client; progress resets
+// the count (no timer per client). A write that never moves is no progress:
+// an echo client that sends and stops reading is dropped like a silent one,
+// and a chat client whose flush is stuck that long is dropped even while it
+// talks.
 function startIdleSweeper(state: ServerState, idleTimeout: number): ReturnType<typeof setInterval> {
   const every = Math.min(SWEEP_MS, (idleTimeout * 1000) / 4);
   const limit = Math.ceil((idleTimeout * 1000) / every);
   return setInterval(() => {
     for (const client of state.clients) {
-      if (client.ending || client.writing || ++client.idleSweeps < limit) continue;
-      end(state, client, "idle timeout");
+      if (client.ending) continue;
+      if (++client.idleSweeps >= limit) dropIdle(state, client);
+      else if (client.flushing && ++client.stalledSweeps >= limit) dropStuck(state, client);
     }
   }, every);
+}
+
+// A silent client is told why and lingers like any other, unless it is
+// silent because its echo is stuck.
+function dropIdle(state: ServerState, client: Client): void {
+  if (client.writing) dropStuck(state, client);
+  else end(state, client, "idle timeout");
+}
+
+// A client whose write has not moved for the whole timeout has stopped
+// reading: its kernel buffers are full and no error line could reach it.
+// Closing the connection aborts the stuck write and frees its place at once.
+function dropStuck(state: ServerState, client: Client): void {
+  client.reason ||= "idle timeout (stopped reading)";
+  end(state, client);
+  closeQuietly(client.conn);
 }
 
 function concat(chunks: Uint8Array[]): Uint8Array {
@@ -475,6 +545,194 @@ function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
+// accept() fails for one client (it reset before we took it) or for all
+// (out of files). Either can repeat thousands of times a second, so it is
+// logged through the limiter, and out of files says what to do.
+function logAcceptFailure(state: ServerState, error: unknown): void {
+  if (isOutOfFiles(error)) {
+    state.limitedLog.log(
+      "accept: EMFILE",
+      `accept failed: ${tooManyFiles(state.fileLimit, state.maxConnections)}`,
+    );
+  } else if (error instanceof Deno.errors.NotConnected) {
+    state.limitedLog.log(
+      "accept: reset",
+      "accept failed: a client reset its connection before it was accepted",
+    );
+  } else {
+    const name = error instanceof Error ? error.name : "unknown";
+    state.limitedLog.log(`accept: ${name}`, `accept failed: ${describe(error)}`);
+  }
+}
+
+// EMFILE: this process has used up its open-file limit (ENFILE, the whole
+// system's, is not ours to fix).
+function isOutOfFiles(error: unknown): boolean {
+  return (error as { code?: unknown } | null)?.code === "EMFILE";
+}
+
+// Out of files, said with what to do about it.
+function tooManyFiles(limit: number | undefined, maxConnections: number): string {
+  const needed = maxConnections + RESERVED_FILES;
+  const now = limit === undefined ? "" : ` (ulimit -n is ${limit})`;
+  const raise = limit === undefined || limit < needed ? ` with "ulimit -n ${needed}"` : "";
+  return `too many open files${now}: raise the limit${raise} before starting, or lower ` +
+    "--max-connections; new clients wait until connections close";
+}
+
+/**
+ * The soft limit on this process's open files (`ulimit -n`, RLIMIT_NOFILE),
+ * or `undefined` where it cannot be read. Deno has no getrlimit; on Linux the
+ * limit is in /proc/self/limits, which Deno 2.9.6 lets a script read only
+ * with --allow-all (as every file in /proc but /proc/pressure/*,
+ * denoland/deno#30779). The read permission is queried first, so that a
+ * terminal never shows a permission prompt for it. Deno raises its soft
+ * limit to the hard one at startup (denoland/deno#10162), so under a shell's
+ * `ulimit -n N` (which sets both) this is N.
+ *
+ * Self-contained: copy it, with {@linkcode fileLimitWarning} and
+ * RESERVED_FILES, into any server.
+ *
+ * @example
+ * ```ts
+ * const limit = openFileLimit(); // 1024 under `ulimit -n 1024` with -A; undefined without -A
+ * ```
+ */
+export function openFileLimit(): number | undefined {
+  const path = "/proc/self/limits";
+  try {
+    if (Deno.permissions.querySync({ name: "read", path }).state !== "granted") return undefined;
+    const soft = Number(Deno.readTextFileSync(path).match(/^Max open files\s+(\d+)/m)?.[1]);
+    return Number.isSafeInteger(soft) ? soft : undefined;
+  } catch {
+    // Not permitted (without -A), or no /proc (not Linux).
+    return undefined;
+  }
+}
+
+/**
+ * The warning to print at start when the open-file limit is too low for
+ * `maxConnections` clients (each is an open file, and the process needs
+ * RESERVED_FILES more), or `undefined` when it is enough or unknown.
+ *
+ * @example
+ * ```ts
+ * const warning = fileLimitWarning(8192, openFileLimit());
+ * if (warning) console.error(`tcp_server: warning: ${warning}`);
+ * ```
+ */
+export function fileLimitWarning(
+  maxConnections: number,
+  limit: number | undefined,
+): string | undefined {
+  const needed = maxConnections + RESERVED_FILES;
+  if (limit === undefined || limit >= needed) return undefined;
+  return `the open-file limit (ulimit -n) is ${limit}, too low for --max-connections ` +
+    `${maxConnections}; raise it with "ulimit -n ${needed}" before starting, ` +
+    "or lower --max-connections";
+}
+
+/** What {@linkcode createLogLimiter} returns. */
+export interface LogLimiter {
+  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
+  log(kind: string, line: string): void;
+  /** Logs the summaries still due and stops the window timers. */
+  close(): void;
+}
+
+/**
+ * A log for lines that a peer can make us repeat at any rate (one per
+ * reset, one per refused connection). The first line of a kind is logged at
+ * once and opens a window of `windowMs`; the others of that kind in the
+ * window are only counted, and when it ends (or at `close()`) one line sums
+ * them up: the last of them with `(and N more like it in the last 20 s)`.
+ * So a flood costs at most two lines per kind and window. The timers are
+ * unref'd: they never keep a process alive, but `close()` them anyway.
+ *
+ * Self-contained: copy it, with LOG_WINDOW_MS, into any server.
+ *
+ * @example
+ * ```ts
+ * const limiter = createLogLimiter(console.error);
+ * for (let i = 0; i < 1000; i++) limiter.log("reset", "accept failed: reset");
+ * limiter.close();
+ * // printed: "accept failed: reset", then
+ * // "accept failed: reset (and 999 more like it in the last 20 s)"
+ * ```
+ */
+export function createLogLimiter(
+  log: (line: string) => void,
+  windowMs = LOG_WINDOW_MS,
+): LogLimiter {
+  const windows = new Map<
+    string,
+    { last: string; more: number; timer: ReturnType<typeof setTimeout> }
+  >();
+  function summarize(kind: string): void {
+    const window = windows.get(kind)!;
+    windows.delete(kind);
+    clearTimeout(window.timer);
+    if (window.more > 0) {
+      log(`${window.last} (and ${window.more} more like it in the last ${windowMs / 1000} s)`);
+    }
+  }
+  return {
+    log(kind, line) {
+      const window = windows.get(kind);
+      if (window) {
+        window.more++;
+        window.last = line;
+        return;
+      }
+      log(line);
+      const timer = setTimeout(() => summarize(kind), windowMs);
+      Deno.unrefTimer(timer);
+      windows.set(kind, { last: line, more: 0, timer });
+    },
+    close() {
+      for (const kind of [...windows.keys()]) summarize(kind);
+    },
+  };
+}
+
+// Chat text may carry no control characters but tab: a "\r" or an ESC
+// sequence would let one sender overwrite or forge lines on everyone's
+// terminal. Each is replaced by its visible Unicode "control picture".
+function sanitizeChatText(text: string): string {
+  // deno-lint-ignore no-control-regex -- matching control characters is the point
+  return text.replace(/[\x00-\x08\x0a-\x1f\x7f-\x9f]/g, (c) => {
+    const code = c.charCodeAt(0);
+    return code < 0x20 ? String.fromCharCode(0x2400 + code) : code === 0x7f ? "\u2421" : "\ufffd";
+  });
+}
+
+// Anything a peer chose (a close reason, a name, a header) is escaped before
+// it reaches a log line or a terminal: no newline can forge a line, no ESC
+// can move the cursor, no bidi override can reorder what the operator reads.
+function escapeControls(text: string): string {
+  return text.replace(
+    // deno-lint-ignore no-control-regex -- matching control characters is the point
+    /[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g,
+    (c) => {
+      const code = c.charCodeAt(0);
+      return code === 10
+        ? "\\n"
+        : code === 13
+        ? "\\r"
+        : code < 0x100
+        ? `\\x${code.toString(16).padStart(2, "0")}`
+        : `\\u${code.toString(16).padStart(4, "0")}`;
+    },
+  );
+}
+
+// Every log line goes through escapeControls. None carries text a peer
+// chose today (addresses are numbers, names are ours, reasons are ours or
+// the system's), and this keeps it so whatever is added later.
+function safeLog(log: (line: string) => void): (line: string) => void {
+  return (line) => log(escapeControls(line));
+}
+
 function describe(error: unknown): string {
   if (error instanceof Deno.errors.ConnectionReset) return "connection reset by peer";
   if (error instanceof Deno.errors.BrokenPipe) return "peer stopped reading (broken pipe)";
@@ -497,10 +755,14 @@ Options:
   --max-line BYTES        chat: longest line accepted (default ${DEFAULT_MAX_LINE})
   --max-queue BYTES       chat: unsent bytes a client may fall behind by (default ${DEFAULT_MAX_QUEUE})
   --max-connections N     clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
-  --idle-timeout SECONDS  drop clients silent this long, 0 = never
+  --idle-timeout SECONDS  drop clients silent, or not reading, this long; 0 = never
                           (default 0 for echo, ${DEFAULT_CHAT_IDLE_TIMEOUT} for chat)
   --quiet                 no connection log on stderr
-  -h, --help              show this help`;
+  -h, --help              show this help
+
+Each client is an open file. With -A (Deno reads /proc/self/limits only
+then), a warning at start says when "ulimit -n" is too low for
+--max-connections.`;
 
 /** A command-line mistake: reported as one line plus the usage, exit code 2. */
 class UsageError extends Error {}
@@ -607,6 +869,8 @@ async function main(args: string[]): Promise<number> {
     return 1;
   }
   console.log(`listening on tcp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
+  const warning = fileLimitWarning(options.maxConnections!, openFileLimit());
+  if (warning) console.error(`tcp_server: warning: ${warning}`);
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {

@@ -1,8 +1,8 @@
 /**
  * hardening_test.ts: both servers against clients that misbehave. Slow
  * readers, silent and dead peers, connection floods, resets, abandoned and
- * slowloris handshakes, bytes that are not UTF-8, and SIGTERM with 1,000
- * clients connected.
+ * slowloris handshakes, bytes that are not UTF-8, forged chat lines, running
+ * out of open files, log floods, and SIGTERM with 1,000 clients connected.
  *
  *     deno test -A tests/hardening_test.ts      (also part of plain `deno test -A`)
  *
@@ -20,7 +20,8 @@
  */
 
 import assert from "node:assert/strict";
-import { startTcpServer, type TcpServer } from "../tcp_server.ts";
+import net from "node:net";
+import { createLogLimiter, startTcpServer, type TcpServer } from "../tcp_server.ts";
 import { startWsServer, type WsServer } from "../ws_server.ts";
 import {
   connectTcp,
@@ -597,7 +598,8 @@ Deno.test("tcp chat: bytes that are not UTF-8 reach everyone as U+FFFD; valid te
     [[[0xe2, 0x82, 0x0a]], "\uFFFD"], // a sequence cut short by the newline
     [[[0xc0, 0xaf, 0x0a]], "\uFFFD\uFFFD"], // an overlong "/"
     [[[0xed, 0xa0, 0x80, 0x0a]], "\uFFFD\uFFFD\uFFFD"], // a UTF-16 surrogate
-    [[[0x00, 0x01, 0x7f, 0x0a]], "\u0000\u0001\u007f"], // control bytes pass as they are
+    [[[0x00, 0x01, 0x09, 0x7f, 0x0a]], "\u2400\u2401\t\u2421"], // controls as pictures, tab as is
+    [[[0xc2, 0x9b, 0x0a]], "\uFFFD"], // a C1 control (CSI), valid UTF-8
     [[[0xe2], [0x82], [0xac, 0x0a]], "€"], // valid, in three writes
   ];
   for (const [writes, expected] of cases) {
@@ -1975,4 +1977,278 @@ Deno.test("ws chat: control characters are relayed as visible pictures, echo sta
   await using echo = await openWs(`ws://127.0.0.1:${server.addr.port}/`);
   echo.socket.send(hostile);
   assert.equal(await echo.next(), hostile, "echo is byte-exact");
+});
+// ------------- TCP: forged lines, stalled readers, open files, log floods
+
+Deno.test("tcp chat: a sender cannot forge lines or send terminal escapes; receivers get control pictures", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: () => {} });
+  using sender = await connectTcp(server.addr.port); // guest-1
+  using receiver = await connectTcp(server.addr.port); // guest-2
+  assert.equal(await within(sender.readLine(), "the join"), "* guest-2 joined");
+  await sender.write("innocent\rguest-1: forged\x1b[2K\x07\x00\n");
+  const expected = "guest-1: innocent\u240dguest-1: forged\u241b[2K\u2407\u2400";
+  for (const client of [sender, receiver]) {
+    assert.equal(await within(client.readLine(), "the relayed line"), expected);
+  }
+});
+
+Deno.test("tcp echo: two clients that send 7 MiB and stop reading are dropped at --idle-timeout; a newcomer is served", async () => {
+  const log = createLines();
+  await using server = startTcpServer({
+    port: 0,
+    idleTimeout: 2,
+    maxConnections: 2,
+    log: log.push,
+  });
+  const greedy = await Promise.all([0, 1].map(() => connectTcp(server.addr.port)));
+  // Each sends far more than the kernel's buffers hold both ways and reads
+  // nothing: the server's echo write stalls, and so does this write.
+  const payload = new Uint8Array(7 * MiB);
+  const writes = greedy.map((client) => client.write(payload).catch(() => {}));
+  try {
+    await log.waitFor(/^- .*: idle timeout \(stopped reading\)$/, 2, 3 * WAIT_MS);
+    const { client: newcomer, accepted } = await probeTcp(server.addr.port);
+    newcomer.close();
+    assert.ok(accepted, "the newcomer is served once the greedy clients are gone");
+  } finally {
+    for (const client of greedy) client.close();
+  }
+  await within(Promise.all(writes), "the greedy writes ending");
+});
+
+Deno.test("tcp chat: a client that talks but stopped reading is dropped once its pending write has not moved for --idle-timeout", async () => {
+  const log = createLines();
+  await using server = startTcpServer({
+    port: 0,
+    mode: "chat",
+    idleTimeout: 2,
+    maxQueue: 64 * MiB,
+    log: log.push,
+  });
+  using talker = await connectTcp(server.addr.port); // guest-1: never reads
+  // Its own lines come back to it: 12 MiB of them, more than the kernel's
+  // buffers hold (and less than --max-queue), so the write to it stalls.
+  const line = `${"x".repeat(60 * 1024)}\n`;
+  for (let i = 0; i < 200; i++) await talker.write(line);
+  // It goes on talking, several times per sweep: silence is not what drops it.
+  for (let tick = 0; log.count(/^- /) === 0; tick++) {
+    assert.ok(tick < 100, "the client that stopped reading was never dropped");
+    await talker.write(`tick ${tick}\n`).catch(() => {});
+    await pause(200);
+  }
+  assert.match(
+    log.lines.find((line) => line.startsWith("- "))!,
+    /\(guest-1\): idle timeout \(stopped reading\)$/,
+  );
+});
+
+/**
+ * tcp_server.ts as a process, optionally under `ulimit -n` (through sh, since
+ * Deno has no setrlimit), with its stderr read line by line as it is written:
+ * `log` can be awaited while it runs. `stop` sends SIGTERM and waits for the
+ * exit and the rest of the log.
+ */
+async function spawnLoggingServer(args: string[], options: { fileLimit?: number } = {}) {
+  const deno = [Deno.execPath(), "run", "-A", scriptPath("tcp_server.ts"), "--port", "0", ...args];
+  const command = options.fileLimit === undefined
+    ? new Deno.Command(deno[0], { args: deno.slice(1), stdout: "piped", stderr: "piped" })
+    : new Deno.Command("sh", {
+      // sh's own `ulimit -n` sets the soft and the hard limit, so Deno
+      // cannot raise it again at startup.
+      args: ["-c", `ulimit -n ${options.fileLimit} && exec "$@"`, "sh", ...deno],
+      stdout: "piped",
+      stderr: "piped",
+    });
+  const child = command.spawn();
+  const log = createLines();
+  const logged = (async () => {
+    let rest = "";
+    for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) {
+      const lines = (rest + text).split("\n");
+      rest = lines.pop()!;
+      for (const line of lines) log.push(line);
+    }
+  })();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  while (!printed.includes("\n")) {
+    const { done, value } = await within(stdout.read(), "the listening line");
+    if (done) break;
+    printed += value;
+  }
+  let stopped: Promise<number> | undefined;
+  async function stop(signal: Deno.Signal): Promise<number> {
+    try {
+      child.kill(signal);
+    } catch {
+      // Already exited.
+    }
+    const { code } = await child.status;
+    await stdout.cancel();
+    await logged;
+    return code;
+  }
+  const port = Number(printed.match(/:(\d+)\n/)?.[1]);
+  if (!port) {
+    await stop("SIGKILL");
+    throw new Error(`tcp_server.ts did not start: ${log.lines.join("\n")}`);
+  }
+  return {
+    port,
+    log,
+    /** SIGTERM, then the exit code once the whole log is in. */
+    stop: () => stopped ??= stop("SIGTERM"),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+/**
+ * A test of Linux behaviour: the open-file limit is read from /proc, and a
+ * reset before accept() makes Linux's accept fail (getpeername: ENOTCONN).
+ * Never skipped on CI.
+ */
+function linuxTest(name: string, fn: () => Promise<void>): void {
+  const skip = Deno.build.os !== "linux" && !ON_CI;
+  Deno.test({ name: skip ? `${name} (skipped: Linux only)` : name, ignore: skip, fn });
+}
+
+linuxTest(
+  "tcp: out of open files, the server warns at start, says what to do, and serves again once files free up",
+  async () => {
+    // 1,000 places but 256 files: the server runs out long before it is full.
+    await using server = await spawnLoggingServer(["--max-connections", "1000"], {
+      fileLimit: 256,
+    });
+    await server.log.waitFor(/^tcp_server: warning/);
+    assert.equal(
+      server.log.lines[0],
+      'tcp_server: warning: the open-file limit (ulimit -n) is 256, too low for --max-connections 1000; raise it with "ulimit -n 1064" before starting, or lower --max-connections',
+    );
+    // Connections that never send, one at a time, until the server logs an
+    // accept failure instead of "+ … connected": one of the two comes for each.
+    const held: TcpClient[] = [];
+    try {
+      while (server.log.count(/^accept failed/) === 0) {
+        assert.ok(held.length < 1000, "the server never ran out of files");
+        held.push(await within(connectTcp(server.port), "a connect"));
+        await server.log.waitFor(/^(\+ |accept failed)/, held.length);
+      }
+      const served = server.log.count(/^\+ /);
+      assert.ok(served > 100 && served < 256, `${served} served before the files ran out`);
+      assert.equal(
+        server.log.lines.find((line) => line.startsWith("accept failed")),
+        'accept failed: too many open files (ulimit -n is 256): raise the limit with "ulimit -n 1064" before starting, or lower --max-connections; new clients wait until connections close',
+      );
+      // A newcomer waits in the kernel's queue, behind the one that failed.
+      using newcomer = await within(connectTcp(server.port), "the newcomer's connect");
+      await newcomer.write("still serving?\n");
+      for (const client of held.splice(0, 10)) client.close();
+      assert.equal(await within(newcomer.readLine(), "the newcomer's echo"), "still serving?");
+    } finally {
+      for (const client of held) client.close();
+    }
+    assert.equal(await server.stop(), 0);
+    // Accept was retried ten times a second while the files were out: the
+    // limiter printed the first failure and, at the exit, at most a summary.
+    const failures = server.log.lines.filter((line) => line.startsWith("accept failed"));
+    assert.ok(failures.length <= 2, failures.join("\n"));
+    for (const summary of failures.slice(1)) {
+      assert.match(summary, /connections close \(and \d+ more like it in the last 20 s\)$/);
+    }
+  },
+);
+
+/** Opens `count` connections, each reset (RST, not FIN) the moment it is open. */
+async function resetConnections(port: number, count: number): Promise<void> {
+  await Promise.all(Array.from({ length: count }, () =>
+    new Promise<void>((resolve) => {
+      // SO_LINGER 0, which Deno's own API cannot set.
+      const socket = net.connect(port, "127.0.0.1", () => socket.resetAndDestroy());
+      socket.on("error", () => {});
+      socket.on("close", () => resolve());
+    })));
+}
+
+linuxTest(
+  "tcp: a flood of clients resetting before accept gives one log line and one summary, not one each",
+  async () => {
+    await using server = await spawnLoggingServer([]);
+    const start = performance.now();
+    let resets = 0;
+    // Most resets arrive before the server accepts; go on until one has
+    // (bounded), then a thousand more that the limiter must count, not print.
+    while (server.log.count(/^accept failed/) === 0) {
+      assert.ok(resets < 20_000, "no reset ever made accept() fail");
+      await within(resetConnections(server.port, 100), "100 resets");
+      resets += 100;
+    }
+    for (let i = 0; i < 10; i++) await within(resetConnections(server.port, 100), "100 resets");
+    resets += 1000;
+    assert.equal(await server.stop(), 0);
+    const seconds = (performance.now() - start) / 1000;
+    const failures = server.log.lines.filter((line) => line.startsWith("accept failed"));
+    const first = "accept failed: a client reset its connection before it was accepted";
+    const printed = failures.filter((line) => line === first).length;
+    const summaries = failures.map((line) =>
+      Number(line.match(/^(.*) \(and (\d+) more like it in the last 20 s\)$/)?.[2] ?? NaN)
+    ).filter((n) => !Number.isNaN(n));
+    assert.equal(printed + summaries.length, failures.length, failures.join("\n"));
+    // One first line per 20-s window (the run takes a few seconds).
+    assert.ok(printed >= 1 && printed <= 1 + seconds / 20, `${printed} in ${seconds.toFixed(1)} s`);
+    assert.ok(summaries.length >= 1, "the flood is summed up at the exit");
+    const counted = printed + summaries.reduce((sum, n) => sum + n, 0);
+    assert.ok(counted > 1 && counted <= resets, `${counted} failures of ${resets} resets`);
+  },
+);
+
+Deno.test("tcp: refusals over --max-connections are logged once, then summed up at close", async () => {
+  const log = createLines();
+  await using server = startTcpServer({ port: 0, maxConnections: 1, log: log.push });
+  const { client } = await probeTcp(server.addr.port);
+  const crowd = await openMany(50, async () => (await probeTcp(server.addr.port)).client);
+  for (const refused of crowd) refused.close();
+  assert.equal(log.count(/turned away/), 1, log.lines.join("\n"));
+  client.close();
+  await within(server.close(), "close()");
+  assert.equal(log.count(/turned away/), 2);
+  assert.match(
+    log.lines.findLast((line) => /turned away/.test(line))!,
+    /^! 127\.0\.0\.1:\d+ turned away: server full \(and 49 more like it in the last 20 s\)$/,
+  );
+});
+
+Deno.test("log limiter: the first line of a kind, then one summary per window; kinds are apart", async () => {
+  const printed: string[] = [];
+  const limiter = createLogLimiter((line) => printed.push(line));
+  for (let i = 0; i < 1000; i++) limiter.log("reset", `reset ${i}`);
+  limiter.log("full", "full 0");
+  assert.deepEqual(printed, ["reset 0", "full 0"]);
+  limiter.close();
+  assert.deepEqual(printed, [
+    "reset 0",
+    "full 0",
+    "reset 999 (and 999 more like it in the last 20 s)",
+  ]);
+  // A window that ends by itself: the summary comes without another line,
+  // and the next line of that kind is printed at once.
+  const summary = Promise.withResolvers<void>();
+  const short: string[] = [];
+  const quick = createLogLimiter((line) => {
+    short.push(line);
+    if (line.includes("more like it")) summary.resolve();
+  }, 50);
+  try {
+    for (let i = 0; i < 3; i++) quick.log("reset", `reset ${i}`);
+    await within(summary.promise, "the summary at the end of the window");
+    quick.log("reset", "reset 3");
+    assert.deepEqual(short, [
+      "reset 0",
+      "reset 2 (and 2 more like it in the last 0.05 s)",
+      "reset 3",
+    ]);
+  } finally {
+    quick.close();
+  }
 });
