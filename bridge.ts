@@ -78,15 +78,18 @@ export type Framing = "lines" | "raw";
 
 /** Options for {@linkcode startBridge}. Sizes are in bytes. */
 export interface BridgeOptions {
-  /** Where clients connect: `tcp://HOST:PORT`, or `ws://HOST:PORT/` (also serves a page at `/`). Port 0 picks one. */
+  /**
+   * Where clients connect: `tcp://HOST:PORT`, or `ws://HOST:PORT/` (which also
+   * serves a browser page at `/`). Port 0 picks a free one (read it from `addr`).
+   */
   listen: string;
-  /** The server each client is connected to, on the other transport: `ws://HOST:PORT/PATH` or `tcp://HOST:PORT`. */
+  /** The server each client gets a connection to: `ws://HOST:PORT/PATH` or `tcp://HOST:PORT`. */
   to: string;
   /** `lines` (default): one line is one text message; `raw`: one TCP read is one binary message. */
   framing?: Framing;
-  /** Longest line translated into a message, and largest message a WebSocket client may send. Default 1 MiB. */
+  /** Longest line translated, and largest message a WebSocket client may send. Default 1 MiB. */
   maxMessage?: number;
-  /** Bytes waiting to be written to a TCP side before its peer is dropped as too slow. Default 2 MiB. */
+  /** Bytes waiting for a TCP side before that link is dropped as too slow. Default 2 MiB. */
   maxQueue?: number;
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
@@ -371,6 +374,13 @@ function finishStream(link: Link): void {
   if (link.finishing) return;
   link.finishing = true;
   startFlush(link);
+  startLinger(link);
+}
+
+// (A WebSocket client may leave while its upstream is still being dialled:
+// then the linger starts once there is a connection to close.)
+function startLinger(link: Link): void {
+  if (!link.conn || link.linger !== undefined) return;
   link.linger = setTimeout(() => closeQuietly(link.conn), LINGER_MS);
 }
 
@@ -725,6 +735,7 @@ async function serveWsClient(state: BridgeState, link: Link): Promise<void> {
   // have left already (its close becomes our FIN at once).
   if (state.closing) closeSocket(link, GOING_AWAY, "bridge shutting down");
   startFlush(link);
+  if (link.finishing) startLinger(link);
   await runLink(state, link);
 }
 
@@ -1178,18 +1189,20 @@ async function main(args: string[]): Promise<number> {
     );
     return 1;
   }
-  const { hostname, port } = bridge.addr;
-  console.log(
-    `listening on ${listen.transport}://${formatHost(hostname)}:${port}${
-      listen.transport === "ws" ? "/" : ""
-    }`,
-  );
+  // Listen for the signals before saying we are ready: a supervisor may
+  // send SIGTERM the moment it reads the line.
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {
       Deno.addSignalListener(signal, stop.resolve);
     }
   }
+  const { hostname, port } = bridge.addr;
+  console.log(
+    `listening on ${listen.transport}://${formatHost(hostname)}:${port}${
+      listen.transport === "ws" ? "/" : ""
+    }`,
+  );
   await stop.promise;
   // Closing is quick; the timer is a guarantee that a stuck peer cannot hold
   // the process past a second.
