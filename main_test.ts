@@ -873,13 +873,13 @@ Deno.test("bridge: FIN becomes close 1000 and a close becomes a FIN, in both dir
   await t.step(
     "upstream's close → FIN to the tcp client, after every message before it",
     async () => {
-      // 64 MiB and then the close, to a client that reads only after it:
+      // 48 MiB and then the close, to a client that reads only after it:
       // more than the kernel's buffers hold (up to 36 MiB on Linux
       // loopback), so much is still queued in the bridge when the close
       // comes, and all of it must be written before the FIN.
-      const COUNT = 65536;
+      const COUNT = 768;
       await using upstream = recordingWsServer((socket) => {
-        for (let i = 0; i < COUNT; i++) socket.send(`${i} ${"m".repeat(1000)}`);
+        for (let i = 0; i < COUNT; i++) socket.send(`${i} ${"m".repeat(64 * 1024)}`);
         socket.close(1001, "going away");
       });
       const logs = logWatcher();
@@ -897,7 +897,7 @@ Deno.test("bridge: FIN becomes close 1000 and a close becomes a FIN, in both dir
       client.close();
       assert.match(
         await logs.until(/^- /),
-        /^- 127\.0\.0\.1:\d+ disconnected: close 1001 going away → FIN; 0 lines → 0 messages, 65536 messages → \d+ bytes$/,
+        /^- 127\.0\.0\.1:\d+ disconnected: close 1001 going away → FIN; 0 lines → 0 messages, 768 messages → \d+ bytes$/,
       );
     },
   );
@@ -1266,4 +1266,64 @@ Deno.test("cli: bridge.ts prints where it listens, logs each client, and exits 0
   await using wsBridge = await spawnBridge(["--listen", "ws://127.0.0.1:0/", "--to", tcp.url]);
   assert.match(wsBridge.line, /^listening on ws:\/\/127\.0\.0\.1:\d+\/$/);
   assert.equal((await wsBridge.stop()).code, 0);
+});
+
+Deno.test("bridge ws://: a message too big is 1009, a line too long from upstream 1011", async (t) => {
+  await t.step("a WebSocket message over --max-message: 1009, and a FIN upstream", async () => {
+    using tcp = rawTcpServer();
+    await using bridge = startBridge({
+      listen: "ws://127.0.0.1:0/",
+      to: tcp.url,
+      maxMessage: 16,
+      log: quiet,
+    });
+    await using ws = await openWs(`ws://127.0.0.1:${bridge.addr.port}/`);
+    using server = await tcp.accept();
+    ws.socket.send("fits");
+    ws.socket.send("x".repeat(17));
+    const close = await within(ws.closed, "the close");
+    assert.equal(close.code, 1009);
+    assert.equal(close.reason, "message too big (max 16 bytes)");
+    assert.equal(decoder.decode(await readUntilEof(server)), "fits\n");
+  });
+
+  await t.step("a line from the TCP server over --max-message: 1011", async () => {
+    using tcp = rawTcpServer();
+    await using bridge = startBridge({
+      listen: "ws://127.0.0.1:0/",
+      to: tcp.url,
+      maxMessage: 16,
+      log: quiet,
+    });
+    await using ws = await openWs(`ws://127.0.0.1:${bridge.addr.port}/`);
+    using server = await tcp.accept();
+    await server.write(encoder.encode("short\n" + "y".repeat(40)));
+    assert.equal(await ws.next(), "short");
+    const close = await within(ws.closed, "the close");
+    assert.equal(close.code, 1011);
+    assert.equal(close.reason, "the TCP server sent a line too long (max 16 bytes)");
+  });
+});
+
+Deno.test("bridge: a close reason a peer chose reaches the log escaped", async () => {
+  await using upstream = recordingWsServer((socket) =>
+    socket.close(4321, "bye\n- 127.0.0.1:1 disconnected: forged\x1b[2J\u202e")
+  );
+  const logs = logWatcher();
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: upstream.url,
+    log: logs.log,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  assert.equal(await client.readLine(), null);
+  const line = await logs.until(/^- /);
+  assert.ok(
+    line.includes(
+      String.raw`close 4321 bye\n- 127.0.0.1:1 disconnected: forged\x1b[2J\u202e → FIN`,
+    ),
+    line,
+  );
+  // deno-lint-ignore no-control-regex
+  assert.doesNotMatch(line, /[\x00-\x1f\u202e]/);
 });
