@@ -30,8 +30,9 @@
  *     # open http://127.0.0.1:8081/ (the bridge serves a page), or:
  *     deno run -N ws_client.ts --url ws://127.0.0.1:8081/
  *
- * Try `--framing raw` with `nc` against `tcp_server.ts` in echo mode, typing
- * slowly and then pasting: the log counts reads, not lines.
+ * Try `--framing raw` in front of `ws_server.ts` in echo mode: type into `nc`
+ * a line at a time, then paste many lines at once. Each read comes back as
+ * one binary message, whatever lines it held, and the log counts reads.
  *
  * @module
  */
