@@ -54,6 +54,10 @@ const BUFFERED_POLL_MS = 10;
 // still sends. Closing with unread input makes the kernel send a reset,
 // which can destroy the last lines before they are read.
 const LINGER_MS = 2000;
+// How long an upstream WebSocket server gets to answer the handshake. A
+// server that accepts and never answers (a TCP server, say) would otherwise
+// hold the client forever: Deno's WebSocket has no timeout of its own.
+const DEFAULT_HANDSHAKE_TIMEOUT_MS = 10_000;
 // How long clients get to answer our close frame on shutdown.
 const CLOSE_GRACE_MS = 500;
 // A close frame's reason is at most 123 bytes of UTF-8 (RFC 6455, 5.5).
@@ -92,6 +96,8 @@ export interface BridgeOptions {
   maxMessage?: number;
   /** Bytes waiting for a TCP side before that link is dropped as too slow. Default 2 MiB. */
   maxQueue?: number;
+  /** Milliseconds an upstream WebSocket server gets to finish the handshake. Default 10000. */
+  handshakeTimeout?: number;
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
 }
@@ -153,6 +159,7 @@ interface BridgeState {
   framing: Framing;
   maxMessage: number;
   maxQueue: number;
+  handshakeTimeout: number;
   log: (line: string) => void;
   links: Set<Link>;
   tasks: Set<Promise<void>>;
@@ -627,7 +634,12 @@ function openUpstreamSocket(state: BridgeState, link: Link): Promise<string | un
     socket.onclose = (event) => socketClosed(state, link, event);
     opened.resolve(undefined);
   };
-  return opened.promise;
+  // close() while connecting gives up on the handshake (then `close` fires).
+  const timer = setTimeout(() => {
+    failure = `no WebSocket handshake within ${state.handshakeTimeout} ms`;
+    socket.close();
+  }, state.handshakeTimeout);
+  return opened.promise.finally(() => clearTimeout(timer));
 }
 
 // Deno's error events say "failed to connect to WebSocket: ..."; keep the
@@ -638,6 +650,7 @@ function upstreamError(message: string): string {
   if (/lookup address|Name or service not known|dns/i.test(message)) return "unknown host";
   if (/invalid HTTP|parse/i.test(message)) return "it does not speak HTTP (a raw TCP port?)";
   if (/tcp connect|refused/i.test(message)) return "connection refused (is the server running?)";
+  if (/^no WebSocket handshake/.test(message)) return `${message} (is it a WebSocket server?)`;
   return message ? escapeControls(message) : "the connection failed";
 }
 
@@ -886,6 +899,7 @@ export function startBridge(options: BridgeOptions): Bridge {
     framing: options.framing ?? "lines",
     maxMessage: Math.min(options.maxMessage ?? DEFAULT_MAX_MESSAGE, DENO_MAX_FRAME),
     maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
+    handshakeTimeout: options.handshakeTimeout ?? DEFAULT_HANDSHAKE_TIMEOUT_MS,
     log: options.log ?? console.error,
     links: new Set(),
     tasks: new Set(),

@@ -999,6 +999,25 @@ Deno.test("bridge: a refused upstream: the tcp client gets an error line, the ws
   assert.ok(encoder.encode(close.reason).length <= 123);
 });
 
+Deno.test("bridge: an upstream that never answers the handshake is given up on", async () => {
+  // A TCP server where a WebSocket server should be: it takes the
+  // connection and never answers the upgrade.
+  using silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: `ws://127.0.0.1:${silent.addr.port}/`,
+    handshakeTimeout: 200,
+    log: quiet,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  using upstream = await within(silent.accept(), "the bridge to dial upstream");
+  assert.deepEqual(await within(client.readLinesToEnd(), "the error line"), [
+    `* error: cannot reach ws://127.0.0.1:${silent.addr.port}/: ` +
+    "no WebSocket handshake within 200 ms (is it a WebSocket server?)",
+  ]);
+  assert.equal((await readUntilEof(upstream)).length > 0, true, "it had sent its request");
+});
+
 Deno.test("bridge: a line over --max-message is refused like tcp_server refuses one", async () => {
   await using upstream = recordingWsServer();
   await using bridge = startBridge({
