@@ -16,6 +16,7 @@ import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
+import { startBridge } from "./bridge.ts";
 import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
   allBytes,
@@ -376,7 +377,14 @@ Deno.test("ws client: refused, and not a WebSocket server, are clear errors", as
 
 // ------------------------------------------------------- the command lines
 
-const SCRIPTS = ["tcp_server.ts", "tcp_client.ts", "ws_server.ts", "ws_client.ts", "udp.ts"];
+const SCRIPTS = [
+  "tcp_server.ts",
+  "tcp_client.ts",
+  "ws_server.ts",
+  "ws_client.ts",
+  "udp.ts",
+  "bridge.ts",
+];
 
 Deno.test("cli: --help prints usage and exits 0", async () => {
   for (const script of SCRIPTS) {
@@ -996,4 +1004,805 @@ Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exi
     assert.equal(code, 0, `${signal}: exit code`);
     assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
   }
+});
+// ================================================================ bridge.ts
+//
+// One room, two transports: TCP clients in a WebSocket chat and WebSocket
+// clients in a TCP chat, through bridge.ts. Every wait is for an event; the
+// upstream servers the tests write themselves record what reached them.
+
+/** Items that arrive one by one (messages, close events), awaited in order. */
+function inbox<T>() {
+  const items: T[] = [];
+  let wake = () => {};
+  return {
+    items,
+    push(item: T) {
+      items.push(item);
+      wake();
+    },
+    async next(what = "the next item"): Promise<T> {
+      await within(
+        (async () => {
+          while (items.length === 0) await new Promise<void>((resolve) => wake = resolve);
+        })(),
+        what,
+      );
+      return items.shift()!;
+    },
+  };
+}
+
+/** A log function, and a way to wait for a line it was given. */
+function logWatcher() {
+  const lines = inbox<string>();
+  const seen: string[] = [];
+  return {
+    seen,
+    log: (line: string) => {
+      seen.push(line);
+      lines.push(line);
+    },
+    async until(pattern: RegExp): Promise<string> {
+      for (let i = 0; i < 1000; i++) {
+        const line = await lines.next(`a log line matching ${pattern}`);
+        if (pattern.test(line)) return line;
+      }
+      throw new Error(`no log line matched ${pattern}: ${JSON.stringify(seen)}`);
+    },
+  };
+}
+
+/**
+ * A WebSocket server that records what each connection sends and how it
+ * closes; `onOpen` may talk to the connection.
+ */
+function recordingWsServer(onOpen: (socket: WebSocket) => void = () => {}) {
+  const messages = inbox<string | ArrayBuffer>();
+  const closes = inbox<CloseEvent>();
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: quiet }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.binaryType = "arraybuffer";
+    socket.onmessage = (event) => messages.push(event.data);
+    socket.onclose = (event) => closes.push(event);
+    socket.onopen = () => onOpen(socket);
+    return response;
+  });
+  return {
+    url: `ws://127.0.0.1:${server.addr.port}/`,
+    messages,
+    closes,
+    [Symbol.asyncDispose]: () => server.shutdown(),
+  };
+}
+
+/** A TCP listener whose connections a test accepts and talks to itself. */
+function rawTcpServer() {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  return {
+    url: `tcp://127.0.0.1:${listener.addr.port}`,
+    accept: () => within(listener.accept(), "the bridge to connect upstream"),
+    [Symbol.dispose]: () => listener.close(),
+  };
+}
+
+/** Every byte from `conn` until its FIN. */
+async function readUntilEof(conn: Deno.Conn): Promise<Uint8Array> {
+  const chunks: Uint8Array[] = [];
+  const buf = new Uint8Array(64 * 1024);
+  for (let n = await conn.read(buf); n !== null; n = await conn.read(buf)) {
+    chunks.push(buf.slice(0, n));
+  }
+  return concat(chunks);
+}
+
+/**
+ * ws_client.ts's runWsClient as a chat participant: `say` sends a line the
+ * way typing it would, `next` awaits what it prints, `leave` ends its input
+ * (it closes with 1000) and returns everything it was sent in order.
+ */
+function wsClientSession(url: string) {
+  const said = inbox<string | null>();
+  const received = inbox<string>();
+  const all: string[] = [];
+  async function* messages() {
+    for (let text = await said.next(); text !== null; text = await said.next()) yield text;
+  }
+  const running = runWsClient({
+    url,
+    messages: messages(),
+    onMessage: (data) => {
+      all.push(String(data));
+      received.push(String(data));
+    },
+  });
+  return {
+    say: (text: string) => said.push(text),
+    next: () => received.next("a message for ws_client"),
+    async leave() {
+      said.push(null);
+      const close = await within(running, "ws_client to close");
+      return { close, all };
+    },
+  };
+}
+
+/** The bridge as a real process: its first line, its port, and a stop that signals it. */
+async function spawnBridge(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath("bridge.ts"), ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let printed = "";
+  while (!printed.includes("\n")) {
+    const { done, value } = await within(stdout.read(), "bridge.ts's first line");
+    if (done) break;
+    printed += value;
+  }
+  let stopped: Promise<{ code: number; stderr: string; exitMs: number }> | undefined;
+  async function stop(signal: Deno.Signal) {
+    const start = performance.now();
+    try {
+      child.kill(signal);
+    } catch {
+      // Already exited.
+    }
+    const { code } = await child.status;
+    const exitMs = performance.now() - start;
+    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
+    return { code, stderr: await stderr, exitMs };
+  }
+  const line = printed.split("\n")[0];
+  return {
+    line,
+    port: Number(line.match(/:(\d+)\/?$/)?.[1]),
+    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+Deno.test("bridge tcp→ws: nc-style TCP clients and ws_client.ts in one ws_server chat, each message once", async () => {
+  await using chat = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const wsUrl = `ws://127.0.0.1:${chat.addr.port}/`;
+  await using bridge = startBridge({ listen: "tcp://127.0.0.1:0", to: wsUrl, log: quiet });
+
+  // One at a time, so the names are known: guest-1 is ws_client.ts.
+  const web = wsClientSession(wsUrl);
+  web.say("hi, I'm on WebSocket");
+  assert.equal(await web.next(), "guest-1: hi, I'm on WebSocket");
+  const a = await connectTcp(bridge.addr.port);
+  assert.equal(await web.next(), "* guest-2 joined");
+  const b = await connectTcp(bridge.addr.port);
+  assert.equal(await web.next(), "* guest-3 joined");
+  assert.equal(await a.readLine(), "* guest-3 joined");
+
+  await a.write("hello from a TCP socket\r\n");
+  for (const peer of [a, b]) {
+    assert.equal(await peer.readLine(), "guest-2: hello from a TCP socket");
+  }
+  assert.equal(await web.next(), "guest-2: hello from a TCP socket");
+  web.say("hello from ws_client");
+  for (const peer of [a, b]) assert.equal(await peer.readLine(), "guest-1: hello from ws_client");
+  assert.equal(await web.next(), "guest-1: hello from ws_client");
+
+  // b's FIN: the bridge closes upstream with 1000, the room hears it leave,
+  // and b gets its FIN back once the server has answered.
+  await b.write("bye ✓");
+  await b.conn.closeWrite();
+  assert.deepEqual(await b.readLinesToEnd(), ["guest-3: bye ✓"]);
+  b.close();
+  assert.deepEqual([await a.readLine(), await a.readLine()], ["guest-3: bye ✓", "* guest-3 left"]);
+
+  const { close, all } = await web.leave();
+  assert.equal(close.code, 1000);
+  assert.deepEqual(all, [
+    "guest-1: hi, I'm on WebSocket",
+    "* guest-2 joined",
+    "* guest-3 joined",
+    "guest-2: hello from a TCP socket",
+    "guest-1: hello from ws_client",
+    "guest-3: bye ✓",
+    "* guest-3 left",
+  ]);
+  assert.equal(await a.readLine(), "* guest-1 left");
+  await a.conn.closeWrite();
+  assert.deepEqual(await a.readLinesToEnd(), [], "nothing twice, nothing more");
+  a.close();
+});
+
+Deno.test("bridge ws→tcp: ws_client.ts and a WebSocket join a tcp_server chat with a raw TCP client", async () => {
+  await using chat = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  await using bridge = startBridge({
+    listen: "ws://127.0.0.1:0/",
+    to: `tcp://127.0.0.1:${chat.addr.port}`,
+    log: quiet,
+  });
+  const bridgeUrl = `ws://127.0.0.1:${bridge.addr.port}/`;
+
+  using nc = await connectTcp(chat.addr.port);
+  await nc.write("nc here\n");
+  assert.equal(await nc.readLine(), "guest-1: nc here");
+  const web = wsClientSession(bridgeUrl);
+  assert.equal(await nc.readLine(), "* guest-2 joined");
+  const page = await openWs(bridgeUrl);
+  assert.equal(await nc.readLine(), "* guest-3 joined");
+  assert.equal(await web.next(), "* guest-3 joined");
+
+  web.say("from ws_client");
+  assert.equal(await nc.readLine(), "guest-2: from ws_client");
+  assert.equal(await web.next(), "guest-2: from ws_client");
+  assert.equal(await page.next(), "guest-2: from ws_client");
+  page.socket.send("from a WebSocket ✓");
+  assert.equal(await nc.readLine(), "guest-3: from a WebSocket ✓");
+  assert.equal(await web.next(), "guest-3: from a WebSocket ✓");
+  assert.equal(await page.next(), "guest-3: from a WebSocket ✓");
+  await nc.write("hi both\n");
+  assert.equal(await nc.readLine(), "guest-1: hi both");
+  assert.equal(await web.next(), "guest-1: hi both");
+  assert.equal(await page.next(), "guest-1: hi both");
+
+  // The page closes: a FIN to tcp_server, which says it left.
+  await page[Symbol.asyncDispose]();
+  assert.equal(await nc.readLine(), "* guest-3 left");
+  const { close, all } = await web.leave();
+  assert.equal(close.code, 1000);
+  assert.deepEqual(all, [
+    "* guest-3 joined",
+    "guest-2: from ws_client",
+    "guest-3: from a WebSocket ✓",
+    "guest-1: hi both",
+    "* guest-3 left",
+  ]);
+  assert.deepEqual(page.messages, [], "nothing twice");
+  assert.equal(await nc.readLine(), "* guest-2 left");
+  await nc.conn.closeWrite();
+  assert.deepEqual(await nc.readLinesToEnd(), []);
+});
+
+Deno.test("bridge: split and merged TCP writes still make whole messages, both ways", async () => {
+  await using upstream = recordingWsServer();
+  await using toWs = startBridge({ listen: "tcp://127.0.0.1:0", to: upstream.url, log: quiet });
+  {
+    using client = await connectTcp(toWs.addr.port);
+    client.conn.setNoDelay(true);
+    await client.write("one\ntwo\n\nthr");
+    assert.deepEqual(
+      [await upstream.messages.next(), await upstream.messages.next()],
+      ["one", "two"],
+    );
+    assert.equal(await upstream.messages.next(), "", "an empty line is an empty message");
+    await client.write("ee\r\n");
+    assert.equal(await upstream.messages.next(), "three");
+    for (const byte of encoder.encode("fünf ✓\n")) await client.write(Uint8Array.of(byte));
+    assert.equal(await upstream.messages.next(), "fünf ✓");
+    await client.write(Uint8Array.of(0x68, 0xff, 0x69, 0x0a));
+    assert.equal(await upstream.messages.next(), "h\uFFFDi", "not UTF-8: U+FFFD");
+    await client.write("no newline at the end");
+    await client.conn.closeWrite();
+    assert.equal(await upstream.messages.next(), "no newline at the end");
+    assert.equal((await upstream.closes.next()).code, 1000);
+    assert.deepEqual(upstream.messages.items, []);
+  }
+
+  using tcp = rawTcpServer();
+  await using toTcp = startBridge({ listen: "ws://127.0.0.1:0/", to: tcp.url, log: quiet });
+  await using ws = await openWs(`ws://127.0.0.1:${toTcp.addr.port}/`);
+  using server = await tcp.accept();
+  await server.write(encoder.encode("alpha\nbe"));
+  assert.equal(await ws.next(), "alpha");
+  await server.write(encoder.encode("ta\r\ngamma\ndelta\n"));
+  assert.deepEqual([await ws.next(), await ws.next(), await ws.next()], ["beta", "gamma", "delta"]);
+  // A message holding a newline is written as it is, plus its own "\n".
+  ws.socket.send("two\nlines");
+  ws.socket.send("");
+  ws.socket.close(1000);
+  assert.deepEqual(decoder.decode(await readUntilEof(server)), "two\nlines\n\n");
+});
+
+Deno.test("bridge: FIN becomes close 1000 and a close becomes a FIN, in both directions", async (t) => {
+  await t.step(
+    "tcp client's FIN → close 1000 upstream, after its lines; it still hears back",
+    async () => {
+      await using upstream = recordingWsServer((socket) => {
+        socket.send("welcome");
+        // A FIN is a half-close: the client still reads what comes after it.
+        socket.addEventListener("message", () => socket.send("got it"));
+      });
+      await using bridge = startBridge({
+        listen: "tcp://127.0.0.1:0",
+        to: upstream.url,
+        log: quiet,
+      });
+      using client = await connectTcp(bridge.addr.port);
+      assert.equal(await client.readLine(), "welcome");
+      await client.write("last words\n");
+      await client.conn.closeWrite();
+      assert.equal(await upstream.messages.next(), "last words");
+      const close = await upstream.closes.next();
+      assert.equal(close.code, 1000);
+      assert.deepEqual(await client.readLinesToEnd(), ["got it"], "then the client gets its FIN");
+    },
+  );
+
+  await t.step(
+    "upstream's close → FIN to the tcp client, after every message before it",
+    async () => {
+      // 48 MiB and then the close, to a client that reads only after it:
+      // more than the kernel's buffers hold (up to 36 MiB on Linux
+      // loopback), so much is still queued in the bridge when the close
+      // comes, and all of it must be written before the FIN.
+      const COUNT = 768;
+      await using upstream = recordingWsServer((socket) => {
+        for (let i = 0; i < COUNT; i++) socket.send(`${i} ${"m".repeat(64 * 1024)}`);
+        socket.close(1001, "going away");
+      });
+      const logs = logWatcher();
+      await using bridge = startBridge({
+        listen: "tcp://127.0.0.1:0",
+        to: upstream.url,
+        maxQueue: 128 * 1024 * 1024,
+        log: logs.log,
+      });
+      using client = await connectTcp(bridge.addr.port);
+      assert.equal((await upstream.closes.next()).code, 1001);
+      const lines = await client.readLinesToEnd();
+      assert.equal(lines.length, COUNT);
+      assert.ok(lines.every((line, i) => line.startsWith(`${i} `)), "in order");
+      client.close();
+      assert.match(
+        await logs.until(/^- /),
+        /^- 127\.0\.0\.1:\d+ disconnected: close 1001 going away → FIN; 0 lines → 0 messages, 768 messages → \d+ bytes$/,
+      );
+    },
+  );
+
+  await t.step("ws client's close → FIN to the tcp server, after its messages", async () => {
+    using tcp = rawTcpServer();
+    await using bridge = startBridge({ listen: "ws://127.0.0.1:0/", to: tcp.url, log: quiet });
+    await using ws = await openWs(`ws://127.0.0.1:${bridge.addr.port}/`);
+    ws.socket.send("a");
+    ws.socket.send("b");
+    ws.socket.close(1000, "done");
+    using server = await tcp.accept();
+    assert.equal(decoder.decode(await readUntilEof(server)), "a\nb\n");
+    assert.equal((await ws.closed).code, 1000);
+  });
+
+  await t.step("tcp server's FIN → close 1000 to the ws client, after its lines", async () => {
+    using tcp = rawTcpServer();
+    await using bridge = startBridge({ listen: "ws://127.0.0.1:0/", to: tcp.url, log: quiet });
+    await using ws = await openWs(`ws://127.0.0.1:${bridge.addr.port}/`);
+    using server = await tcp.accept();
+    await server.write(encoder.encode("see you\nlater"));
+    await server.closeWrite();
+    assert.deepEqual([await ws.next(), await ws.next()], ["see you", "later"]);
+    const close = await ws.closed;
+    assert.equal(close.code, 1000);
+    assert.equal(close.wasClean, true);
+    assert.equal((await readUntilEof(server)).length, 0, "and the bridge's FIN comes back");
+  });
+});
+
+Deno.test("bridge: --framing raw, a read is a binary message and a message's bytes are written as they are", async () => {
+  await using upstream = recordingWsServer();
+  await using toWs = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: upstream.url,
+    framing: "raw",
+    log: quiet,
+  });
+  {
+    using client = await connectTcp(toWs.addr.port);
+    await client.write("no\nlines\nhere");
+    const first = await upstream.messages.next();
+    assert.ok(first instanceof ArrayBuffer, "binary");
+    assert.equal(decoder.decode(first), "no\nlines\nhere");
+    await client.write(allBytes());
+    assert.deepEqual(new Uint8Array(await upstream.messages.next() as ArrayBuffer), allBytes());
+    await client.conn.closeWrite();
+    assert.equal((await upstream.closes.next()).code, 1000);
+  }
+
+  using tcp = rawTcpServer();
+  await using toTcp = startBridge({
+    listen: "ws://127.0.0.1:0/",
+    to: tcp.url,
+    framing: "raw",
+    log: quiet,
+  });
+  await using ws = await openWs(`ws://127.0.0.1:${toTcp.addr.port}/`);
+  using server = await tcp.accept();
+  await server.write(allBytes());
+  const received = await ws.next();
+  assert.ok(received instanceof ArrayBuffer);
+  assert.deepEqual(new Uint8Array(received), allBytes());
+  ws.socket.send("text, no newline");
+  ws.socket.send(Uint8Array.of(0, 1, 2));
+  ws.socket.close();
+  assert.deepEqual(
+    await readUntilEof(server),
+    new Uint8Array([...encoder.encode("text, no newline"), 0, 1, 2]),
+  );
+});
+
+Deno.test("bridge: a refused upstream: the tcp client gets an error line, the ws client 1011", async () => {
+  const port = closedPort();
+  const logs = logWatcher();
+  await using toWs = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: `ws://127.0.0.1:${port}/`,
+    log: logs.log,
+  });
+  using client = await connectTcp(toWs.addr.port);
+  assert.deepEqual(await client.readLinesToEnd(), [
+    `* error: cannot reach ws://127.0.0.1:${port}/: connection refused (is the server running?)`,
+  ]);
+  client.close();
+  assert.match(await logs.until(/^- /), /disconnected: cannot reach ws:\/\/127\.0\.0\.1:\d+\//);
+
+  // Upgraded first, then told why in the close frame (at most 123 bytes).
+  await using toTcp = startBridge({
+    listen: "ws://127.0.0.1:0/",
+    to: `tcp://127.0.0.1:${port}`,
+    log: quiet,
+  });
+  await using ws = await openWs(`ws://127.0.0.1:${toTcp.addr.port}/`);
+  const close = await ws.closed;
+  assert.equal(close.code, 1011);
+  assert.match(close.reason, /^cannot reach tcp:\/\/127\.0\.0\.1:\d+: connection refused/);
+  assert.ok(encoder.encode(close.reason).length <= 123);
+});
+
+Deno.test("bridge: an upstream that never answers the handshake is given up on", async () => {
+  // A TCP server where a WebSocket server should be: it takes the
+  // connection and never answers the upgrade.
+  using silent = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: `ws://127.0.0.1:${silent.addr.port}/`,
+    handshakeTimeout: 200,
+    log: quiet,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  using upstream = await within(silent.accept(), "the bridge to dial upstream");
+  assert.deepEqual(await within(client.readLinesToEnd(), "the error line"), [
+    `* error: cannot reach ws://127.0.0.1:${silent.addr.port}/: ` +
+    "no WebSocket handshake within 200 ms (is it a WebSocket server?)",
+  ]);
+  assert.equal((await readUntilEof(upstream)).length > 0, true, "it had sent its request");
+});
+
+Deno.test("bridge: a line over --max-message is refused like tcp_server refuses one", async () => {
+  await using upstream = recordingWsServer();
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: upstream.url,
+    maxMessage: 16,
+    log: quiet,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  await client.write("short\n" + "x".repeat(40) + "\n");
+  assert.equal(await upstream.messages.next(), "short");
+  assert.deepEqual(await client.readLinesToEnd(), ["* error: line too long (max 16 bytes)"]);
+  const close = await upstream.closes.next();
+  assert.equal(close.code, 4000);
+  assert.match(close.reason, /line too long/);
+  assert.deepEqual(upstream.messages.items, []);
+});
+
+Deno.test("bridge: a TCP client that does not read is cut off past --max-queue, with a reason", async () => {
+  const line = "y".repeat(1023) + "\n";
+  // 64 MiB: more than the kernel's buffers between us and the bridge hold
+  // (up to 36 MiB on Linux loopback) plus --max-queue.
+  const COUNT = 64 * 1024;
+  await using upstream = recordingWsServer((socket) => {
+    for (let i = 0; i < COUNT; i++) socket.send(line.slice(0, -1));
+  });
+  const logs = logWatcher();
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: upstream.url,
+    maxQueue: 64 * 1024,
+    log: logs.log,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  // Dropped: the bridge leaves the chat at once (a private close code, as
+  // a WebSocket client may only send 1000 or 3000-4999).
+  const close = await upstream.closes.next();
+  assert.equal(close.code, 4000);
+  assert.match(close.reason, /too slowly/);
+  // It reads again (within the bridge's 2-s linger): whole lines, fewer
+  // than were sent, then the reason, then the FIN.
+  const lines = await client.readLinesToEnd();
+  assert.equal(lines.at(-1), "* error: too slow, disconnected");
+  assert.ok(lines.length - 1 < COUNT, `${lines.length - 1} lines got through`);
+  assert.ok(lines.slice(0, -1).every((got) => got === line.slice(0, -1)), "whole lines only");
+  assert.match(await logs.until(/^- /), /disconnected: too slow, disconnected; /);
+});
+
+Deno.test("bridge: towards WebSocket it stops reading TCP while bufferedAmount is high", async () => {
+  // Upstream is ws_server.ts echo behind a relay the test can pause: while
+  // paused, nothing the bridge sends leaves it. A bridge that kept reading
+  // would hold every byte the client writes; this one makes the client's
+  // writes wait. There is no event for "a write is waiting", so a write
+  // that has not finished after a second counts as stalled.
+  await using echo = startWsServer({ port: 0, maxQueue: 256 * 1024 * 1024, log: quiet });
+  using relayListener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  let paused = Promise.withResolvers<void>();
+  paused.resolve();
+  const relay = (async () => {
+    using down = await relayListener.accept();
+    using up = await Deno.connect({ hostname: "127.0.0.1", port: echo.addr.port });
+    const pipe = async (from: Deno.Conn, to: Deno.Conn, gate: boolean) => {
+      const buf = new Uint8Array(64 * 1024);
+      try {
+        for (;;) {
+          if (gate) await paused.promise;
+          const n = await from.read(buf);
+          if (n === null) break;
+          for (let done = 0; done < n;) done += await to.write(buf.subarray(done, n));
+        }
+        await to.closeWrite();
+      } catch {
+        // The other side is gone.
+      }
+    };
+    await Promise.all([pipe(down, up, true), pipe(up, down, false)]);
+  })();
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: `ws://127.0.0.1:${relayListener.addr.port}/`,
+    maxQueue: 256 * 1024 * 1024,
+    log: quiet,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  await client.write("ping\n");
+  assert.equal(await client.readLine(), "ping");
+  paused = Promise.withResolvers<void>();
+
+  let echoed = 0;
+  const reading = client.drain().then((bytes) => echoed = bytes);
+  const chunk = encoder.encode(("z".repeat(1023) + "\n").repeat(64));
+  const cap = 128 * 1024 * 1024;
+  let written = 0;
+  let pending: Promise<void> | undefined;
+  while (written < cap) {
+    const write = client.write(chunk);
+    const stalled = await within(write.then(() => false), "a write", 1000).catch(() => true);
+    written += chunk.length;
+    if (stalled) {
+      pending = write;
+      break;
+    }
+  }
+  assert.ok(pending, `all ${written} bytes were taken: nothing held the client back`);
+  assert.ok(written < 64 * 1024 * 1024, `${written} bytes were taken before writes waited`);
+
+  // Let go: every line arrives and comes back, and the FIN ends it.
+  paused.resolve();
+  await within(pending, "the stalled write");
+  await client.conn.closeWrite();
+  await within(reading, "every echo");
+  assert.equal(echoed, written);
+  await relay;
+});
+
+Deno.test("bridge: 200 clients through one bridge, each way", async () => {
+  const CLIENTS = 200;
+  await using echo = startWsServer({ port: 0, log: quiet });
+  {
+    await using bridge = startBridge({
+      listen: "tcp://127.0.0.1:0",
+      to: `ws://127.0.0.1:${echo.addr.port}/`,
+      log: quiet,
+    });
+    const clients = await Promise.all(
+      Array.from({ length: CLIENTS }, () => connectTcp(bridge.addr.port)),
+    );
+    try {
+      await Promise.all(clients.map((client, i) => client.write(`client ${i}\n`)));
+      const replies = await within(
+        Promise.all(clients.map((client) => client.readLine())),
+        "200 echoes",
+      );
+      assert.deepEqual(replies, clients.map((_, i) => `client ${i}`));
+      assert.equal(bridge.connections, CLIENTS);
+      await Promise.all(clients.map((client) => client.conn.closeWrite()));
+      const ends = await within(
+        Promise.all(clients.map((client) => client.readLine())),
+        "200 FINs",
+      );
+      assert.deepEqual(ends, clients.map(() => null));
+    } finally {
+      for (const client of clients) client.close();
+    }
+  }
+  await using tcpEcho = startTcpServer({ port: 0, log: quiet });
+  await using bridge = startBridge({
+    listen: "ws://127.0.0.1:0/",
+    to: `tcp://127.0.0.1:${tcpEcho.addr.port}`,
+    log: quiet,
+  });
+  const url = `ws://127.0.0.1:${bridge.addr.port}/`;
+  const sockets = await Promise.all(Array.from({ length: CLIENTS }, () => openWs(url)));
+  try {
+    sockets.forEach((ws, i) => ws.socket.send(`socket ${i}`));
+    const replies = await within(Promise.all(sockets.map((ws) => ws.next())), "200 echoes");
+    assert.deepEqual(replies, sockets.map((_, i) => `socket ${i}`));
+  } finally {
+    await Promise.all(sockets.map((ws) => ws[Symbol.asyncDispose]()));
+  }
+});
+
+Deno.test("bridge ws://: the page at /, a bad Host is 400, a foreign Origin 403", async () => {
+  using tcp = rawTcpServer();
+  await using bridge = startBridge({ listen: "ws://127.0.0.1:0/", to: tcp.url, log: quiet });
+  const base = `http://127.0.0.1:${bridge.addr.port}`;
+  const page = await fetch(`${base}/`);
+  assert.equal(page.status, 200);
+  const html = await page.text();
+  assert.match(html, /new WebSocket\(/);
+  assert.ok(html.includes(tcp.url), "the page says where its messages go");
+  const missing = await fetch(`${base}/nope`);
+  assert.equal(missing.status, 404);
+  await missing.body?.cancel();
+
+  async function handshake(headers: string): Promise<string> {
+    using conn = await Deno.connect({ hostname: "127.0.0.1", port: bridge.addr.port });
+    await conn.write(encoder.encode(
+      `GET / HTTP/1.1\r\n${headers}Upgrade: websocket\r\nConnection: Upgrade\r\n` +
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    ));
+    let response = "";
+    const buf = new Uint8Array(4096);
+    while (!response.includes("\r\n\r\n")) {
+      const n = await conn.read(buf);
+      if (n === null) break;
+      response += decoder.decode(buf.subarray(0, n));
+    }
+    return response.split("\r\n")[0];
+  }
+  const host = `Host: 127.0.0.1:${bridge.addr.port}\r\n`;
+  assert.match(await handshake("Host: a b\r\n"), /^HTTP\/1\.1 400 /);
+  assert.match(await handshake(`${host}Origin: https://evil.example\r\n`), /^HTTP\/1\.1 403 /);
+  assert.match(await handshake(`${host}Origin: null\r\n`), /^HTTP\/1\.1 403 /);
+  for (const origin of [`http://127.0.0.1:${bridge.addr.port}`, "http://localhost:3000"]) {
+    assert.match(await handshake(`${host}Origin: ${origin}\r\n`), /^HTTP\/1\.1 101 /, origin);
+    (await tcp.accept()).close();
+  }
+  assert.match(await handshake(host), /^HTTP\/1\.1 101 /, "no Origin: not a browser");
+  (await tcp.accept()).close();
+});
+
+Deno.test("cli: bridge.ts refuses the same transport twice and bad URLs with exit 2", async () => {
+  const cases: [string[], RegExp][] = [
+    [
+      ["--listen", "tcp://127.0.0.1:0", "--to", "tcp://127.0.0.1:9000"],
+      /--listen and --to must be different transports/,
+    ],
+    [
+      ["--listen", "ws://127.0.0.1:0/", "--to", "ws://127.0.0.1:8080/"],
+      /different transports/,
+    ],
+    [["--to", "ws://127.0.0.1:8080/"], /--listen is required/],
+    [["--listen", "tcp://127.0.0.1:0"], /--to is required/],
+    [["--listen", "http://127.0.0.1:0", "--to", "tcp://127.0.0.1:1"], /--listen must be tcp:\/\//],
+    [["--listen", "tcp://127.0.0.1", "--to", "ws://x/"], /--listen needs a host and a port/],
+    [
+      ["--listen", "tcp://127.0.0.1:0", "--to", "ws://127.0.0.1:1/", "--framing", "words"],
+      /--framing must be lines or raw, got "words"/,
+    ],
+    [
+      ["--listen", "tcp://127.0.0.1:0", "--to", "ws://127.0.0.1:1/", "--max-queue", "0"],
+      /--max-queue must be an integer at least 1/,
+    ],
+  ];
+  for (const [args, expected] of cases) {
+    const { code, stdout, stderr } = await runScript("bridge.ts", args);
+    assert.equal(code, 2, args.join(" "));
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.match(first, expected);
+    assert.equal(blank, "");
+    assert.match(usage, /^Usage: bridge\.ts/);
+    assertNoStackTrace(stderr);
+  }
+});
+
+Deno.test("cli: bridge.ts prints where it listens, logs each client, and exits 0 on SIGTERM and SIGINT", async () => {
+  await using chat = startWsServer({ port: 0, mode: "chat", log: quiet });
+  for (const [round, signal] of [[1, "SIGTERM"], [2, "SIGINT"]] as const) {
+    const bridge = await spawnBridge([
+      "--listen",
+      "tcp://127.0.0.1:0",
+      "--to",
+      `ws://127.0.0.1:${chat.addr.port}/`,
+    ]);
+    assert.match(bridge.line, /^listening on tcp:\/\/127\.0\.0\.1:\d+$/);
+    using client = await connectTcp(bridge.port);
+    await client.write("hi\n");
+    assert.equal(
+      await client.readLine(),
+      `guest-${round}: hi`,
+    );
+    await client.conn.closeWrite();
+    assert.equal(await client.readLine(), null);
+    const { code, stderr, exitMs } = await bridge.stop(signal);
+    assert.equal(code, 0);
+    assert.ok(exitMs < 1000, `exited ${exitMs} ms after ${signal}`);
+    assert.match(
+      stderr,
+      /^\+ 127\.0\.0\.1:\d+ connected, opening ws:\/\/127\.0\.0\.1:\d+\/\n- 127\.0\.0\.1:\d+ disconnected: FIN → close 1000; 1 line → 1 message, 1 message → 12 bytes\n$/,
+    );
+  }
+  using tcp = rawTcpServer();
+  await using wsBridge = await spawnBridge(["--listen", "ws://127.0.0.1:0/", "--to", tcp.url]);
+  assert.match(wsBridge.line, /^listening on ws:\/\/127\.0\.0\.1:\d+\/$/);
+  assert.equal((await wsBridge.stop()).code, 0);
+});
+
+Deno.test("bridge ws://: a message too big is 1009, a line too long from upstream 1011", async (t) => {
+  await t.step("a WebSocket message over --max-message: 1009, and a FIN upstream", async () => {
+    using tcp = rawTcpServer();
+    await using bridge = startBridge({
+      listen: "ws://127.0.0.1:0/",
+      to: tcp.url,
+      maxMessage: 16,
+      log: quiet,
+    });
+    await using ws = await openWs(`ws://127.0.0.1:${bridge.addr.port}/`);
+    using server = await tcp.accept();
+    ws.socket.send("fits");
+    ws.socket.send("x".repeat(17));
+    const close = await within(ws.closed, "the close");
+    assert.equal(close.code, 1009);
+    assert.equal(close.reason, "message too big (max 16 bytes)");
+    assert.equal(decoder.decode(await readUntilEof(server)), "fits\n");
+  });
+
+  await t.step("a line from the TCP server over --max-message: 1011", async () => {
+    using tcp = rawTcpServer();
+    await using bridge = startBridge({
+      listen: "ws://127.0.0.1:0/",
+      to: tcp.url,
+      maxMessage: 16,
+      log: quiet,
+    });
+    await using ws = await openWs(`ws://127.0.0.1:${bridge.addr.port}/`);
+    using server = await tcp.accept();
+    await server.write(encoder.encode("short\n" + "y".repeat(40)));
+    assert.equal(await ws.next(), "short");
+    const close = await within(ws.closed, "the close");
+    assert.equal(close.code, 1011);
+    assert.equal(close.reason, "the TCP server sent a line too long (max 16 bytes)");
+  });
+});
+
+Deno.test("bridge: a close reason a peer chose reaches the log escaped", async () => {
+  await using upstream = recordingWsServer((socket) =>
+    socket.close(4321, "bye\n- 127.0.0.1:1 disconnected: forged\x1b[2J\u202e")
+  );
+  const logs = logWatcher();
+  await using bridge = startBridge({
+    listen: "tcp://127.0.0.1:0",
+    to: upstream.url,
+    log: logs.log,
+  });
+  using client = await connectTcp(bridge.addr.port);
+  assert.equal(await client.readLine(), null);
+  const line = await logs.until(/^- /);
+  assert.ok(
+    line.includes(
+      String.raw`close 4321 bye\n- 127.0.0.1:1 disconnected: forged\x1b[2J\u202e → FIN`,
+    ),
+    line,
+  );
+  // deno-lint-ignore no-control-regex
+  assert.doesNotMatch(line, /[\x00-\x1f\u202e]/);
 });

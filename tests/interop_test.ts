@@ -24,7 +24,8 @@
  * input (Input.dispatchMouseEvent, Input.insertText, Input.dispatchKeyEvent),
  * and they read what the page shows in #status and #log. They never touch
  * the page's WebSocket. Set UPDATE_SCREENSHOT=1 to write the chat test's
- * screenshot to docs/chat.png (it is taken and checked on every run).
+ * screenshot to docs/chat.png and the bridge test's to docs/bridge.png (they
+ * are taken and checked on every run).
  */
 
 import assert from "node:assert/strict";
@@ -1392,4 +1393,156 @@ Deno.test("readme: the UDP section shows the lines these tests run", async () =>
     const shown = line(9002);
     assert.ok(section.includes(shown), `the README shows ${name}: ${shown}`);
   }
+});
+// ============================================================ bridge.ts
+
+// A terminal, drawn: what nc's window showed, line by line, typed lines
+// (the terminal echoes them) in bold. The picture puts it beside the page.
+function terminalHtml(title: string, lines: { text: string; typed?: boolean }[]): string {
+  const escape = (text: string) =>
+    text.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" })[c]!);
+  const body = lines
+    .map(({ text, typed }) => typed ? `<b>${escape(text)}</b>` : escape(text))
+    .join("\n");
+  return `<div class="term"><div class="bar">${escape(title)}</div><pre>${body}</pre></div>`;
+}
+
+const SIDE_BY_SIDE_CSS = `
+  body { margin: 0; display: flex; gap: 16px; padding: 16px; background: #d9dde3; align-items: flex-start; }
+  .term { width: 620px; height: 568px; background: #1e1f22; border-radius: 8px; overflow: hidden;
+    box-shadow: 0 2px 8px #0004; display: flex; flex-direction: column; }
+  .bar { background: #3a3c41; color: #ccc; font: 13px/28px system-ui, sans-serif; text-align: center; }
+  pre { margin: 0; padding: 10px 12px; color: #d6d6d6; font: 14px/1.5 ui-monospace, "DejaVu Sans Mono", monospace;
+    white-space: pre-wrap; word-break: break-word; }
+  pre b { color: #fff; }
+  img { width: 852px; height: 568px; border-radius: 8px; box-shadow: 0 2px 8px #0004; }`;
+
+interopTest("chromium + netcat: nc through bridge.ts chats with the page ws_server.ts serves", [
+  chromium,
+  netcat,
+], async () => {
+  await using server = await startServer(
+    deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using bridge = await startServer(
+    deno("bridge.ts", "--listen", "tcp://127.0.0.1:0", "--to", server.url, "--quiet"),
+  );
+  await using browser = await launchChromium();
+  const page = await browser.openPage(ONE_LINERS.browser(server.port));
+  await waitForStatus(page, "Connected");
+  const ncCommand = ONE_LINERS.netcatChat(bridge.port);
+  await using nc = spawn(shell(ncCommand), { stdin: true });
+  assert.deepEqual(await waitForLog(page, 1), ["* guest-2 joined"]);
+
+  // What nc's terminal shows: what was typed, and what arrived.
+  const terminal: { text: string; typed?: boolean }[] = [{ text: `$ ${ncCommand}`, typed: true }];
+  async function ncSays(text: string) {
+    terminal.push({ text, typed: true });
+    await nc.write(`${text}\n`);
+  }
+  async function ncHears(expected: string) {
+    const line = await nc.nextLine();
+    assert.equal(line, expected);
+    terminal.push({ text: line! });
+  }
+  const said = [
+    "Hi! I'm in Chromium, on a WebSocket.",
+    "Hello from nc, over plain TCP, through bridge.ts.",
+    "So each line you type becomes one message?",
+    "Yes: the bridge cuts my bytes at every newline.",
+  ];
+  await typeMessage(page, said[0], "click");
+  await ncHears(`guest-1: ${said[0]}`);
+  await ncSays(said[1]);
+  await ncHears(`guest-2: ${said[1]}`);
+  assert.equal((await waitForLog(page, 4))[3], `guest-2: ${said[1]}`);
+  await typeMessage(page, said[2], "enter");
+  await ncHears(`guest-1: ${said[2]}`);
+  await ncSays(said[3]);
+  await ncHears(`guest-2: ${said[3]}`);
+  assert.deepEqual(await waitForLog(page, 7), [
+    "* guest-2 joined",
+    `sent: → ${said[0]}`,
+    `guest-1: ${said[0]}`,
+    `guest-2: ${said[1]}`,
+    `sent: → ${said[2]}`,
+    `guest-1: ${said[2]}`,
+    `guest-2: ${said[3]}`,
+  ]);
+
+  // The picture: the page as Chromium shows it, beside nc's terminal.
+  await page.send("Page.bringToFront");
+  const shot = await page.send("Page.captureScreenshot", { format: "png" });
+  const picture = await browser.openPage("about:blank");
+  // The page at 568 / 600 of its size, as tall as the terminal.
+  const width = 16 + 620 + 16 + 852 + 16;
+  await picture.send("Emulation.setDeviceMetricsOverride", { ...VIEWPORT, width });
+  await evaluate(
+    picture,
+    `(() => {
+      const style = document.createElement("style");
+      style.textContent = ${JSON.stringify(SIDE_BY_SIDE_CSS)};
+      document.head.append(style);
+      document.body.innerHTML = ${
+      JSON.stringify(terminalHtml("Terminal", terminal) + '<img alt="">')
+    };
+      const img = document.querySelector("img");
+      const loaded = new Promise((resolve, reject) => { img.onload = resolve; img.onerror = reject; });
+      img.src = "data:image/png;base64," + ${JSON.stringify(shot.data)};
+      return loaded.then(() => true);
+    })()`,
+  );
+  const { data } = await picture.send("Page.captureScreenshot", { format: "png" });
+  const screenshot = Uint8Array.from(atob(data), (char) => char.charCodeAt(0));
+  assert.ok(isPng(screenshot), "the screenshot is a PNG");
+  assert.deepEqual(pngSize(screenshot), {
+    width: width * VIEWPORT.deviceScaleFactor,
+    height: VIEWPORT.height * VIEWPORT.deviceScaleFactor,
+  });
+  if (Deno.env.get("UPDATE_SCREENSHOT") === "1") {
+    await Deno.writeFile(scriptPath("docs/bridge.png"), screenshot);
+  }
+
+  // nc leaves (-N: the end of its input is a FIN): the bridge closes with
+  // 1000, the room hears it, and nc gets its FIN and exits.
+  const { code, rest } = await nc.finish();
+  assert.equal(code, 0);
+  assert.equal(rest, "");
+  assert.equal((await waitForLog(page, 8))[7], "* guest-2 left");
+});
+
+interopTest("chromium + netcat: the page bridge.ts serves joins a tcp_server.ts chat with nc", [
+  chromium,
+  netcat,
+], async () => {
+  await using server = await startServer(
+    deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+  );
+  await using nc = spawn(shell(ONE_LINERS.netcatChat(server.port)), { stdin: true });
+  await nc.write("nc here first\n");
+  assert.equal(await nc.nextLine(), "guest-1: nc here first");
+  await using bridge = await startServer(
+    deno("bridge.ts", "--listen", "ws://127.0.0.1:0/", "--to", `tcp://127.0.0.1:${server.port}`),
+  );
+  await using browser = await launchChromium();
+  const page = await browser.openPage(bridge.url.replace("ws:", "http:"));
+  assert.equal(await waitForStatus(page, "Connected"), `Connected to ${bridge.url}`);
+  assert.equal(await nc.nextLine(), "* guest-2 joined");
+  await typeMessage(page, "hello from the bridge's page ✓", "click");
+  assert.equal(await nc.nextLine(), "guest-2: hello from the bridge's page ✓");
+  await nc.write("welcome, browser\n");
+  assert.equal(await nc.nextLine(), "guest-1: welcome, browser");
+  assert.deepEqual(await waitForLog(page, 3), [
+    "sent: → hello from the bridge's page ✓",
+    "guest-2: hello from the bridge's page ✓",
+    "guest-1: welcome, browser",
+  ]);
+  // Disconnect: close 1000 becomes a FIN to tcp_server, which says so.
+  await click(page, "#connect");
+  assert.equal(await waitForStatus(page, "Closed"), "Closed: code 1000 (bye)");
+  assert.equal(await nc.nextLine(), "* guest-2 left");
+  const { code, stderr } = await bridge.stop("SIGTERM");
+  assert.equal(code, 0);
+  assert.match(stderr, /- 127\.0\.0\.1:\d+ disconnected: close 1000 bye → FIN; /);
+  assert.equal((await nc.finish()).code, 0);
 });
