@@ -1090,3 +1090,25 @@ Deno.test("readme: the --json event table is the one wire.ts emits", async () =>
   assert.deepEqual(documented, inCode);
   for (const field of COMMON_EVENT_FIELDS) assert.match(section, new RegExp(`\`${field}\``));
 });
+
+Deno.test("wire: a reset on either side is reported, and the other side is closed", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const log = createEventLog();
+  await using wire = startWire({ port: 0, to: listener.addr, onEvent: log.onEvent });
+  // Closing a socket with bytes it has not read makes the kernel send a reset:
+  // each end reads one byte of two (so both have arrived), then closes.
+  for (const [conn, resetter] of [[1, "server"], [2, "client"]] as const) {
+    using client = await Deno.connect({ hostname: "127.0.0.1", port: wire.addr.port });
+    using upstream = await listener.accept();
+    const [rude, other] = resetter === "server" ? [upstream, client] : [client, upstream];
+    await other.write(encoder.encode("ab"));
+    assert.equal(await rude.read(new Uint8Array(1)), 1);
+    rude.close();
+    const rest = await other.read(new Uint8Array(16)).catch(() => null);
+    assert.equal(rest, null, "the other side is closed too");
+    await log.waitFor((e) => e.conn === conn && e.type === "close", `connection ${conn}'s close`);
+    const [reset] = log.of(conn, "reset");
+    assert.equal(reset?.side, resetter, log.of(conn).map((e) => e.type).join(", "));
+  }
+  assertDocumentedFields(log.events);
+});

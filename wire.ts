@@ -68,6 +68,9 @@ const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
 // RFC 6455 section 5.5: control frames carry at most 125 payload bytes.
 const MAX_CONTROL_PAYLOAD = 125;
 
+const NOTHING = new Uint8Array(0);
+const RESET = new Deno.errors.ConnectionReset("connection reset by peer");
+
 const encoder = new TextEncoder();
 // Not `fatal`: HTTP heads are shown as well as they decode.
 const lenientDecoder = new TextDecoder();
@@ -186,6 +189,8 @@ interface Connection {
   start: number;
   client: Deno.TcpConn;
   server?: Deno.TcpConn;
+  /** While the connection to the target is being made: aborts it. */
+  connecting?: AbortController;
   clientAddress: string;
   bytes: { c2s: number; s2c: number };
   c2s: DirectionState;
@@ -218,15 +223,26 @@ async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<
   state.connections.add(conn);
   const target = `${formatHost(state.target.hostname)}:${state.target.port}`;
   emit(state, conn, undefined, "open", { client: conn.clientAddress, server: target });
+  // An unreachable target can take minutes to give up on; close() aborts it.
+  conn.connecting = new AbortController();
   try {
-    conn.server = await Deno.connect({ ...state.target, transport: "tcp" });
+    conn.server = await Deno.connect({
+      ...state.target,
+      transport: "tcp",
+      signal: conn.connecting.signal,
+    });
   } catch (error) {
+    if (conn.closing) {
+      finishConnection(state, conn);
+      return;
+    }
     emit(state, conn, undefined, "error", {
       message: `cannot connect to ${target}: ${connectError(error, target)}`,
     });
     finishConnection(state, conn);
     return;
   }
+  conn.connecting = undefined;
   if (conn.closing) {
     finishConnection(state, conn);
     return;
@@ -262,6 +278,12 @@ async function pump(
       return;
     }
     if (n === null) {
+      const otherDir = direction.dir === "c2s" ? "s2c" : "c2s";
+      // Once we have half-closed `from` ourselves, the probe would fail anyway.
+      if (!conn.finished[otherDir] && await wasReset(from)) {
+        sideFailed(state, conn, direction.dir, sideOf(direction.dir, "from"), RESET);
+        return;
+      }
       await passFin(state, conn, direction, to);
       return;
     }
@@ -278,6 +300,18 @@ async function pump(
     observe(state, conn, direction, chunk);
     const backlog = state.waitForOutput?.();
     if (backlog) await backlog;
+  }
+}
+
+// Deno's read ends with null after a reset just as after a FIN (Python's
+// recv raises ECONNRESET). Writing nothing tells them apart: it fails only
+// on a connection that was reset.
+async function wasReset(conn: Deno.TcpConn): Promise<boolean> {
+  try {
+    await conn.write(NOTHING);
+    return false;
+  } catch {
+    return true;
   }
 }
 
@@ -330,6 +364,8 @@ function sideFailed(
 
 function abortConnection(conn: Connection): void {
   conn.closing = true;
+  conn.connecting?.abort();
+  conn.connecting = undefined;
   closeQuietly(conn.client);
   if (conn.server) closeQuietly(conn.server);
 }
@@ -710,6 +746,7 @@ function startWebSocket(state: WireState, conn: Connection, extensions: boolean)
 
 function startFrames(state: WireState, conn: Connection, direction: DirectionState): void {
   direction.mode = "frames";
+  direction.head = undefined;
   direction.frameOptions = {
     fromClient: direction.dir === "c2s",
     preview: state.onEvent ? state.preview : 0,
@@ -919,7 +956,11 @@ export function createFrameDecoder(options: FrameDecoderOptions): FrameDecoder {
       lengthEncoding = 64;
       const high = ((header[2] << 24) >>> 0) + (header[3] << 16) + (header[4] << 8) + header[5];
       const low = ((header[6] << 24) >>> 0) + (header[7] << 16) + (header[8] << 8) + header[9];
-      if (high >= 0x80000000) errors.push("64-bit length with its most significant bit set (§5.2)");
+      if (high >= 0x80000000) {
+        errors.push("64-bit length with its most significant bit set (§5.2)");
+      } else if (high > 0x1fffff) {
+        errors.push("a length past 2^53 bytes: no real frame is that big, decoding cannot follow");
+      }
       // Past 2^53 a JavaScript number loses bytes; no real frame is that big.
       length = Math.min(high, 0x1fffff) * 2 ** 32 + low;
       if (length < 65536) {
@@ -1217,7 +1258,7 @@ const COLORS = {
  * @example
  * ```ts
  * formatEvent({ conn: 1, dir: "c2s", type: "data", t_ms: 1.5, bytes: 6, text: "hello\n", truncated: false, newlines: 1 });
- * // '#1    +1.5ms  c→s  data   6 B  "hello\n"  (1 newline)'
+ * // '#1      +1.5ms  c→s  data   6 B  "hello\\n"  (1 newline)'
  * ```
  */
 export function formatEvent(event: WireEvent, options: FormatOptions = {}): string {
@@ -1658,6 +1699,7 @@ function createOutput(format: (event: WireEvent) => string) {
   let pending: string[] = [];
   let size = 0;
   let writing: Promise<void> | undefined;
+  let broken = false;
   async function flush() {
     while (pending.length > 0) {
       const text = pending.join("\n") + "\n";
@@ -1671,13 +1713,14 @@ function createOutput(format: (event: WireEvent) => string) {
       } catch {
         // stdout closed (a pipe to `head`, say): keep forwarding, stop printing.
         pending = [];
-        format = () => "";
+        broken = true;
       }
     }
     writing = undefined;
   }
   return {
     event(event: WireEvent) {
+      if (broken) return;
       const line = format(event);
       pending.push(line);
       size += line.length;
