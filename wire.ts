@@ -493,15 +493,44 @@ function previewFields(
 }
 
 function utf8Text(bytes: Uint8Array, truncated: boolean): string | undefined {
-  // A cut can fall inside a character: drop up to three bytes of its start.
-  for (let cut = 0; cut <= (truncated ? Math.min(3, bytes.length) : 0); cut++) {
-    try {
-      return strictDecoder.decode(bytes.subarray(0, bytes.length - cut));
-    } catch {
-      // Try a shorter cut.
+  const end = utf8Length(bytes);
+  // A cut can fall inside a character: its first bytes are left out.
+  if (end === -1 || (end < bytes.length && !truncated)) return undefined;
+  return lenientDecoder.decode(end === bytes.length ? bytes : bytes.subarray(0, end));
+}
+
+// How many bytes from the start are whole UTF-8 characters: all of them, or
+// where a character begins that the bytes end inside of; -1 when they are not
+// UTF-8. (A check, not a decode: binary data costs no exception per read.)
+function utf8Length(bytes: Uint8Array): number {
+  let i = 0;
+  while (i < bytes.length) {
+    const byte = bytes[i];
+    if (byte < 0x80) {
+      i++;
+      continue;
     }
+    let need: number, low = 0x80, high = 0xbf;
+    if (byte >= 0xc2 && byte <= 0xdf) need = 1;
+    else if (byte >= 0xe0 && byte <= 0xef) {
+      need = 2;
+      if (byte === 0xe0) low = 0xa0;
+      else if (byte === 0xed) high = 0x9f;
+    } else if (byte >= 0xf0 && byte <= 0xf4) {
+      need = 3;
+      if (byte === 0xf0) low = 0x90;
+      else if (byte === 0xf4) high = 0x8f;
+    } else {
+      return -1;
+    }
+    for (let k = 1; k <= need; k++) {
+      if (i + k >= bytes.length) return i;
+      const next = bytes[i + k];
+      if (next < (k === 1 ? low : 0x80) || next > (k === 1 ? high : 0xbf)) return -1;
+    }
+    i += need + 1;
   }
-  return undefined;
+  return i;
 }
 
 function endOfStream(state: WireState, conn: Connection, direction: DirectionState): void {
