@@ -163,6 +163,10 @@ export interface WireEvent {
 // read): we pass it on with closeWrite() and keep the other direction going.
 // A reset on one side cannot be passed on as a reset (Deno's sockets cannot
 // send one), so the other side is closed.
+//
+// Each direction writes through a Sink: the socket itself here, and the one
+// place a later stage that delays, slices or rewrites traffic (issue #14)
+// goes, in front of both the bytes and the FIN, so their order holds.
 
 interface DirectionState {
   dir: Direction;
@@ -252,23 +256,35 @@ async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<
   setNoDelay(client);
   setNoDelay(conn.server);
   await Promise.all([
-    pump(state, conn, conn.c2s, client, conn.server),
-    pump(state, conn, conn.s2c, conn.server, client),
+    pump(state, conn, conn.c2s, client, socketSink(conn.server)),
+    pump(state, conn, conn.s2c, conn.server, socketSink(client)),
   ]);
   finishConnection(state, conn);
 }
 
-// One direction. `forward` is the one place bytes leave: a later stage that
-// delays, slices or rewrites traffic (issue #14) wraps it, nothing else.
+/**
+ * Where one direction's bytes go. `write` resolves once the bytes are handed
+ * on; a stage that keeps them longer must copy them, because the read buffer
+ * is reused for the next read.
+ */
+interface Sink {
+  write(bytes: Uint8Array): Promise<void>;
+  /** The sender's FIN, passed on after every byte before it. */
+  closeWrite(): Promise<void>;
+}
+
+function socketSink(to: Deno.TcpConn): Sink {
+  return { write: (bytes) => writeAll(to, bytes), closeWrite: () => to.closeWrite() };
+}
+
 async function pump(
   state: WireState,
   conn: Connection,
   direction: DirectionState,
   from: Deno.TcpConn,
-  to: Deno.TcpConn,
+  to: Sink,
 ): Promise<void> {
   const buffer = new Uint8Array(READ_BUFFER_SIZE);
-  const forward = (bytes: Uint8Array) => writeAll(to, bytes);
   for (;;) {
     let n: number | null;
     try {
@@ -291,7 +307,7 @@ async function pump(
     // The bytes go first, the explanation after: decoding never delays or
     // changes what is forwarded, and it reads the same buffer, no copy.
     try {
-      await forward(chunk);
+      await to.write(chunk);
     } catch (error) {
       sideFailed(state, conn, direction.dir, sideOf(direction.dir, "to"), error);
       return;
@@ -325,7 +341,7 @@ async function passFin(
   state: WireState,
   conn: Connection,
   direction: DirectionState,
-  to: Deno.TcpConn,
+  to: Sink,
 ): Promise<void> {
   if (conn.closing) return;
   endOfStream(state, conn, direction);
