@@ -15,7 +15,14 @@ import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
-import { EVENT_FIELDS, startWire, websocketAccept, type WireEvent } from "./wire.ts";
+import {
+  createFrameDecoder,
+  EVENT_FIELDS,
+  type Frame,
+  startWire,
+  websocketAccept,
+  type WireEvent,
+} from "./wire.ts";
 import {
   allBytes,
   connectTcp,
@@ -715,7 +722,10 @@ Deno.test("wire: ws_client through wire.ts to ws_server: handshake, masks, close
   await using server = await spawnServer("ws_server.ts", ["--quiet", "--max-message", "10"]);
   await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`]);
   const url = `ws://127.0.0.1:${wire.port}/`;
-  const hello = await runScript("ws_client.ts", ["--url", url, "hello"]);
+  const hello = await within(
+    runScript("ws_client.ts", ["--url", url, "hello"]),
+    "ws_client.ts through wire.ts",
+  );
   assert.equal(hello.code, 0, hello.stderr);
   assert.equal(hello.stdout, "hello\n");
   await wire.waitFor((e) => e.conn === 1 && e.type === "close", "the first connection's close");
@@ -757,7 +767,10 @@ Deno.test("wire: ws_client through wire.ts to ws_server: handshake, masks, close
   assert.equal(close.payload_c2s, 7, "hello and a 2-byte close code");
 
   // The server closes first this time: 1009 for a message over --max-message.
-  const big = await runScript("ws_client.ts", ["--url", url, "x".repeat(11)]);
+  const big = await within(
+    runScript("ws_client.ts", ["--url", url, "x".repeat(11)]),
+    "ws_client.ts through wire.ts",
+  );
   assert.equal(big.code, 1);
   await wire.waitFor((e) => e.conn === 2 && e.type === "close", "the second connection's close");
   const [serverClose] = wire.of(2, "frame", "s2c").filter((f) => f.name === "close");
@@ -778,12 +791,15 @@ Deno.test("wire: ws_client through wire.ts to ws_server: handshake, masks, close
 Deno.test("wire: tcp_client through wire.ts to tcp_server: reads, bytes, and the half-close", async () => {
   await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
   await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`]);
-  const client = await runScript("tcp_client.ts", [
-    "--port",
-    String(wire.port),
-    "hello",
-    "two words",
-  ]);
+  const client = await within(
+    runScript("tcp_client.ts", [
+      "--port",
+      String(wire.port),
+      "hello",
+      "two words",
+    ]),
+    "tcp_client.ts through wire.ts",
+  );
   assert.equal(client.code, 0);
   assert.equal(client.stdout, "hello\ntwo words\n");
   const close = await wire.waitFor((e) => e.type === "close", "the close");
@@ -1111,4 +1127,83 @@ Deno.test("wire: a reset on either side is reported, and the other side is close
     assert.equal(reset?.side, resetter, log.of(conn).map((e) => e.type).join(", "));
   }
   assertDocumentedFields(log.events);
+});
+
+Deno.test("wire: the frame decoder gives the same frames whatever sizes the bytes arrive in", () => {
+  const mask = Uint8Array.of(0x37, 0xfa, 0x21, 0x3d);
+  const e = encoder.encode("é");
+  const stream = concat([
+    // A text message in two fragments, "é" split between them, a ping between.
+    wsFrame({
+      opcode: 1,
+      fin: false,
+      mask,
+      payload: concat([encoder.encode("caf"), e.subarray(0, 1)]),
+    }),
+    wsFrame({ opcode: 9, mask, payload: encoder.encode("are you there") }),
+    wsFrame({ opcode: 0, mask, payload: concat([e.subarray(1), encoder.encode("!")]) }),
+    wsFrame({ opcode: 2, mask, payload: randomBytes(300) }), // a 16-bit length
+    wsFrame({ opcode: 2, mask, payload: randomBytes(70000) }), // a 64-bit length
+    wsFrame({
+      opcode: 8,
+      mask,
+      payload: concat([Uint8Array.of(0x0f, 0xa0), encoder.encode("bye ✓")]),
+    }),
+  ]);
+  const decode = (size: number) => {
+    const frames: Frame[] = [];
+    const decoder = createFrameDecoder({
+      fromClient: true,
+      preview: 8,
+      onFrame: (f) => frames.push(f),
+    });
+    for (let i = 0; i < stream.length; i += size) decoder.push(stream.subarray(i, i + size));
+    assert.equal(decoder.unfinished(), undefined);
+    return frames;
+  };
+  const whole = decode(stream.length);
+  assert.deepEqual(
+    whole.map((
+      f,
+    ) => [f.name, f.fin, f.length, f.lengthEncoding, f.headerBytes, f.message, f.fragment]),
+    [
+      ["text", false, 4, 7, 6, 1, 1],
+      ["ping", true, 13, 7, 6, undefined, undefined],
+      ["continuation", true, 2, 7, 6, 1, 2],
+      ["binary", true, 300, 16, 8, 2, 1],
+      ["binary", true, 70000, 64, 14, 3, 1],
+      ["close", true, 9, 7, 6, undefined, undefined],
+    ],
+  );
+  assert.deepEqual(whole.map((f) => f.errors), [[], [], [], [], [], []]);
+  assert.deepEqual(whole.map((f) => f.messageComplete), [false, false, true, true, true, false]);
+  assert.equal(decoder.decode(whole[1].preview), "are you there", "control frames in full");
+  assert.deepEqual(whole[0].preview, concat([encoder.encode("caf"), e.subarray(0, 1)]), "unmasked");
+  assert.equal(whole[4].preview.length, 8, "a big payload keeps only its preview");
+  assert.equal(whole[4].truncated, true);
+  assert.deepEqual([whole[5].code, whole[5].reason], [4000, "bye ✓"]);
+  for (const size of [1, 2, 3, 5, 7, 13, 64, 1000]) {
+    assert.deepEqual(decode(size), whole, `${size}`);
+  }
+});
+
+Deno.test("wire: --hex and --preview bound what each event shows", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.addr.port}`,
+    "--hex",
+    "--preview",
+    "4",
+  ]);
+  using client = await connectTcp(wire.port);
+  await client.write("hello\n");
+  assert.equal(await client.readLine(), "hello");
+  const data = await wire.waitFor((e) => e.type === "data" && e.dir === "s2c", "the echo");
+  assert.deepEqual([data.bytes, data.hex, data.text, data.truncated], [
+    6,
+    "68656c6c",
+    undefined,
+    true,
+  ]);
 });
