@@ -255,11 +255,14 @@ async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<
   // merge small writes the peer chose to send apart, which is what we show.
   setNoDelay(client);
   setNoDelay(conn.server);
-  await Promise.all([
-    pump(state, conn, conn.c2s, client, socketSink(conn.server)),
-    pump(state, conn, conn.s2c, conn.server, socketSink(client)),
-  ]);
-  finishConnection(state, conn);
+  try {
+    await Promise.all([
+      pump(state, conn, conn.c2s, client, socketSink(conn.server)),
+      pump(state, conn, conn.s2c, conn.server, socketSink(client)),
+    ]);
+  } finally {
+    finishConnection(state, conn);
+  }
 }
 
 /**
@@ -313,7 +316,7 @@ async function pump(
       return;
     }
     conn.bytes[direction.dir] += n;
-    observe(state, conn, direction, chunk);
+    observeSafely(state, conn, direction, chunk);
     const backlog = state.waitForOutput?.();
     if (backlog) await backlog;
   }
@@ -415,6 +418,24 @@ function finishConnection(state: WireState, conn: Connection): void {
 // What a connection speaks is decided as early as its bytes allow: a TLS
 // handshake starts with record type 0x16; HTTP with an upper-case method;
 // anything else is raw TCP at once. Deciding holds back events, never bytes.
+
+// Decoding must never stop forwarding: should it ever fail on some bytes,
+// that direction is shown as raw data from then on, and the bytes flow on.
+function observeSafely(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  chunk: Uint8Array,
+): void {
+  try {
+    observe(state, conn, direction, chunk);
+  } catch (error) {
+    direction.mode = "raw";
+    emit(state, conn, direction.dir, "error", {
+      message: `cannot decode these bytes (${errorText(error)}); shown raw from here`,
+    });
+  }
+}
 
 function observe(
   state: WireState,
