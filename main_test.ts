@@ -19,6 +19,14 @@ import { runWsClient } from "./ws_client.ts";
 import { startBridge } from "./bridge.ts";
 import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
+  createFrameDecoder,
+  EVENT_FIELDS,
+  type Frame,
+  startWire,
+  websocketAccept,
+  type WireEvent,
+} from "./wire.ts";
+import {
   allBytes,
   connectTcp,
   openWs,
@@ -384,6 +392,7 @@ const SCRIPTS = [
   "ws_client.ts",
   "udp.ts",
   "bridge.ts",
+  "wire.ts",
 ];
 
 Deno.test("cli: --help prints usage and exits 0", async () => {
@@ -1805,4 +1814,659 @@ Deno.test("bridge: a close reason a peer chose reaches the log escaped", async (
   );
   // deno-lint-ignore no-control-regex
   assert.doesNotMatch(line, /[\x00-\x1f\u202e]/);
+});
+// ------------------------------------------------------------------ wire.ts
+//
+// wire.ts sits between our own clients and servers: the tests check that
+// every byte still arrives and that what it reports is what went by.
+
+/** Fields every event may carry besides those of its type (README: "--json"). */
+const COMMON_EVENT_FIELDS = ["conn", "dir", "type", "t_ms"];
+
+/** The events of one proxy, awaitable: `waitFor` resolves at the first event that matches. */
+function createEventLog() {
+  const events: WireEvent[] = [];
+  let ended = false;
+  let wake = () => {};
+  return {
+    events,
+    onEvent(event: WireEvent) {
+      events.push(event);
+      wake();
+    },
+    end() {
+      ended = true;
+      wake();
+    },
+    waitFor(predicate: (event: WireEvent) => boolean, what: string): Promise<WireEvent> {
+      return within(
+        (async () => {
+          for (;;) {
+            const found = events.find(predicate);
+            if (found) return found;
+            if (ended) throw new Error(`wire.ts ended before ${what}`);
+            await new Promise<void>((resolve) => wake = resolve);
+          }
+        })(),
+        what,
+      );
+    },
+    /** Every event of connection `conn`, of one type and direction if given. */
+    of(conn: number, type?: string, dir?: string): WireEvent[] {
+      return events.filter((e) =>
+        e.conn === conn && (type === undefined || e.type === type) &&
+        (dir === undefined || e.dir === dir)
+      );
+    },
+  };
+}
+
+/** Every field of every event is one README.md documents for its type. */
+function assertDocumentedFields(events: WireEvent[]) {
+  for (const event of events) {
+    const fields: readonly string[] = EVENT_FIELDS[event.type];
+    assert.ok(fields, `undocumented event type ${event.type}`);
+    for (const key of Object.keys(event)) {
+      assert.ok(
+        COMMON_EVENT_FIELDS.includes(key) || fields.includes(key),
+        `${event.type} event has an undocumented field "${key}"`,
+      );
+    }
+  }
+}
+
+/** wire.ts as a real process with --json, its events parsed as they are printed. */
+async function spawnWire(args: string[]) {
+  const child = new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", scriptPath("wire.ts"), "--port", "0", "--json", ...args],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).spawn();
+  const stderr = new Response(child.stderr).text();
+  const log = createEventLog();
+  const listening = Promise.withResolvers<string>();
+  const notJson: string[] = [];
+  const reading = (async () => {
+    let buffered = "";
+    let first = true;
+    for await (const text of child.stdout.pipeThrough(new TextDecoderStream())) {
+      buffered += text;
+      for (let end = buffered.indexOf("\n"); end !== -1; end = buffered.indexOf("\n")) {
+        const line = buffered.slice(0, end);
+        buffered = buffered.slice(end + 1);
+        if (first) {
+          first = false;
+          listening.resolve(line);
+          continue;
+        }
+        try {
+          log.onEvent(JSON.parse(line));
+        } catch {
+          notJson.push(line);
+        }
+      }
+    }
+    listening.resolve("");
+    log.end();
+  })();
+  let stopped: Promise<{ code: number; stderr: string; notJson: string[] }> | undefined;
+  async function stop(signal: Deno.Signal) {
+    try {
+      child.kill(signal);
+    } catch {
+      // Already exited.
+    }
+    const { code } = await child.status;
+    await reading;
+    return { code, stderr: await stderr, notJson };
+  }
+  const line = await within(listening.promise, "wire.ts's listening line");
+  const port = Number(line.match(/^listening on tcp:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
+  if (!port) {
+    const { stderr } = await stop("SIGKILL");
+    throw new Error(`wire.ts did not start (first line "${line}"): ${stderr}`);
+  }
+  return {
+    ...log,
+    port,
+    pid: child.pid,
+    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
+    async [Symbol.asyncDispose]() {
+      await (stopped ??= stop("SIGKILL"));
+    },
+  };
+}
+
+/** One WebSocket frame's bytes, for the decoder to find fault with. */
+function wsFrame(
+  options: {
+    fin?: boolean;
+    rsv?: number;
+    opcode: number;
+    payload: Uint8Array;
+    mask?: Uint8Array;
+    lengthForm?: 7 | 16 | 64;
+  },
+): Uint8Array {
+  const { payload, mask } = options;
+  const form = options.lengthForm ??
+    (payload.length < 126 ? 7 : payload.length < 65536 ? 16 : 64);
+  const head = [((options.fin ?? true) ? 0x80 : 0) | ((options.rsv ?? 0) << 4) | options.opcode];
+  const maskBit = mask ? 0x80 : 0;
+  if (form === 7) head.push(maskBit | payload.length);
+  else if (form === 16) head.push(maskBit | 126, payload.length >> 8, payload.length & 0xff);
+  else {head.push(
+      maskBit | 127,
+      0,
+      0,
+      0,
+      0,
+      0,
+      payload.length >> 16,
+      (payload.length >> 8) & 0xff,
+      payload.length & 0xff,
+    );}
+  const body = mask ? payload.map((byte, i) => byte ^ mask[i % 4]) : payload;
+  return concat([Uint8Array.from(head), ...(mask ? [mask] : []), body]);
+}
+
+/** Resident memory of a process in KiB, read with ps (a script may read /proc only with -A). */
+async function rssKiB(pid: number): Promise<number> {
+  const { stdout } = await new Deno.Command("ps", {
+    args: ["-o", "rss=", "-p", String(pid)],
+    stdout: "piped",
+    stderr: "null",
+  }).output();
+  return Number(decoder.decode(stdout).trim());
+}
+
+Deno.test("wire: ws_client through wire.ts to ws_server: handshake, masks, close codes both ways", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet", "--max-message", "10"]);
+  await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`]);
+  const url = `ws://127.0.0.1:${wire.port}/`;
+  const hello = await within(
+    runScript("ws_client.ts", ["--url", url, "hello"]),
+    "ws_client.ts through wire.ts",
+  );
+  assert.equal(hello.code, 0, hello.stderr);
+  assert.equal(hello.stdout, "hello\n");
+  await wire.waitFor((e) => e.conn === 1 && e.type === "close", "the first connection's close");
+
+  const [request] = wire.of(1, "http", "c2s");
+  const [response] = wire.of(1, "http", "s2c");
+  assert.match(String(request.start), /^GET \/ HTTP\/1\.1$/);
+  const key = (request.headers as Record<string, string>)["sec-websocket-key"];
+  assert.equal(request.key, key);
+  assert.match(String(response.start), /^HTTP\/1\.1 101 /);
+  assert.equal(response.accept_expected, websocketAccept(key));
+  assert.equal(response.accept, response.accept_expected);
+  assert.equal(response.accept_ok, true);
+
+  const clientFrames = wire.of(1, "frame", "c2s");
+  const serverFrames = wire.of(1, "frame", "s2c");
+  for (const frame of clientFrames) {
+    assert.equal(frame.masked, true);
+    assert.match(String(frame.mask), /^[0-9a-f]{8}$/);
+    assert.equal(frame.header_bytes, 6, "2 bytes of header and a 4-byte mask");
+  }
+  for (const frame of serverFrames) {
+    assert.equal(frame.masked, false);
+    assert.equal(frame.mask, undefined);
+    assert.equal(frame.header_bytes, 2);
+  }
+  assert.deepEqual(
+    clientFrames.map((f) => [f.name, f.text ?? null, f.code ?? null]),
+    [["text", "hello", null], ["close", null, 1000]],
+  );
+  assert.deepEqual(
+    serverFrames.map((f) => [f.name, f.text ?? null, f.code ?? null]),
+    [["text", "hello", null], ["close", null, 1000]],
+  );
+  const [close] = wire.of(1, "close");
+  assert.equal(close.frames_c2s, 2);
+  assert.equal(close.frames_s2c, 2);
+  assert.equal(close.messages_c2s, 1);
+  assert.equal(close.payload_c2s, 7, "hello and a 2-byte close code");
+
+  // The server closes first this time: 1009 for a message over --max-message.
+  const big = await within(
+    runScript("ws_client.ts", ["--url", url, "x".repeat(11)]),
+    "ws_client.ts through wire.ts",
+  );
+  assert.equal(big.code, 1);
+  await wire.waitFor((e) => e.conn === 2 && e.type === "close", "the second connection's close");
+  const [serverClose] = wire.of(2, "frame", "s2c").filter((f) => f.name === "close");
+  assert.equal(serverClose.code, 1009);
+  assert.equal(serverClose.meaning, "message too big");
+  assert.equal(serverClose.reason, "message too big (max 10 bytes)");
+  const [clientClose] = wire.of(2, "frame", "c2s").filter((f) => f.name === "close");
+  assert.equal(clientClose.masked, true, "the client's answer to the close");
+  for (const frame of wire.events.filter((e) => e.type === "frame")) {
+    assert.deepEqual(frame.errors, [], `${frame.dir} ${frame.name}`);
+  }
+  assertDocumentedFields(wire.events);
+  const { code, notJson } = await wire.stop();
+  assert.equal(code, 0);
+  assert.deepEqual(notJson, [], "with --json every line after the first is JSON");
+});
+
+Deno.test("wire: tcp_client through wire.ts to tcp_server: reads, bytes, and the half-close", async () => {
+  await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+  await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`]);
+  const client = await within(
+    runScript("tcp_client.ts", [
+      "--port",
+      String(wire.port),
+      "hello",
+      "two words",
+    ]),
+    "tcp_client.ts through wire.ts",
+  );
+  assert.equal(client.code, 0);
+  assert.equal(client.stdout, "hello\ntwo words\n");
+  const close = await wire.waitFor((e) => e.type === "close", "the close");
+  for (const dir of ["c2s", "s2c"]) {
+    const reads = wire.of(1, "data", dir);
+    assert.ok(reads.length >= 1);
+    assert.equal(reads.map((r) => r.text).join(""), "hello\ntwo words\n", dir);
+    assert.equal(reads.reduce((sum, r) => sum + Number(r.bytes), 0), 16, dir);
+    assert.equal(reads.reduce((sum, r) => sum + Number(r.newlines), 0), 2, dir);
+  }
+  // tcp_client half-closes once it has sent; the echo server finishes, then closes.
+  const types = wire.of(1).map((e) => `${e.type}${e.dir ? ` ${e.dir}` : ""}`);
+  assert.ok(types.indexOf("fin c2s") < types.indexOf("fin s2c"), types.join(", "));
+  assert.ok(types.indexOf("fin c2s") > types.indexOf("data c2s"));
+  assert.equal(close.bytes_c2s, 16);
+  assert.equal(close.bytes_s2c, 16);
+  assert.equal(wire.of(1, "frame").length + wire.of(1, "http").length, 0, "raw TCP, no frames");
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire: one line sent a byte at a time is many reads; ten lines in one write, one read", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  const log = createEventLog();
+  await using wire = startWire({
+    port: 0,
+    to: server.addr,
+    preview: 1000,
+    onEvent: log.onEvent,
+  });
+  using client = await connectTcp(wire.addr.port);
+  client.conn.setNoDelay(true);
+  const line = encoder.encode("split\n");
+  // Each byte goes once the proxy has reported the one before: one read each.
+  for (const [i, byte] of line.entries()) {
+    await client.write(Uint8Array.of(byte));
+    await log.waitFor(() => log.of(1, "data", "c2s").length === i + 1, `read ${i + 1}`);
+  }
+  assert.equal(await client.readLine(), "split");
+  assert.deepEqual(
+    log.of(1, "data", "c2s").map((e) => [e.bytes, e.text, e.newlines]),
+    [[1, "s", 0], [1, "p", 0], [1, "l", 0], [1, "i", 0], [1, "t", 0], [1, "\n", 1]],
+  );
+  const tenLines = Array.from({ length: 10 }, (_, i) => `line ${i}\n`).join("");
+  await client.write(tenLines);
+  for (let i = 0; i < 10; i++) assert.equal(await client.readLine(), `line ${i}`);
+  const [merged] = log.of(1, "data", "c2s").slice(6);
+  assert.equal(merged.bytes, tenLines.length);
+  assert.equal(merged.newlines, 10);
+  assert.equal(merged.text, tenLines);
+  assertDocumentedFields(log.events);
+});
+
+Deno.test("wire: a 16 MiB message passes whole while the proxy's memory stays bounded", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet", "--max-message", "20000000"]);
+  await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`]);
+  await using ws = await openWs(`ws://127.0.0.1:${wire.port}/`);
+  ws.socket.send("warm up");
+  assert.equal(await ws.next(), "warm up");
+  const before = await rssKiB(wire.pid);
+  const message = randomBytes(16 * 1024 * 1024);
+  ws.socket.send(message);
+  let peak = before;
+  let done = false;
+  const echoed = ws.next().finally(() => done = true);
+  // Sampled until the echo is back (each ps takes a few ms), at most 500 times.
+  for (let i = 0; i < 500 && !done; i++) peak = Math.max(peak, await rssKiB(wire.pid));
+  const reply = new Uint8Array(await within(echoed, "the 16 MiB echo") as ArrayBuffer);
+  peak = Math.max(peak, await rssKiB(wire.pid));
+  assert.equal(reply.length, message.length);
+  assert.deepEqual(reply, message);
+  const frame = await wire.waitFor(
+    (e) => e.type === "frame" && e.dir === "s2c" && e.length === message.length,
+    "the echo's frame event",
+  );
+  assert.equal(frame.length_encoding, 64);
+  assert.equal(frame.truncated, true);
+  assert.equal(String(frame.hex).length, 128, "a 64-byte preview, nothing more");
+  // Holding one such message would cost 16 MiB; a few read buffers are 64 KiB each.
+  const grownMiB = (peak - before) / 1024;
+  assert.ok(grownMiB < 8, `proxy memory grew by ${grownMiB.toFixed(1)} MiB for a 16 MiB message`);
+});
+
+Deno.test("wire: malformed frames are reported, and every byte still goes through", async () => {
+  // A server that accepts RFC 6455's example key, then records what arrives.
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const log = createEventLog();
+  await using wire = startWire({ port: 0, to: listener.addr, onEvent: log.onEvent });
+  using client = await connectTcp(wire.addr.port);
+  const accepted = listener.accept();
+  const request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+  await client.write(request);
+  using upstream = connectedPeer(await accepted);
+  assert.equal(decoder.decode(await upstream.readBytes(request.length)), request);
+  await upstream.write(
+    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+      "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+  );
+  await client.readLine();
+  const mask = Uint8Array.of(1, 2, 3, 4);
+  const bad = concat([
+    wsFrame({ opcode: 1, payload: encoder.encode("no mask") }),
+    wsFrame({ opcode: 1, rsv: 2, mask, payload: Uint8Array.of(0x68, 0xff) }),
+    wsFrame({ opcode: 2, mask, payload: encoder.encode("short"), lengthForm: 16 }),
+    wsFrame({ opcode: 3, mask, payload: new Uint8Array(0) }),
+    wsFrame({ opcode: 9, mask, payload: new Uint8Array(126) }),
+    wsFrame({ opcode: 10, fin: false, mask, payload: new Uint8Array(0) }),
+    wsFrame({ opcode: 0, mask, payload: encoder.encode("orphan") }),
+    wsFrame({ opcode: 8, mask, payload: Uint8Array.of(0x03, 0xed) }), // 1005
+  ]);
+  await client.write(bad);
+  client.conn.closeWrite();
+  assert.deepEqual(await upstream.readToEnd(), bad, "forwarded byte for byte");
+  await upstream.write(wsFrame({ opcode: 1, mask, payload: encoder.encode("masked") }));
+  upstream.close();
+  await log.waitFor((e) => e.type === "close", "the close");
+  const errors = (dir: string) =>
+    log.of(1, "frame", dir).map((f) => (f.errors as string[]).join("; "));
+  const expected = [
+    /client frame must be masked/,
+    /RSV bits 010 .*\(§5\.2\); .*not valid UTF-8/,
+    /length 5 sent in the 16-bit form/,
+    /opcode 3 is reserved/,
+    /control frame of 126 bytes/,
+    /control frame fragmented/,
+    /continuation frame with no message/,
+    /close code 1005 may not be sent/,
+  ];
+  const found = errors("c2s");
+  assert.equal(found.length, expected.length, found.join("\n"));
+  expected.forEach((pattern, i) => assert.match(found[i], pattern));
+  assert.match(errors("s2c")[0], /server frame must not be masked/);
+  assert.equal(log.of(1, "frame", "s2c")[0].text, "masked", "unmasked for the preview");
+  assertDocumentedFields(log.events);
+});
+
+/** An accepted connection with connectTcp's buffered reads. */
+function connectedPeer(conn: Deno.Conn) {
+  // connectTcp opens its own connection; this wraps one we accepted instead.
+  let buffered: Uint8Array = new Uint8Array(0);
+  const buffer = new Uint8Array(64 * 1024);
+  async function fill(): Promise<boolean> {
+    const n = await conn.read(buffer);
+    if (n === null) return false;
+    buffered = concat([buffered, buffer.subarray(0, n)]);
+    return true;
+  }
+  return {
+    async readBytes(n: number) {
+      while (buffered.length < n && await fill());
+      const head = buffered.slice(0, n);
+      buffered = buffered.subarray(n);
+      return head;
+    },
+    async readToEnd() {
+      while (await fill());
+      const all = buffered;
+      buffered = new Uint8Array(0);
+      return all;
+    },
+    async write(data: string | Uint8Array) {
+      const bytes = typeof data === "string" ? encoder.encode(data) : data;
+      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
+    },
+    close() {
+      try {
+        conn.close();
+      } catch {
+        // Already closed.
+      }
+    },
+    [Symbol.dispose]() {
+      this.close();
+    },
+  };
+}
+
+Deno.test("wire: keep-alive HTTP shows each head in turn; TLS is byte counts only", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  const log = createEventLog();
+  await using wire = startWire({ port: 0, to: server.addr, onEvent: log.onEvent });
+  {
+    using client = await connectTcp(wire.addr.port);
+    await client.write(
+      "GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    await client.readToEnd();
+  }
+  await log.waitFor((e) => e.conn === 1 && e.type === "close", "the HTTP connection's close");
+  assert.deepEqual(log.of(1, "http").map((e) => `${e.dir} ${e.start}`), [
+    "c2s GET / HTTP/1.1",
+    "c2s GET /nope HTTP/1.1",
+    "s2c HTTP/1.1 200 OK",
+    "s2c HTTP/1.1 404 Not Found",
+  ]);
+  const page = log.of(1, "data", "s2c");
+  assert.ok(page.length >= 2, "each body is data between the heads");
+
+  {
+    using client = await connectTcp(wire.addr.port);
+    // The first bytes of a TLS ClientHello: handshake record, version 3.1.
+    await client.write(Uint8Array.of(0x16, 0x03, 0x01, 0x00, 0x05, 0x01, 0x00, 0x00, 0x01, 0x00));
+    await client.conn.closeWrite();
+    await client.readToEnd();
+  }
+  await log.waitFor((e) => e.conn === 2 && e.type === "close", "the TLS connection's close");
+  const [tls] = log.of(2, "tls");
+  assert.equal(tls.version, "3.1");
+  for (const data of log.of(2, "data")) {
+    assert.equal(data.text ?? data.hex, undefined, "encrypted: no preview");
+  }
+  assertDocumentedFields(log.events);
+});
+
+Deno.test("wire: a refused target closes that client with one error event; the proxy carries on", async () => {
+  const port = closedPort();
+  await using wire = await spawnWire(["--to", `127.0.0.1:${port}`]);
+  for (const conn of [1, 2]) {
+    using client = await connectTcp(wire.port);
+    assert.equal((await client.readToEnd()).length, 0);
+    await wire.waitFor((e) => e.conn === conn && e.type === "close", `connection ${conn}'s close`);
+    assert.deepEqual(wire.of(conn).map((e) => e.type), ["open", "error", "close"]);
+    assert.equal(
+      wire.of(conn, "error")[0].message,
+      `cannot connect to 127.0.0.1:${port}: connection refused (is the server running?)`,
+    );
+  }
+  const { code, stderr } = await wire.stop();
+  assert.equal(code, 0);
+  assertNoStackTrace(stderr);
+});
+
+Deno.test("wire: human output escapes what a peer sends; SIGTERM exits 0 with a connection open", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  await using wire = await spawnServer("wire.ts", ["--to", `127.0.0.1:${server.addr.port}`]);
+  using client = await connectTcp(wire.port);
+  await client.write("\x1b[2J\rforged\n");
+  assert.equal(await client.readLine(), "\x1b[2J\rforged");
+  const { code, stdout } = await wire.stop("SIGTERM");
+  assert.equal(code, 0);
+  assert.equal(await client.readLine(), null, "closed on shutdown");
+  assert.ok(
+    !stdout.includes("\x1b") && !stdout.includes("\r"),
+    "no ESC or carriage return reaches the terminal",
+  );
+  assert.match(stdout, /c→s {2}data {3}12 B {2}"\\x1b\[2J\\rforged\\n" {2}\(1 newline\)/);
+  assert.match(stdout, /─── {2}close {2}after [\d.]+ ms: c→s 12 B, s→c 12 B/);
+});
+
+Deno.test("wire: bad flags print one line plus usage and exit 2; a port in use exits 1", async () => {
+  const cases: [string[], RegExp][] = [
+    [[], /--to HOST:PORT is required/],
+    [
+      ["--to", "127.0.0.1:70000"],
+      /--to must be HOST:PORT with a port from 1 to 65535.*"127\.0\.0\.1:70000"/,
+    ],
+    [["--to", "localhost"], /--to must be HOST:PORT/],
+    [
+      ["--to", "127.0.0.1:1", "--preview=-1"],
+      /--preview must be an integer from 0 to 65536, got "-1"/,
+    ],
+    [
+      ["--to", "127.0.0.1:1", "--preview", "-1"],
+      /--preview needs a value; .* write --preview=VALUE/,
+    ],
+    [["--to", "127.0.0.1:1", "--bogus"], /Unknown option '--bogus'/],
+  ];
+  for (const [args, expected] of cases) {
+    const { code, stdout, stderr } = await runScript("wire.ts", args);
+    assert.equal(code, 2, args.join(" "));
+    assert.equal(stdout, "");
+    const [first, blank, usage] = stderr.split("\n");
+    assert.match(first, expected);
+    assert.match(first, /^wire: /);
+    assert.equal(blank, "");
+    assert.match(usage, /^Usage: wire\.ts/);
+    assertNoStackTrace(stderr);
+  }
+  using taken = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const inUse = await runScript("wire.ts", [
+    "--port",
+    String(taken.addr.port),
+    "--to",
+    "127.0.0.1:1",
+  ]);
+  assert.equal(inUse.code, 1);
+  assert.match(
+    inUse.stderr,
+    /^wire: cannot listen on 127\.0\.0\.1:\d+: address already in use .*\n$/,
+  );
+});
+
+Deno.test("readme: the --json event table is the one wire.ts emits", async () => {
+  const readme = await Deno.readTextFile(scriptPath("README.md"));
+  const section = readme.split("\n### wire.ts --json events\n")[1]?.split("\n#")[0];
+  assert.ok(section, 'README.md has a "### wire.ts --json events" section');
+  const documented: Record<string, string[]> = {};
+  for (const [, type, fields] of section.matchAll(/^\| `(\w+)` +\| (.*?) *\|$/gm)) {
+    documented[type] = [...fields.matchAll(/`(\w+)`/g)].map((m) => m[1]);
+  }
+  const inCode = Object.fromEntries(
+    Object.entries(EVENT_FIELDS).map(([type, fields]) => [type, [...fields]]),
+  );
+  assert.deepEqual(documented, inCode);
+  for (const field of COMMON_EVENT_FIELDS) assert.match(section, new RegExp(`\`${field}\``));
+});
+
+Deno.test("wire: a reset on either side is reported, and the other side is closed", async () => {
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const log = createEventLog();
+  await using wire = startWire({ port: 0, to: listener.addr, onEvent: log.onEvent });
+  // Closing a socket with bytes it has not read makes the kernel send a reset:
+  // each end reads one byte of two (so both have arrived), then closes.
+  for (const [conn, resetter] of [[1, "server"], [2, "client"]] as const) {
+    using client = await Deno.connect({ hostname: "127.0.0.1", port: wire.addr.port });
+    using upstream = await listener.accept();
+    const [rude, other] = resetter === "server" ? [upstream, client] : [client, upstream];
+    await other.write(encoder.encode("ab"));
+    assert.equal(await rude.read(new Uint8Array(1)), 1);
+    rude.close();
+    const rest = await other.read(new Uint8Array(16)).catch(() => null);
+    assert.equal(rest, null, "the other side is closed too");
+    await log.waitFor((e) => e.conn === conn && e.type === "close", `connection ${conn}'s close`);
+    const [reset] = log.of(conn, "reset");
+    assert.equal(reset?.side, resetter, log.of(conn).map((e) => e.type).join(", "));
+  }
+  assertDocumentedFields(log.events);
+});
+
+Deno.test("wire: the frame decoder gives the same frames whatever sizes the bytes arrive in", () => {
+  const mask = Uint8Array.of(0x37, 0xfa, 0x21, 0x3d);
+  const e = encoder.encode("é");
+  const stream = concat([
+    // A text message in two fragments, "é" split between them, a ping between.
+    wsFrame({
+      opcode: 1,
+      fin: false,
+      mask,
+      payload: concat([encoder.encode("caf"), e.subarray(0, 1)]),
+    }),
+    wsFrame({ opcode: 9, mask, payload: encoder.encode("are you there") }),
+    wsFrame({ opcode: 0, mask, payload: concat([e.subarray(1), encoder.encode("!")]) }),
+    wsFrame({ opcode: 2, mask, payload: randomBytes(300) }), // a 16-bit length
+    wsFrame({ opcode: 2, mask, payload: randomBytes(70000) }), // a 64-bit length
+    wsFrame({
+      opcode: 8,
+      mask,
+      payload: concat([Uint8Array.of(0x0f, 0xa0), encoder.encode("bye ✓")]),
+    }),
+  ]);
+  const decode = (size: number) => {
+    const frames: Frame[] = [];
+    const decoder = createFrameDecoder({
+      fromClient: true,
+      preview: 8,
+      onFrame: (f) => frames.push(f),
+    });
+    for (let i = 0; i < stream.length; i += size) decoder.push(stream.subarray(i, i + size));
+    assert.equal(decoder.unfinished(), undefined);
+    return frames;
+  };
+  const whole = decode(stream.length);
+  assert.deepEqual(
+    whole.map((
+      f,
+    ) => [f.name, f.fin, f.length, f.lengthEncoding, f.headerBytes, f.message, f.fragment]),
+    [
+      ["text", false, 4, 7, 6, 1, 1],
+      ["ping", true, 13, 7, 6, undefined, undefined],
+      ["continuation", true, 2, 7, 6, 1, 2],
+      ["binary", true, 300, 16, 8, 2, 1],
+      ["binary", true, 70000, 64, 14, 3, 1],
+      ["close", true, 9, 7, 6, undefined, undefined],
+    ],
+  );
+  assert.deepEqual(whole.map((f) => f.errors), [[], [], [], [], [], []]);
+  assert.deepEqual(whole.map((f) => f.messageComplete), [false, false, true, true, true, false]);
+  assert.equal(decoder.decode(whole[1].preview), "are you there", "control frames in full");
+  assert.deepEqual(whole[0].preview, concat([encoder.encode("caf"), e.subarray(0, 1)]), "unmasked");
+  assert.equal(whole[4].preview.length, 8, "a big payload keeps only its preview");
+  assert.equal(whole[4].truncated, true);
+  assert.deepEqual([whole[5].code, whole[5].reason], [4000, "bye ✓"]);
+  for (const size of [1, 2, 3, 5, 7, 13, 64, 1000]) {
+    assert.deepEqual(decode(size), whole, `${size}`);
+  }
+});
+
+Deno.test("wire: --hex and --preview bound what each event shows", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.addr.port}`,
+    "--hex",
+    "--preview",
+    "4",
+  ]);
+  using client = await connectTcp(wire.port);
+  await client.write("hello\n");
+  assert.equal(await client.readLine(), "hello");
+  const data = await wire.waitFor((e) => e.type === "data" && e.dir === "s2c", "the echo");
+  assert.deepEqual([data.bytes, data.hex, data.text, data.truncated], [
+    6,
+    "68656c6c",
+    undefined,
+    true,
+  ]);
 });

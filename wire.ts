@@ -1,0 +1,1859 @@
+/**
+ * wire.ts: see what travels on the wire. A TCP proxy that forwards every byte
+ * between a client and a server, unchanged and at once, and shows what passes
+ * each way, decoded and explained.
+ *
+ * What it shows: the difference this project is about, happening on screen.
+ * Raw TCP arrives as *reads* of some bytes, never as messages: three `send`s
+ * can come as one read, one line as five. A WebSocket is the same TCP
+ * connection carrying an HTTP/1.1 upgrade (a `Sec-WebSocket-Key`, answered by
+ * `101` and a `Sec-WebSocket-Accept` that must be the key hashed, checked
+ * here) and then *frames*: a 2-14 byte header, a mask on everything the client
+ * sends, text or binary or control, fragments, pings, a close with a code.
+ * Every frame is decoded as its bytes arrive, and the protocol errors RFC 6455
+ * forbids with a MUST are pointed out; TLS is recognised and shown as byte
+ * counts. Half-closes and resets pass through, and each connection ends with a
+ * summary: how long, how many bytes, frames and messages, and what the framing
+ * cost.
+ *
+ * Sections, in reading order:
+ *
+ *   1. forwarding: two loops per connection, backpressure, half-close, reset
+ *   2. what a TCP read is: deciding what a connection speaks, raw reads
+ *   3. HTTP heads and the upgrade, with the Sec-WebSocket-Accept check
+ *   4. the frame decoder (RFC 6455 section 5.2), incremental, bounded
+ *   5. close codes and what they mean
+ *   then the output (human and --json), limits and bookkeeping, the exported
+ *   API (`startWire`, `createFrameDecoder`, `EVENT_FIELDS`), the command line.
+ *
+ * Run it in front of a server (least privilege: its own address and the target):
+ *
+ *     deno run --allow-net=127.0.0.1:8080 ws_server.ts
+ *     deno run --allow-net=127.0.0.1:9001,127.0.0.1:8080 wire.ts --to 127.0.0.1:8080
+ *     deno run --allow-net=127.0.0.1:9001 ws_client.ts --url ws://127.0.0.1:9001/ hello
+ *
+ * Or open http://127.0.0.1:9001/ in a browser: the page, its upgrade and every
+ * frame show up. Raw TCP works the same way, and so does netcat:
+ *
+ *     deno run --allow-net=127.0.0.1:9001,127.0.0.1:9000 wire.ts --to 127.0.0.1:9000
+ *     printf 'hello\n' | nc -N 127.0.0.1 9001
+ *
+ * `--json` prints one JSON object per event (for jq and tests), `--quiet`
+ * prints nothing but forwards and decodes (for load tests).
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { createHash } from "node:crypto";
+
+const DEFAULT_HOSTNAME = "127.0.0.1";
+const DEFAULT_PORT = 9001;
+const DEFAULT_PREVIEW = 64;
+const MAX_PREVIEW = 65536;
+// One buffer per direction, reused for every read: the proxy's memory is a
+// few of these per connection however much flows, and a reused buffer makes
+// no garbage per chunk.
+const READ_BUFFER_SIZE = 64 * 1024;
+// An HTTP head longer than this is not shown as HTTP (servers refuse heads
+// far smaller: Deno's at 8 KiB of headers); its bytes pass through anyway.
+const MAX_HTTP_HEAD = 16 * 1024;
+// The longest HTTP method we recognise ("OPTIONS" is 7; extensions are short).
+const MAX_METHOD_LENGTH = 20;
+// Events wait in memory for a slow stdout up to this many characters; past it,
+// forwarding waits too, so a terminal that cannot keep up bounds our memory.
+const OUTPUT_BACKLOG_LIMIT = 1024 * 1024;
+// RFC 6455 section 1.3: the accept value is base64(SHA-1(key + this GUID)).
+const WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+// RFC 6455 section 5.5: control frames carry at most 125 payload bytes.
+const MAX_CONTROL_PAYLOAD = 125;
+
+const NOTHING = new Uint8Array(0);
+const RESET = new Deno.errors.ConnectionReset("connection reset by peer");
+
+const encoder = new TextEncoder();
+// Not `fatal`: HTTP heads are shown as well as they decode.
+const lenientDecoder = new TextDecoder();
+const strictDecoder = new TextDecoder("utf-8", { fatal: true });
+
+/** Which way bytes travel: client to server, or server to client. */
+export type Direction = "c2s" | "s2c";
+
+/**
+ * Every event type and the fields it may carry, besides the four every event
+ * has (`conn`, `dir` where it has a direction, `type`, `t_ms`). README.md
+ * documents the same table, and a test keeps the two in step.
+ */
+export const EVENT_FIELDS = {
+  open: ["client", "server"],
+  data: ["bytes", "text", "hex", "truncated", "newlines"],
+  http: [
+    "start",
+    "headers",
+    "key",
+    "accept",
+    "accept_expected",
+    "accept_ok",
+    "protocol",
+    "extensions",
+  ],
+  frame: [
+    "fin",
+    "rsv",
+    "opcode",
+    "name",
+    "masked",
+    "mask",
+    "length",
+    "length_encoding",
+    "header_bytes",
+    "text",
+    "hex",
+    "truncated",
+    "code",
+    "reason",
+    "meaning",
+    "message",
+    "fragment",
+    "message_complete",
+    "errors",
+  ],
+  tls: ["version"],
+  fin: [],
+  reset: ["side"],
+  error: ["message"],
+  close: [
+    "duration_ms",
+    "bytes_c2s",
+    "bytes_s2c",
+    "frames_c2s",
+    "frames_s2c",
+    "messages_c2s",
+    "messages_s2c",
+    "payload_c2s",
+    "payload_s2c",
+  ],
+} as const;
+
+/** An event's type: a key of {@linkcode EVENT_FIELDS}. */
+export type EventType = keyof typeof EVENT_FIELDS;
+
+/** One thing seen on a connection, as `--json` prints it. */
+export interface WireEvent {
+  /** The connection's number, from 1. */
+  conn: number;
+  /** Which way the bytes went; absent for connection-level events (open, error, close). */
+  dir?: Direction;
+  type: EventType;
+  /** Milliseconds since the connection was accepted. */
+  t_ms: number;
+  [field: string]: unknown;
+}
+
+// ------------------------------------------------------------ 1. forwarding
+//
+// A TCP connection is two independent byte streams, so a proxy is two loops,
+// one per direction: read from one side, write to the other, and read again
+// only once the write is done. That last rule is the backpressure: a side
+// that does not read fills its kernel buffer, our write waits, we stop
+// reading from the sender, and the sender's writes wait in turn. Memory stays
+// at one read buffer per direction, however much flows.
+//
+// A read of null is the sender's FIN (it has finished sending, and may still
+// read): we pass it on with closeWrite() and keep the other direction going.
+// A reset on one side cannot be passed on as a reset (Deno's sockets cannot
+// send one), so the other side is closed.
+//
+// Each direction writes through a Sink: the socket itself here, and the one
+// place a later stage that delays, slices or rewrites traffic (issue #14)
+// goes, in front of both the bytes and the FIN, so their order holds.
+
+interface DirectionState {
+  dir: Direction;
+  /** What this direction is being decoded as (section 2). */
+  mode: "detect" | "http" | "body" | "raw" | "tls" | "frames";
+  /** The HTTP head seen so far (sections 2, 3); allocated only for HTTP. */
+  head?: Uint8Array;
+  headLength: number;
+  /** Where the start line's check has got to (section 2). */
+  startChecked: number;
+  startPhase: "method" | "line" | "done";
+  /** HTTP body bytes still to come, shown as data (section 3). */
+  bodyRemaining: number;
+  frames?: FrameDecoder;
+  /** The decoder's options: `extensions` is only known once the 101 arrives. */
+  frameOptions?: FrameDecoderOptions;
+  frameCount: number;
+  messageCount: number;
+  payloadBytes: number;
+}
+
+interface Connection {
+  id: number;
+  start: number;
+  client: Deno.TcpConn;
+  server?: Deno.TcpConn;
+  /** While the connection to the target is being made: aborts it. */
+  connecting?: AbortController;
+  clientAddress: string;
+  bytes: { c2s: number; s2c: number };
+  c2s: DirectionState;
+  s2c: DirectionState;
+  /** Set once we close it ourselves: reads that fail after that are expected. */
+  closing: boolean;
+  /** FIN seen in each direction. */
+  finished: { c2s: boolean; s2c: boolean };
+  /** The pending upgrade's Sec-WebSocket-Key, between request and response. */
+  websocketKey?: string;
+  /** HTTP request methods still waiting for their response (HEAD has no body). */
+  methods: string[];
+  websocket: boolean;
+}
+
+interface WireState {
+  target: { hostname: string; port: number };
+  preview: number;
+  hex: boolean;
+  onEvent?: (event: WireEvent) => void;
+  waitForOutput?: () => Promise<void> | undefined;
+  connections: Set<Connection>;
+  tasks: Set<Promise<void>>;
+  count: number;
+  closing: boolean;
+}
+
+async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<void> {
+  const conn = newConnection(state, client);
+  state.connections.add(conn);
+  const target = `${formatHost(state.target.hostname)}:${state.target.port}`;
+  emit(state, conn, undefined, "open", { client: conn.clientAddress, server: target });
+  // An unreachable target can take minutes to give up on; close() aborts it.
+  conn.connecting = new AbortController();
+  try {
+    conn.server = await Deno.connect({
+      ...state.target,
+      transport: "tcp",
+      signal: conn.connecting.signal,
+    });
+  } catch (error) {
+    if (conn.closing) {
+      finishConnection(state, conn);
+      return;
+    }
+    emit(state, conn, undefined, "error", {
+      message: `cannot connect to ${target}: ${connectError(error, target)}`,
+    });
+    finishConnection(state, conn);
+    return;
+  }
+  conn.connecting = undefined;
+  if (conn.closing) {
+    finishConnection(state, conn);
+    return;
+  }
+  // We mirror each read with one write; Nagle's algorithm on our side would
+  // merge small writes the peer chose to send apart, which is what we show.
+  setNoDelay(client);
+  setNoDelay(conn.server);
+  try {
+    await Promise.all([
+      pump(state, conn, conn.c2s, client, socketSink(conn.server)),
+      pump(state, conn, conn.s2c, conn.server, socketSink(client)),
+    ]);
+  } finally {
+    finishConnection(state, conn);
+  }
+}
+
+/**
+ * Where one direction's bytes go. `write` resolves once the bytes are handed
+ * on; a stage that keeps them longer must copy them, because the read buffer
+ * is reused for the next read.
+ */
+interface Sink {
+  write(bytes: Uint8Array): Promise<void>;
+  /** The sender's FIN, passed on after every byte before it. */
+  closeWrite(): Promise<void>;
+}
+
+function socketSink(to: Deno.TcpConn): Sink {
+  return { write: (bytes) => writeAll(to, bytes), closeWrite: () => to.closeWrite() };
+}
+
+async function pump(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  from: Deno.TcpConn,
+  to: Sink,
+): Promise<void> {
+  const buffer = new Uint8Array(READ_BUFFER_SIZE);
+  for (;;) {
+    let n: number | null;
+    try {
+      n = await from.read(buffer);
+    } catch (error) {
+      sideFailed(state, conn, direction.dir, sideOf(direction.dir, "from"), error);
+      return;
+    }
+    if (n === null) {
+      const otherDir = direction.dir === "c2s" ? "s2c" : "c2s";
+      // Once we have half-closed `from` ourselves, the probe would fail anyway.
+      if (!conn.finished[otherDir] && await wasReset(from)) {
+        sideFailed(state, conn, direction.dir, sideOf(direction.dir, "from"), RESET);
+        return;
+      }
+      await passFin(state, conn, direction, to);
+      return;
+    }
+    const chunk = n === buffer.length ? buffer : buffer.subarray(0, n);
+    // The bytes go first, the explanation after: decoding never delays or
+    // changes what is forwarded, and it reads the same buffer, no copy.
+    try {
+      await to.write(chunk);
+    } catch (error) {
+      sideFailed(state, conn, direction.dir, sideOf(direction.dir, "to"), error);
+      return;
+    }
+    conn.bytes[direction.dir] += n;
+    observeSafely(state, conn, direction, chunk);
+    const backlog = state.waitForOutput?.();
+    if (backlog) await backlog;
+  }
+}
+
+// Deno's read ends with null after a reset just as after a FIN (Python's
+// recv raises ECONNRESET). Writing nothing tells them apart: it fails only
+// on a connection that was reset.
+async function wasReset(conn: Deno.TcpConn): Promise<boolean> {
+  try {
+    await conn.write(NOTHING);
+    return false;
+  } catch {
+    return true;
+  }
+}
+
+async function writeAll(to: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
+  // A write may take only part of the bytes: a partial write is normal.
+  let done = await to.write(bytes);
+  while (done < bytes.length) done += await to.write(bytes.subarray(done));
+}
+
+async function passFin(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  to: Sink,
+): Promise<void> {
+  if (conn.closing) return;
+  endOfStream(state, conn, direction);
+  conn.finished[direction.dir] = true;
+  emit(state, conn, direction.dir, "fin", {});
+  try {
+    await to.closeWrite();
+  } catch {
+    // The other side is gone already; its own loop reports how.
+  }
+}
+
+function sideOf(dir: Direction, end: "from" | "to"): "client" | "server" {
+  return (dir === "c2s") === (end === "from") ? "client" : "server";
+}
+
+// A failed read or write: a reset from that side, or our own close.
+function sideFailed(
+  state: WireState,
+  conn: Connection,
+  dir: Direction,
+  side: "client" | "server",
+  error: unknown,
+): void {
+  if (conn.closing) return;
+  if (
+    error instanceof Deno.errors.ConnectionReset || error instanceof Deno.errors.BrokenPipe ||
+    error instanceof Deno.errors.ConnectionAborted
+  ) {
+    emit(state, conn, dir, "reset", { side });
+  } else {
+    emit(state, conn, dir, "error", { message: `${side}: ${errorText(error)}` });
+  }
+  abortConnection(conn);
+}
+
+function abortConnection(conn: Connection): void {
+  conn.closing = true;
+  conn.connecting?.abort();
+  conn.connecting = undefined;
+  closeQuietly(conn.client);
+  if (conn.server) closeQuietly(conn.server);
+}
+
+function finishConnection(state: WireState, conn: Connection): void {
+  abortConnection(conn);
+  state.connections.delete(conn);
+  const summary: Record<string, unknown> = {
+    duration_ms: round(performance.now() - conn.start),
+    bytes_c2s: conn.bytes.c2s,
+    bytes_s2c: conn.bytes.s2c,
+  };
+  if (conn.websocket) {
+    summary.frames_c2s = conn.c2s.frameCount;
+    summary.frames_s2c = conn.s2c.frameCount;
+    summary.messages_c2s = conn.c2s.messageCount;
+    summary.messages_s2c = conn.s2c.messageCount;
+    summary.payload_c2s = conn.c2s.payloadBytes;
+    summary.payload_s2c = conn.s2c.payloadBytes;
+  }
+  emit(state, conn, undefined, "close", summary);
+}
+
+// ------------------------------------------------- 2. what a TCP read is
+//
+// A read returns whatever the kernel had: part of what the peer wrote, or
+// several of its writes at once. Nothing in TCP says where one message ends,
+// so a raw connection is shown read by read, each with its byte count, and
+// where its newlines fall, the framing a line protocol adds on top.
+//
+// What a connection speaks is decided as early as its bytes allow: a TLS
+// handshake starts with record type 0x16; HTTP with an upper-case method;
+// anything else is raw TCP at once. Deciding holds back events, never bytes.
+
+// Decoding must never stop forwarding: should it ever fail on some bytes,
+// that direction is shown as raw data from then on, and the bytes flow on.
+function observeSafely(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  chunk: Uint8Array,
+): void {
+  try {
+    observe(state, conn, direction, chunk);
+  } catch (error) {
+    direction.mode = "raw";
+    emit(state, conn, direction.dir, "error", {
+      message: `cannot decode these bytes (${errorText(error)}); shown raw from here`,
+    });
+  }
+}
+
+function observe(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  chunk: Uint8Array,
+): void {
+  let offset = 0;
+  while (offset < chunk.length) {
+    switch (direction.mode) {
+      case "detect":
+        detect(state, conn, direction, chunk.subarray(offset));
+        break;
+      case "http":
+        offset = readHead(state, conn, direction, chunk, offset);
+        break;
+      case "body":
+        offset = readBody(state, conn, direction, chunk, offset);
+        break;
+      case "frames":
+        direction.frames!.push(offset === 0 ? chunk : chunk.subarray(offset));
+        return;
+      case "raw":
+      case "tls":
+        if (state.onEvent) emitData(state, conn, direction, chunk.subarray(offset));
+        return;
+    }
+  }
+}
+
+function detect(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  bytes: Uint8Array,
+): void {
+  const first = bytes[0];
+  const other = direction.dir === "c2s" ? conn.s2c : conn.c2s;
+  if (direction.dir === "s2c") {
+    // The server spoke first or answered something that was not HTTP.
+    direction.mode = other.mode === "http" || other.mode === "body" || other.mode === "frames"
+      ? "http"
+      : other.mode === "tls"
+      ? "tls"
+      : "raw";
+    return;
+  }
+  if (first === 0x16) {
+    direction.mode = other.mode = "tls";
+    // The record's version bytes: 3.1 for every TLS 1.x ClientHello.
+    const version = bytes.length >= 3 ? `${bytes[1]}.${bytes[2]}` : undefined;
+    emit(state, conn, "c2s", "tls", version ? { version } : {});
+  } else if (first >= 0x41 && first <= 0x5a) {
+    direction.mode = "http";
+  } else {
+    direction.mode = "raw";
+  }
+}
+
+function emitData(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  bytes: Uint8Array,
+): void {
+  if (direction.mode === "tls") {
+    emit(state, conn, direction.dir, "data", { bytes: bytes.length });
+    return;
+  }
+  let newlines = 0;
+  for (let i = bytes.indexOf(10); i !== -1; i = bytes.indexOf(10, i + 1)) newlines++;
+  emit(state, conn, direction.dir, "data", {
+    bytes: bytes.length,
+    ...previewFields(state, bytes.subarray(0, state.preview), bytes.length > state.preview),
+    newlines,
+  });
+}
+
+// The first `preview` bytes as text when they are UTF-8 (a character cut by
+// the preview's end is left out), else as hex.
+function previewFields(
+  state: WireState,
+  bytes: Uint8Array,
+  truncated: boolean,
+  binary = false,
+): { text?: string; hex?: string; truncated: boolean } {
+  if (!state.hex && !binary) {
+    const text = utf8Text(bytes, truncated);
+    if (text !== undefined) return { text, truncated };
+  }
+  return { hex: toHex(bytes), truncated };
+}
+
+function utf8Text(bytes: Uint8Array, truncated: boolean): string | undefined {
+  const end = utf8Length(bytes);
+  // A cut can fall inside a character: its first bytes are left out.
+  if (end === -1 || (end < bytes.length && !truncated)) return undefined;
+  return lenientDecoder.decode(end === bytes.length ? bytes : bytes.subarray(0, end));
+}
+
+// How many bytes from the start are whole UTF-8 characters: all of them, or
+// where a character begins that the bytes end inside of; -1 when they are not
+// UTF-8. (A check, not a decode: binary data costs no exception per read.)
+function utf8Length(bytes: Uint8Array): number {
+  let i = 0;
+  while (i < bytes.length) {
+    const byte = bytes[i];
+    if (byte < 0x80) {
+      i++;
+      continue;
+    }
+    let need: number, low = 0x80, high = 0xbf;
+    if (byte >= 0xc2 && byte <= 0xdf) need = 1;
+    else if (byte >= 0xe0 && byte <= 0xef) {
+      need = 2;
+      if (byte === 0xe0) low = 0xa0;
+      else if (byte === 0xed) high = 0x9f;
+    } else if (byte >= 0xf0 && byte <= 0xf4) {
+      need = 3;
+      if (byte === 0xf0) low = 0x90;
+      else if (byte === 0xf4) high = 0x8f;
+    } else {
+      return -1;
+    }
+    for (let k = 1; k <= need; k++) {
+      if (i + k >= bytes.length) return i;
+      const next = bytes[i + k];
+      if (next < (k === 1 ? low : 0x80) || next > (k === 1 ? high : 0xbf)) return -1;
+    }
+    i += need + 1;
+  }
+  return i;
+}
+
+function endOfStream(state: WireState, conn: Connection, direction: DirectionState): void {
+  if (direction.mode === "http" && direction.headLength > 0 && state.onEvent) {
+    // A head that never finished: its bytes, as they were.
+    direction.mode = "raw";
+    emitData(state, conn, direction, direction.head!.subarray(0, direction.headLength));
+  }
+  const unfinished = direction.frames?.unfinished();
+  if (unfinished) emit(state, conn, direction.dir, "error", { message: unfinished });
+}
+
+// --------------------------------------------- 3. HTTP heads and the upgrade
+//
+// An HTTP/1.x message starts with a head: a start line ("GET / HTTP/1.1", or
+// "HTTP/1.1 200 OK"), header lines, and an empty line (CRLF CRLF). A
+// WebSocket begins as such a request with `Upgrade: websocket` and a random
+// `Sec-WebSocket-Key`; a server that agrees answers `101 Switching Protocols`
+// with `Sec-WebSocket-Accept: base64(SHA-1(key + GUID))`, proving it read
+// this very request (a cache or a confused server could not produce it).
+// After the 101 both directions carry frames. Any other answer leaves the
+// connection HTTP: the next head, or its body, follows.
+
+function readHead(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  chunk: Uint8Array,
+  offset: number,
+): number {
+  const head = direction.head ??= new Uint8Array(MAX_HTTP_HEAD);
+  const before = direction.headLength;
+  const taken = Math.min(chunk.length - offset, head.length - before);
+  head.set(chunk.subarray(offset, offset + taken), before);
+  direction.headLength += taken;
+  if (!startLineFits(direction)) return notHttp(state, conn, direction, offset + taken);
+  const end = indexOfBlankLine(head, Math.max(0, before - 3), direction.headLength);
+  if (end === -1) {
+    if (direction.headLength === head.length) {
+      return notHttp(state, conn, direction, offset + taken);
+    }
+    return offset + taken;
+  }
+  const headBytes = end + 4;
+  direction.headLength = 0;
+  direction.startChecked = 0;
+  direction.startPhase = direction.dir === "c2s" ? "method" : "line";
+  httpHead(state, conn, direction, lenientDecoder.decode(head.subarray(0, end)));
+  return offset + headBytes - before;
+}
+
+// Checks the start line as its bytes arrive: a request starts with an
+// upper-case method and a space, a response with "HTTP/1.".
+function startLineFits(direction: DirectionState): boolean {
+  const head = direction.head!;
+  for (; direction.startChecked < direction.headLength; direction.startChecked++) {
+    const i = direction.startChecked;
+    const byte = head[i];
+    if (direction.startPhase === "method") {
+      if (byte === 0x20 && i > 0) direction.startPhase = "line";
+      else if (byte < 0x41 || byte > 0x5a || i >= MAX_METHOD_LENGTH) return false;
+    } else if (direction.startPhase === "line") {
+      if (direction.dir === "s2c" && i < 7 && byte !== "HTTP/1.".charCodeAt(i)) return false;
+      if (byte === 0x0a) {
+        const line = lenientDecoder.decode(head.subarray(0, i)).replace(/\r$/, "");
+        const pattern = direction.dir === "c2s" ? REQUEST_LINE : STATUS_LINE;
+        if (!pattern.test(line)) return false;
+        direction.startPhase = "done";
+      }
+    } else {
+      break;
+    }
+  }
+  return true;
+}
+
+const REQUEST_LINE = /^[A-Z]+ \S+ HTTP\/1\.\d$/;
+const STATUS_LINE = /^HTTP\/1\.\d \d{3}(?: .*)?$/;
+
+function indexOfBlankLine(bytes: Uint8Array, from: number, to: number): number {
+  for (let i = bytes.indexOf(13, from); i !== -1 && i + 3 < to; i = bytes.indexOf(13, i + 1)) {
+    if (bytes[i + 1] === 10 && bytes[i + 2] === 13 && bytes[i + 3] === 10) return i;
+  }
+  return -1;
+}
+
+// Not HTTP after all: what was held back is shown as one read, and the rest
+// of the direction as raw data.
+function notHttp(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  offset: number,
+): number {
+  direction.mode = "raw";
+  if (state.onEvent) {
+    emitData(state, conn, direction, direction.head!.subarray(0, direction.headLength));
+  }
+  direction.headLength = 0;
+  return offset;
+}
+
+function httpHead(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  text: string,
+): void {
+  const [start, ...lines] = text.split("\r\n");
+  // No prototype: a header named "__proto__" is just a header.
+  const headers: Record<string, string> = Object.create(null);
+  for (const line of lines) {
+    const colon = line.indexOf(":");
+    if (colon <= 0) continue;
+    const name = line.slice(0, colon).trim().toLowerCase();
+    const value = line.slice(colon + 1).trim();
+    headers[name] = name in headers ? `${headers[name]}, ${value}` : value;
+  }
+  const fields: Record<string, unknown> = { start, headers };
+  if (direction.dir === "c2s") {
+    request(state, conn, direction, start, headers, fields);
+  } else {
+    response(state, conn, direction, start, headers, fields);
+  }
+  emit(state, conn, direction.dir, "http", fields);
+}
+
+function request(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  start: string,
+  headers: Record<string, string>,
+  fields: Record<string, unknown>,
+): void {
+  const method = start.slice(0, start.indexOf(" "));
+  if (conn.methods.length < 64) conn.methods.push(method);
+  if (/\bwebsocket\b/i.test(headers["upgrade"] ?? "") && headers["sec-websocket-key"]) {
+    // A client may send frames only after the 101, so what follows is frames
+    // (if the server refuses, section 3's response() turns this back).
+    conn.websocketKey = headers["sec-websocket-key"];
+    fields.key = conn.websocketKey;
+    startFrames(state, conn, direction);
+    return;
+  }
+  bodyFollows(direction, headers, true);
+}
+
+function response(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  start: string,
+  headers: Record<string, string>,
+  fields: Record<string, unknown>,
+): void {
+  const status = Number(start.split(" ")[1]);
+  if (status >= 100 && status < 200 && status !== 101) return; // 100 Continue: the real one follows
+  const method = conn.methods.shift();
+  const key = conn.websocketKey;
+  conn.websocketKey = undefined;
+  if (status === 101 && key !== undefined) {
+    const expected = websocketAccept(key);
+    fields.accept = headers["sec-websocket-accept"] ?? null;
+    fields.accept_expected = expected;
+    fields.accept_ok = fields.accept === expected;
+    if (headers["sec-websocket-protocol"]) fields.protocol = headers["sec-websocket-protocol"];
+    if (headers["sec-websocket-extensions"]) {
+      fields.extensions = headers["sec-websocket-extensions"];
+    }
+    startWebSocket(state, conn, Boolean(headers["sec-websocket-extensions"]));
+    return;
+  }
+  if (status === 101) {
+    // Upgraded to something that is not WebSocket (h2c, say): bytes from here.
+    conn.c2s.mode = direction.mode = "raw";
+    return;
+  }
+  if (key !== undefined) {
+    // The upgrade was refused: the client's next bytes are a request again.
+    conn.c2s.mode = "http";
+    conn.c2s.frames = conn.c2s.frameOptions = undefined;
+  }
+  const noBody = method === "HEAD" || status === 204 || status === 304;
+  if (!noBody) bodyFollows(direction, headers, false);
+}
+
+// A body of Content-Length bytes is shown as data, then the next head; a
+// chunked body, or one that lasts until the server closes, is shown raw.
+function bodyFollows(
+  direction: DirectionState,
+  headers: Record<string, string>,
+  isRequest: boolean,
+) {
+  const length = headers["content-length"];
+  if (headers["transfer-encoding"]) {
+    direction.mode = "raw";
+  } else if (length !== undefined && /^\d{1,15}$/.test(length)) {
+    direction.bodyRemaining = Number(length);
+    direction.mode = direction.bodyRemaining > 0 ? "body" : "http";
+  } else {
+    direction.mode = isRequest ? "http" : "raw";
+  }
+}
+
+function readBody(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  chunk: Uint8Array,
+  offset: number,
+): number {
+  const taken = Math.min(chunk.length - offset, direction.bodyRemaining);
+  if (state.onEvent) emitData(state, conn, direction, chunk.subarray(offset, offset + taken));
+  direction.bodyRemaining -= taken;
+  if (direction.bodyRemaining === 0) direction.mode = "http";
+  return offset + taken;
+}
+
+/**
+ * The `Sec-WebSocket-Accept` a server must send for a `Sec-WebSocket-Key`:
+ * base64 of the SHA-1 of the key followed by RFC 6455's GUID.
+ *
+ * @example RFC 6455's own example
+ * ```ts
+ * websocketAccept("dGhlIHNhbXBsZSBub25jZQ=="); // "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+ * ```
+ */
+export function websocketAccept(key: string): string {
+  return createHash("sha1").update(key + WEBSOCKET_GUID).digest("base64");
+}
+
+function startWebSocket(state: WireState, conn: Connection, extensions: boolean): void {
+  conn.websocket = true;
+  // The client's decoder started at its request; only now do we know
+  // whether an extension gives the RSV bits a meaning.
+  if (!conn.c2s.frameOptions) startFrames(state, conn, conn.c2s);
+  conn.c2s.frameOptions!.extensions = extensions;
+  startFrames(state, conn, conn.s2c);
+  conn.s2c.frameOptions!.extensions = extensions;
+}
+
+function startFrames(state: WireState, conn: Connection, direction: DirectionState): void {
+  direction.mode = "frames";
+  direction.head = undefined;
+  direction.frameOptions = {
+    fromClient: direction.dir === "c2s",
+    preview: state.onEvent ? state.preview : 0,
+    extensions: false,
+    onFrame: (frame) => frameSeen(state, conn, direction, frame),
+  };
+  direction.frames = createFrameDecoder(direction.frameOptions);
+}
+
+function frameSeen(
+  state: WireState,
+  conn: Connection,
+  direction: DirectionState,
+  frame: Frame,
+): void {
+  direction.frameCount++;
+  direction.payloadBytes += frame.length;
+  if (frame.messageComplete) direction.messageCount++;
+  if (!state.onEvent) return;
+  const fields: Record<string, unknown> = {
+    fin: frame.fin,
+    rsv: frame.rsv,
+    opcode: frame.opcode,
+    name: frame.name,
+    masked: frame.mask !== undefined,
+  };
+  if (frame.mask !== undefined) fields.mask = frame.mask;
+  Object.assign(fields, {
+    length: frame.length,
+    length_encoding: frame.lengthEncoding,
+    header_bytes: frame.headerBytes,
+  });
+  const binary = frame.opcode === 2 || frame.compressed ||
+    (frame.opcode === 0 && frame.messageOpcode === 2);
+  const shown = frame.opcode === 8 ? frame.preview.subarray(0, 0) : frame.preview;
+  if (frame.opcode !== 8) {
+    Object.assign(fields, previewFields(state, shown, frame.truncated, binary));
+  }
+  if (frame.code !== undefined) {
+    fields.code = frame.code;
+    fields.meaning = closeMeaning(frame.code);
+    fields.reason = frame.reason ?? "";
+  }
+  if (frame.message !== undefined) {
+    fields.message = frame.message;
+    fields.fragment = frame.fragment;
+    fields.message_complete = frame.messageComplete;
+  }
+  fields.errors = frame.errors;
+  emit(state, conn, direction.dir, "frame", fields);
+}
+
+// ------------------------------------------------------ 4. the frame decoder
+//
+// RFC 6455 section 5.2, the layout of every frame:
+//
+//      0                   1                   2                   3
+//      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+//     +-+-+-+-+-------+-+-------------+-------------------------------+
+//     |F|R|R|R| opcode|M| Payload len |    Extended payload length    |
+//     |I|S|S|S|  (4)  |A|     (7)     |             (16/64)           |
+//     |N|V|V|V|       |S|             |   (if payload len==126/127)   |
+//     | |1|2|3|       |K|             |                               |
+//     +-+-+-+-+-------+-+-------------+ - - - - - - - - - - - - - - - +
+//     |     Extended payload length continued, if payload len == 127  |
+//     + - - - - - - - - - - - - - - - +-------------------------------+
+//     |                               |Masking-key, if MASK set to 1  |
+//     +-------------------------------+-------------------------------+
+//     | Masking-key (continued)       |          Payload Data         |
+//     +-------------------------------- - - - - - - - - - - - - - - - +
+//     :                     Payload Data continued ...                :
+//     + - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - - +
+//
+// FIN ends a message; a message may be split into a first frame and
+// continuation frames (opcode 0). Opcodes: 1 text, 2 binary, 8 close, 9 ping,
+// 10 pong; the others are reserved. Lengths under 126 fit in the 7 bits;
+// 126 means a 16-bit length follows, 127 a 64-bit one, and the shortest form
+// must be used. Every client frame is masked: its payload is XORed with the
+// 4-byte key, byte i with key[i % 4], so that a client's bytes can never look
+// like a request to a cache in between; server frames are not masked.
+//
+// The decoder takes bytes as they arrive, in pieces of any size. It keeps
+// the header (at most 14 bytes) and the first bytes of each payload for the
+// preview, never a whole payload: a 64 MiB frame costs what a 6-byte one does.
+
+/** One decoded frame, as {@linkcode createFrameDecoder} reports it once its last byte has passed. */
+export interface Frame {
+  fin: boolean;
+  /** RSV1 = 4, RSV2 = 2, RSV3 = 1. */
+  rsv: number;
+  opcode: number;
+  name: string;
+  /** The masking key, as 8 hex digits, when the frame is masked. */
+  mask?: string;
+  /** Payload bytes. */
+  length: number;
+  /** Which length field carried it: 7, 16 or 64 bits. */
+  lengthEncoding: 7 | 16 | 64;
+  headerBytes: number;
+  /** The first payload bytes, unmasked (a control frame's whole payload). */
+  preview: Uint8Array;
+  truncated: boolean;
+  /** A data frame's message number in this direction, from 1. */
+  message?: number;
+  /** Which frame of its message this is, from 1. */
+  fragment?: number;
+  /** True on the frame that ends a message. */
+  messageComplete: boolean;
+  /** The opcode of the message a data frame belongs to (1 or 2). */
+  messageOpcode?: number;
+  /** RSV1 on a message with a negotiated extension (permessage-deflate). */
+  compressed: boolean;
+  /** Close frames: the code (absent when the payload is empty) and reason. */
+  code?: number;
+  reason?: string;
+  /** Protocol errors in this frame, each naming the rule it breaks; empty when none. */
+  errors: string[];
+}
+
+/** Options for {@linkcode createFrameDecoder}. */
+export interface FrameDecoderOptions {
+  /** True for frames a client sends (they must be masked), false for a server's. */
+  fromClient: boolean;
+  /** Payload bytes kept for each frame's preview. Control frames keep up to 125 anyway. */
+  preview: number;
+  /** An extension was negotiated (RSV bits may then be set). Read at each frame. Default false. */
+  extensions?: boolean;
+  /** Called once per frame, after its last byte. */
+  onFrame: (frame: Frame) => void;
+}
+
+/** What {@linkcode createFrameDecoder} returns. */
+export interface FrameDecoder {
+  /** Decodes the next bytes; any amount, from one byte to many frames. */
+  push(bytes: Uint8Array): void;
+  /** At the end of the stream: a description of the frame cut short, if any. */
+  unfinished(): string | undefined;
+}
+
+const OPCODE_NAMES: Record<number, string> = {
+  0: "continuation",
+  1: "text",
+  2: "binary",
+  8: "close",
+  9: "ping",
+  10: "pong",
+};
+
+/**
+ * An incremental RFC 6455 frame decoder: push bytes in pieces of any size,
+ * get one `onFrame` call per frame, with its header fields, a preview of its
+ * payload and the protocol errors it contains. Memory is bounded by the
+ * preview, whatever the frames' size.
+ *
+ * @example A masked text frame "hi", pushed one byte at a time
+ * ```ts
+ * const frames: Frame[] = [];
+ * const decoder = createFrameDecoder({ fromClient: true, preview: 64, onFrame: (f) => frames.push(f) });
+ * for (const byte of [0x81, 0x82, 1, 2, 3, 4, 0x69, 0x6b]) decoder.push(Uint8Array.of(byte));
+ * // frames[0]: fin true, name "text", mask "01020304", preview "hi", errors []
+ * ```
+ */
+export function createFrameDecoder(options: FrameDecoderOptions): FrameDecoder {
+  const keep = Math.max(options.preview, MAX_CONTROL_PAYLOAD);
+  const header = new Uint8Array(14);
+  const mask = new Uint8Array(4);
+  const preview = new Uint8Array(keep);
+  let headerFill = 0;
+  let headerNeed = 2;
+  let inPayload = false;
+  let remaining = 0;
+  let position = 0;
+  let previewCap = 0;
+  let previewFill = 0;
+  let frame: Frame | undefined;
+  // The message in progress, across its frames.
+  let messageOpcode = 0;
+  let messages = 0;
+  let fragments = 0;
+  let messageCompressed = false;
+  let closed = false;
+  // UTF-8 validation of a text message, across frames: continuation bytes
+  // still expected, and the range the next one must fall in (which rules
+  // out overlong forms, surrogates and code points past U+10FFFF).
+  let validating = false;
+  let utf8Ok = true;
+  let utf8Need = 0;
+  let utf8Low = 0x80;
+  let utf8High = 0xbf;
+
+  function startFrame(): void {
+    const fin = (header[0] & 0x80) !== 0;
+    const rsv = (header[0] >> 4) & 7;
+    const opcode = header[0] & 0x0f;
+    const masked = (header[1] & 0x80) !== 0;
+    const length7 = header[1] & 0x7f;
+    const errors: string[] = [];
+    let length = length7;
+    let lengthEncoding: 7 | 16 | 64 = 7;
+    if (length7 === 126) {
+      lengthEncoding = 16;
+      length = (header[2] << 8) | header[3];
+      if (length < 126) {
+        errors.push(`length ${length} sent in the 16-bit form; the shortest must be used (§5.2)`);
+      }
+    } else if (length7 === 127) {
+      lengthEncoding = 64;
+      const high = ((header[2] << 24) >>> 0) + (header[3] << 16) + (header[4] << 8) + header[5];
+      const low = ((header[6] << 24) >>> 0) + (header[7] << 16) + (header[8] << 8) + header[9];
+      if (high >= 0x80000000) {
+        errors.push("64-bit length with its most significant bit set (§5.2)");
+      } else if (high > 0x1fffff) {
+        errors.push("a length past 2^53 bytes: no real frame is that big, decoding cannot follow");
+      }
+      // Past 2^53 a JavaScript number loses bytes; no real frame is that big.
+      length = Math.min(high, 0x1fffff) * 2 ** 32 + low;
+      if (length < 65536) {
+        errors.push(`length ${length} sent in the 64-bit form; the shortest must be used (§5.2)`);
+      }
+    }
+    const maskOffset = headerNeed - 4;
+    if (masked) mask.set(header.subarray(maskOffset, maskOffset + 4));
+    const control = opcode >= 8;
+    const name = OPCODE_NAMES[opcode] ?? "reserved";
+    if (options.fromClient && !masked) errors.push("a client frame must be masked (§5.1)");
+    if (!options.fromClient && masked) errors.push("a server frame must not be masked (§5.1)");
+    if (name === "reserved") errors.push(`opcode ${opcode} is reserved (§5.2)`);
+    // What the RSV bits mean is up to the extension that was negotiated.
+    if (rsv !== 0 && !options.extensions) {
+      errors.push(
+        `RSV bits ${
+          rsv.toString(2).padStart(3, "0")
+        } set without an extension that defines them (§5.2)`,
+      );
+    }
+    if (closed) errors.push("a frame after a close frame (§5.5.1)");
+    if (control) {
+      if (length > MAX_CONTROL_PAYLOAD) {
+        errors.push(`control frame of ${length} bytes; at most 125 (§5.5)`);
+      }
+      if (!fin) errors.push("control frame fragmented; control frames must have FIN (§5.5)");
+      if (opcode === 8) closed = true;
+    }
+    let message: number | undefined;
+    let fragment: number | undefined;
+    let ofOpcode: number | undefined;
+    if (opcode === 1 || opcode === 2) {
+      if (messageOpcode !== 0) {
+        errors.push("a new message before the last one's final frame (§5.4)");
+      }
+      messageOpcode = opcode;
+      message = ++messages;
+      fragments = 1;
+      fragment = 1;
+      messageCompressed = options.extensions === true && (rsv & 4) !== 0;
+      validating = opcode === 1 && !messageCompressed;
+      utf8Ok = true;
+      utf8Need = 0;
+      utf8Low = 0x80;
+      utf8High = 0xbf;
+    } else if (opcode === 0) {
+      if (messageOpcode === 0) {
+        errors.push("a continuation frame with no message to continue (§5.4)");
+      } else {
+        message = messages;
+        fragment = ++fragments;
+      }
+    }
+    if (message !== undefined) ofOpcode = messageOpcode;
+    frame = {
+      fin,
+      rsv,
+      opcode,
+      name,
+      mask: masked ? toHex(mask) : undefined,
+      length,
+      lengthEncoding,
+      headerBytes: headerNeed,
+      preview,
+      truncated: false,
+      message,
+      fragment,
+      messageComplete: false,
+      messageOpcode: ofOpcode,
+      compressed: messageCompressed && message !== undefined,
+      errors,
+    };
+    inPayload = true;
+    remaining = length;
+    position = 0;
+    previewFill = 0;
+    previewCap = Math.min(length, control ? keep : options.preview);
+    if (!masked) mask.fill(0);
+  }
+
+  function payload(bytes: Uint8Array, from: number, count: number): void {
+    const currentFrame = frame!;
+    if (previewFill < previewCap) {
+      const n = Math.min(count, previewCap - previewFill);
+      for (let i = 0; i < n; i++) {
+        preview[previewFill + i] = bytes[from + i] ^ mask[(position + i) & 3];
+      }
+      previewFill += n;
+    }
+    if (validating && utf8Ok && currentFrame.message !== undefined) {
+      validateUtf8(bytes, from, count);
+    }
+    position += count;
+  }
+
+  function validateUtf8(bytes: Uint8Array, from: number, count: number): void {
+    let need = utf8Need, low = utf8Low, high = utf8High;
+    const key0 = mask[position & 3], key1 = mask[(position + 1) & 3];
+    const key2 = mask[(position + 2) & 3], key3 = mask[(position + 3) & 3];
+    for (let i = 0; i < count; i++) {
+      const k = i & 3;
+      const byte = bytes[from + i] ^ (k === 0 ? key0 : k === 1 ? key1 : k === 2 ? key2 : key3);
+      if (need === 0) {
+        if (byte < 0x80) continue;
+        low = 0x80;
+        high = 0xbf;
+        if (byte >= 0xc2 && byte <= 0xdf) need = 1;
+        else if (byte >= 0xe0 && byte <= 0xef) {
+          need = 2;
+          if (byte === 0xe0) low = 0xa0;
+          else if (byte === 0xed) high = 0x9f;
+        } else if (byte >= 0xf0 && byte <= 0xf4) {
+          need = 3;
+          if (byte === 0xf0) low = 0x90;
+          else if (byte === 0xf4) high = 0x8f;
+        } else {
+          utf8Ok = false;
+          return;
+        }
+      } else {
+        if (byte < low || byte > high) {
+          utf8Ok = false;
+          return;
+        }
+        need--;
+        low = 0x80;
+        high = 0xbf;
+      }
+    }
+    utf8Need = need;
+    utf8Low = low;
+    utf8High = high;
+  }
+
+  function endFrame(): void {
+    const done = frame!;
+    frame = undefined;
+    inPayload = false;
+    headerFill = 0;
+    headerNeed = 2;
+    done.preview = preview.slice(0, previewFill);
+    done.truncated = done.length > previewFill;
+    if (done.message !== undefined && done.fin) {
+      done.messageComplete = true;
+      if (validating && utf8Ok && utf8Need !== 0) utf8Ok = false;
+      messageOpcode = 0;
+    }
+    if (validating && !utf8Ok) {
+      done.errors.push("a text message that is not valid UTF-8 (§8.1)");
+      validating = false;
+    }
+    if (done.opcode === 8) closePayload(done);
+    options.onFrame(done);
+  }
+
+  function closePayload(done: Frame): void {
+    const bytes = done.preview;
+    if (bytes.length === 1) {
+      done.errors.push("a close payload of 1 byte; a code takes 2 (§5.5.1)");
+      return;
+    }
+    if (bytes.length < 2) return;
+    done.code = (bytes[0] << 8) | bytes[1];
+    const reason = bytes.subarray(2);
+    try {
+      done.reason = strictDecoder.decode(reason);
+    } catch {
+      done.reason = lenientDecoder.decode(reason);
+      done.errors.push("a close reason that is not valid UTF-8 (§5.5.1)");
+    }
+    if (!closeCodeMaySend(done.code)) {
+      done.errors.push(`close code ${done.code} may not be sent in a close frame (§7.4)`);
+    }
+  }
+
+  return {
+    push(bytes: Uint8Array): void {
+      let i = 0;
+      while (i < bytes.length) {
+        if (!inPayload) {
+          header[headerFill++] = bytes[i++];
+          if (headerFill === 2) {
+            const length7 = header[1] & 0x7f;
+            headerNeed = 2 + (length7 === 126 ? 2 : length7 === 127 ? 8 : 0) +
+              ((header[1] & 0x80) !== 0 ? 4 : 0);
+          }
+          if (headerFill === headerNeed) {
+            startFrame();
+            if (remaining === 0) endFrame();
+          }
+          continue;
+        }
+        const count = Math.min(remaining, bytes.length - i);
+        payload(bytes, i, count);
+        i += count;
+        remaining -= count;
+        if (remaining === 0) endFrame();
+      }
+    },
+    unfinished(): string | undefined {
+      if (inPayload) {
+        return `the stream ended ${position} bytes into a ${frame!.length}-byte ${
+          frame!.name
+        } frame`;
+      }
+      if (headerFill > 0) return `the stream ended inside a frame header (${headerFill} bytes)`;
+      return undefined;
+    },
+  };
+}
+
+// ---------------------------------------------------------- 5. close codes
+//
+// A close frame's payload is a 2-byte code and a UTF-8 reason (section 5.5.1).
+// 1005, 1006 and 1015 are what an API reports when there was no code, no
+// close frame at all, or a failed TLS handshake: they may never be sent.
+
+const CLOSE_MEANINGS: Record<number, string> = {
+  1000: "normal closure",
+  1001: "going away",
+  1002: "protocol error",
+  1003: "unsupported data",
+  1004: "reserved",
+  1005: "no status code (may not be sent)",
+  1006: "closed abnormally (may not be sent)",
+  1007: "invalid data",
+  1008: "policy violation",
+  1009: "message too big",
+  1010: "a required extension is missing",
+  1011: "server error",
+  1012: "service restart",
+  1013: "try again later",
+  1014: "bad gateway",
+  1015: "TLS handshake failed (may not be sent)",
+};
+
+function closeMeaning(code: number): string {
+  return CLOSE_MEANINGS[code] ??
+    (code >= 3000 && code <= 3999
+      ? "application (registered)"
+      : code >= 4000 && code <= 4999
+      ? "application (private)"
+      : "not a defined code");
+}
+
+// Section 7.4: 1000-1003 and 1007-1011 (and the later IANA 1012-1014), or
+// 3000-4999 for applications. Everything else is a protocol error.
+function closeCodeMaySend(code: number): boolean {
+  return (code >= 1000 && code <= 1003) || (code >= 1007 && code <= 1014) ||
+    (code >= 3000 && code <= 4999);
+}
+
+// ------------------------------------------------------------------ output
+//
+// Every event goes through emit(); the CLI turns it into a human line or a
+// JSON line. Human lines escape whatever a peer chose (escapeControls): a
+// payload with "\r" or ESC must not rewrite the operator's terminal.
+
+function emit(
+  state: WireState,
+  conn: Connection,
+  dir: Direction | undefined,
+  type: EventType,
+  fields: Record<string, unknown>,
+): void {
+  if (!state.onEvent) return;
+  const event: WireEvent = dir === undefined
+    ? { conn: conn.id, type, t_ms: round(performance.now() - conn.start), ...fields }
+    : { conn: conn.id, dir, type, t_ms: round(performance.now() - conn.start), ...fields };
+  state.onEvent(event);
+}
+
+/** Options for {@linkcode formatEvent}. */
+export interface FormatOptions {
+  /** ANSI colours (only for a terminal). Default false. */
+  color?: boolean;
+}
+
+const COLORS = {
+  dim: "\x1b[2m",
+  c2s: "\x1b[36m",
+  s2c: "\x1b[35m",
+  bold: "\x1b[1m",
+  error: "\x1b[31m",
+  ok: "\x1b[32m",
+  reset: "\x1b[0m",
+};
+
+/**
+ * One event as the human view shows it: the connection, the time since it
+ * opened, the direction, and what happened, with peer-chosen text escaped.
+ * An HTTP head adds one indented line per header.
+ *
+ * @example
+ * ```ts
+ * formatEvent({ conn: 1, dir: "c2s", type: "data", t_ms: 1.5, bytes: 6, text: "hello\n", truncated: false, newlines: 1 });
+ * // '#1      +1.5ms  c→s  data   6 B  "hello\\n"  (1 newline)'
+ * ```
+ */
+export function formatEvent(event: WireEvent, options: FormatOptions = {}): string {
+  const paint = (color: keyof typeof COLORS, text: string) =>
+    options.color ? `${COLORS[color]}${text}${COLORS.reset}` : text;
+  const arrow = event.dir === "c2s"
+    ? paint("c2s", "c→s")
+    : event.dir === "s2c"
+    ? paint("s2c", "s→c")
+    : "───";
+  const prefix = `${paint("bold", `#${event.conn}`.padEnd(4))} ${
+    paint("dim", `+${event.t_ms.toFixed(1)}ms`.padStart(9))
+  }  ${arrow}  `;
+  const indent = " ".repeat(4 + 1 + 9 + 2 + 3 + 2 + 7);
+  const body = describe(event, paint);
+  const [first, ...more] = body;
+  return [prefix + first, ...more.map((line) => indent + line)].join("\n");
+}
+
+function describe(
+  event: WireEvent,
+  paint: (color: keyof typeof COLORS, text: string) => string,
+): string[] {
+  const e = event as Record<string, unknown>;
+  const tag = (name: string) => paint("bold", name.padEnd(6));
+  const errors = ((e.errors ?? []) as string[]).map((error) =>
+    paint("error", `✗ protocol error: ${error}`)
+  );
+  switch (event.type) {
+    case "open":
+      return [`${tag("open")} client ${e.client} → server ${e.server}`];
+    case "data": {
+      if (e.text === undefined && e.hex === undefined) {
+        return [`${tag("data")} ${e.bytes} B (encrypted)`];
+      }
+      const newlines = e.newlines ? `  (${e.newlines} newline${e.newlines === 1 ? "" : "s"})` : "";
+      return [`${tag("data")} ${e.bytes} B  ${shownPayload(e)}${newlines}`];
+    }
+    case "http": {
+      const lines = [`${tag("http")} ${escapeControls(String(e.start))}`];
+      for (const [name, value] of Object.entries(e.headers as Record<string, string>)) {
+        lines.push(paint("dim", `${escapeControls(name)}: ${escapeControls(value)}`));
+      }
+      if (e.accept_expected !== undefined) {
+        lines.push(
+          e.accept_ok
+            ? paint("ok", `✓ Sec-WebSocket-Accept is base64(SHA-1(key + "${WEBSOCKET_GUID}"))`)
+            : paint(
+              "error",
+              `✗ Sec-WebSocket-Accept should be ${e.accept_expected}, got ${
+                escapeControls(String(e.accept))
+              }`,
+            ),
+        );
+        lines.push("from here on, both directions carry WebSocket frames");
+      }
+      return lines;
+    }
+    case "frame": {
+      const parts = [
+        `${tag("frame")} ${String(e.name).padEnd(6)}`,
+        e.fin ? "FIN" : "fin=0",
+        e.rsv ? `rsv=${Number(e.rsv).toString(2).padStart(3, "0")}` : "",
+        e.masked ? `mask ${e.mask}` : "unmasked",
+        `len ${e.length} (${e.length_encoding}-bit)`,
+        `header ${e.header_bytes} B`,
+      ];
+      if (e.code !== undefined) {
+        parts.push(`code ${e.code} ${e.meaning}`, `reason "${escapeControls(String(e.reason))}"`);
+      } else if (e.text !== undefined || e.hex !== undefined) {
+        if (e.length) parts.push(shownPayload(e));
+      }
+      if (e.message !== undefined && !(e.fragment === 1 && e.fin)) {
+        parts.push(
+          `message ${e.message} part ${e.fragment}${e.message_complete ? ", complete" : ""}`,
+        );
+      }
+      return [parts.filter(Boolean).join("  "), ...errors];
+    }
+    case "tls":
+      return [
+        `${tag("tls")} a TLS handshake${
+          e.version ? ` (record version ${e.version})` : ""
+        }: the rest is encrypted, shown as byte counts`,
+      ];
+    case "fin":
+      return [
+        `${tag("fin")} ${
+          event.dir === "c2s" ? "client" : "server"
+        } finished sending (FIN); passed on as a half-close`,
+      ];
+    case "reset":
+      return [
+        paint("error", `${tag("reset")} the ${e.side} reset the connection; the other side closed`),
+      ];
+    case "error":
+      return [paint("error", `${tag("error")} ${escapeControls(String(e.message))}`)];
+    case "close": {
+      let line = `${
+        tag("close")
+      } after ${e.duration_ms} ms: c→s ${e.bytes_c2s} B, s→c ${e.bytes_s2c} B`;
+      if (e.frames_c2s !== undefined) {
+        line +=
+          `; frames ${e.frames_c2s}/${e.frames_s2c}, messages ${e.messages_c2s}/${e.messages_s2c}` +
+          `, payload ${e.payload_c2s}/${e.payload_s2c} B (the rest is HTTP and frame headers)`;
+      }
+      return [line];
+    }
+  }
+}
+
+function shownPayload(e: Record<string, unknown>): string {
+  const more = e.truncated ? "…" : "";
+  return e.text !== undefined
+    ? `"${escapeControls(String(e.text))}"${more}`
+    : `hex ${e.hex}${more}`;
+}
+
+function toHex(bytes: Uint8Array): string {
+  let hex = "";
+  for (const byte of bytes) hex += byte.toString(16).padStart(2, "0");
+  return hex;
+}
+
+// Anything a peer chose (a payload, a header, a close reason) is escaped
+// before it reaches a terminal: no newline can forge a line, no ESC can move
+// the cursor, no bidi override can reorder what the operator reads.
+function escapeControls(text: string): string {
+  return text.replace(
+    // deno-lint-ignore no-control-regex
+    /[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g,
+    (c) => {
+      const code = c.charCodeAt(0);
+      return code === 10
+        ? "\\n"
+        : code === 13
+        ? "\\r"
+        : code < 0x100
+        ? `\\x${code.toString(16).padStart(2, "0")}`
+        : `\\u${code.toString(16).padStart(4, "0")}`;
+    },
+  );
+}
+
+// ---------------------------------------------------- limits, bookkeeping
+
+function newDirection(dir: Direction): DirectionState {
+  return {
+    dir,
+    mode: "detect",
+    headLength: 0,
+    startChecked: 0,
+    startPhase: dir === "c2s" ? "method" : "line",
+    bodyRemaining: 0,
+    frameCount: 0,
+    messageCount: 0,
+    payloadBytes: 0,
+  };
+}
+
+function newConnection(state: WireState, client: Deno.TcpConn): Connection {
+  const remote = client.remoteAddr;
+  return {
+    id: ++state.count,
+    start: performance.now(),
+    client,
+    clientAddress: `${formatHost(remote.hostname)}:${remote.port}`,
+    bytes: { c2s: 0, s2c: 0 },
+    c2s: newDirection("c2s"),
+    s2c: newDirection("s2c"),
+    closing: false,
+    finished: { c2s: false, s2c: false },
+    methods: [],
+    websocket: false,
+  };
+}
+
+function setNoDelay(conn: Deno.TcpConn): void {
+  try {
+    conn.setNoDelay(true);
+  } catch {
+    // Already closed: its loop will say so.
+  }
+}
+
+function closeQuietly(conn: Deno.TcpConn): void {
+  try {
+    conn.close();
+  } catch {
+    // Already closed.
+  }
+}
+
+function connectError(error: unknown, target: string): string {
+  if (error instanceof Deno.errors.ConnectionRefused) {
+    return "connection refused (is the server running?)";
+  }
+  if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+    return `permission denied (run with --allow-net=${target})`;
+  }
+  return errorText(error);
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+function round(ms: number): number {
+  return Math.round(ms * 10) / 10;
+}
+
+function formatHost(hostname: string): string {
+  return hostname.includes(":") ? `[${hostname}]` : hostname;
+}
+
+// ---------------------------------------------------------------- the API
+
+/** Options for {@linkcode startWire}. */
+export interface WireOptions {
+  /** Address to bind. Default `127.0.0.1` (this machine only). */
+  hostname?: string;
+  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 9001. */
+  port?: number;
+  /** The server every connection is forwarded to. */
+  to: { hostname: string; port: number };
+  /** Payload bytes shown per event. Default 64. */
+  preview?: number;
+  /** Payload previews as hex even when they are text. Default false. */
+  hex?: boolean;
+  /** Called with every event, in order per connection. Without it nothing is built (`--quiet`). */
+  onEvent?: (event: WireEvent) => void;
+  /** Returns a promise while the output is backlogged: forwarding waits for it. */
+  waitForOutput?: () => Promise<void> | undefined;
+}
+
+/** A running proxy, returned by {@linkcode startWire}. */
+export interface Wire extends AsyncDisposable {
+  /** The address actually bound (with the real port when you asked for 0). */
+  readonly addr: Deno.NetAddr;
+  /** Connections open right now. */
+  readonly connections: number;
+  /** Stop accepting, close every connection (each gets its `close` event), and wait until all are gone. */
+  close(): Promise<void>;
+}
+
+/**
+ * Starts the proxy and returns at once; it forwards every connection to
+ * `to` in the background, reporting events to `onEvent`, until `close()`.
+ *
+ * @example Watch "hello" travel to a TCP echo server
+ * ```ts
+ * using echo = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+ * (async () => { for await (const c of echo) c.readable.pipeTo(c.writable).catch(() => {}); })();
+ * const events: WireEvent[] = [];
+ * await using wire = startWire({ port: 0, to: echo.addr, onEvent: (e) => events.push(e) });
+ * const conn = await Deno.connect({ hostname: "127.0.0.1", port: wire.addr.port });
+ * await conn.write(new TextEncoder().encode("hello\n"));
+ * await conn.read(new Uint8Array(6));
+ * conn.close();
+ * // events: open, data c2s "hello\n", data s2c "hello\n", ... close
+ * ```
+ *
+ * @throws {Deno.errors.AddrInUse} when the port is taken.
+ * @throws {Deno.errors.NotCapable} without `--allow-net` for the address.
+ */
+export function startWire(options: WireOptions): Wire {
+  const state: WireState = {
+    target: { hostname: options.to.hostname, port: options.to.port },
+    preview: options.preview ?? DEFAULT_PREVIEW,
+    hex: options.hex ?? false,
+    onEvent: options.onEvent,
+    waitForOutput: options.waitForOutput,
+    connections: new Set(),
+    tasks: new Set(),
+    count: 0,
+    closing: false,
+  };
+  const listener = Deno.listen({
+    hostname: options.hostname ?? DEFAULT_HOSTNAME,
+    port: options.port ?? DEFAULT_PORT,
+    transport: "tcp",
+  });
+  const accepting = acceptLoop(state, listener);
+  let closed: Promise<void> | undefined;
+  async function close() {
+    state.closing = true;
+    try {
+      listener.close();
+    } catch {
+      // Already closed.
+    }
+    await accepting;
+    for (const conn of state.connections) abortConnection(conn);
+    await Promise.all(state.tasks);
+  }
+  return {
+    addr: listener.addr,
+    get connections() {
+      return state.connections.size;
+    },
+    close: () => closed ??= close(),
+    [Symbol.asyncDispose]: () => closed ??= close(),
+  };
+}
+
+async function acceptLoop(state: WireState, listener: Deno.TcpListener): Promise<void> {
+  for (;;) {
+    let client: Deno.TcpConn;
+    try {
+      client = await listener.accept();
+    } catch (error) {
+      if (state.closing || error instanceof Deno.errors.BadResource) return;
+      // Out of file descriptors, say: the connections we have carry on.
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      continue;
+    }
+    if (state.closing) {
+      closeQuietly(client);
+      return;
+    }
+    // Each connection in its own task; nothing it does can throw out of here.
+    const task = serveConnection(state, client).catch(() => {}).finally(() =>
+      state.tasks.delete(task)
+    );
+    state.tasks.add(task);
+  }
+}
+
+// ---------------------------------------------------------------- command line
+
+const USAGE = `Usage: wire.ts --to HOST:PORT [options]
+
+A TCP proxy that shows what travels between a client and a server: raw TCP
+reads, HTTP heads, the WebSocket handshake and every frame, decoded. Forwards
+every byte unchanged. Prints "listening on tcp://HOST:PORT", then the events.
+
+Options:
+  --to HOST:PORT     the server to forward every connection to (required)
+  --host HOST        address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
+  --port PORT        port to bind, 0 = any free port (default ${DEFAULT_PORT})
+  --json             one JSON object per event and line (the format is in README.md)
+  --hex              show payloads as hex, even when they are text
+  --preview BYTES    payload bytes shown per event, 0 to ${MAX_PREVIEW} (default ${DEFAULT_PREVIEW})
+  --quiet            forward and decode, print nothing after the listening line
+  -h, --help         show this help`;
+
+/** A command-line mistake: reported as one line plus the usage, exit code 2. */
+class UsageError extends Error {}
+
+// parseArgs explains itself over several sentences; keep the first, and say
+// how to pass a value that starts with "-" (a negative number, say).
+function parseArgsMessage(error: Error): string {
+  const first = error.message.split(/\.\s/)[0];
+  const option = first.match(/^Option '(--[\w-]+)' argument is ambiguous/)?.[1];
+  return option
+    ? `${option} needs a value; for one that starts with "-", write ${option}=VALUE`
+    : first;
+}
+
+interface CommandLine {
+  hostname: string;
+  port: number;
+  to: { hostname: string; port: number };
+  preview: number;
+  hex: boolean;
+  json: boolean;
+  quiet: boolean;
+  help: boolean;
+}
+
+function parseCommandLine(args: string[]): CommandLine {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      options: {
+        to: { type: "string" },
+        host: { type: "string", default: DEFAULT_HOSTNAME },
+        port: { type: "string", default: String(DEFAULT_PORT) },
+        json: { type: "boolean", default: false },
+        hex: { type: "boolean", default: false },
+        preview: { type: "string", default: String(DEFAULT_PREVIEW) },
+        quiet: { type: "boolean", default: false },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }).values;
+  } catch (error) {
+    throw new UsageError(parseArgsMessage(error as Error));
+  }
+  const options = {
+    hostname: parsed.host,
+    port: integerOption("--port", parsed.port, 0, 65535),
+    to: { hostname: "", port: 0 },
+    preview: integerOption("--preview", parsed.preview, 0, MAX_PREVIEW),
+    hex: parsed.hex,
+    json: parsed.json,
+    quiet: parsed.quiet,
+    help: parsed.help,
+  };
+  if (options.help) return options;
+  if (parsed.to === undefined) {
+    throw new UsageError("--to HOST:PORT is required: the server to forward to");
+  }
+  options.to = targetOption(parsed.to);
+  return options;
+}
+
+function targetOption(text: string): { hostname: string; port: number } {
+  const match = text.match(/^(?:\[([^\]]+)\]|([^:\s]+)):(\d{1,5})$/);
+  const port = Number(match?.[3]);
+  if (!match || port < 1 || port > 65535) {
+    throw new UsageError(
+      `--to must be HOST:PORT with a port from 1 to 65535 (an IPv6 host in brackets), got "${text}"`,
+    );
+  }
+  return { hostname: match[1] ?? match[2], port };
+}
+
+function integerOption(
+  name: string,
+  text: string,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number {
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < min || value > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
+  }
+  return value;
+}
+
+// Events are written in batches: while one write to stdout is under way, the
+// next lines gather, so a busy proxy makes few large writes instead of one
+// per event. Past OUTPUT_BACKLOG_LIMIT, forwarding waits for the writer.
+function createOutput(format: (event: WireEvent) => string) {
+  let pending: string[] = [];
+  let size = 0;
+  let writing: Promise<void> | undefined;
+  let broken = false;
+  async function flush() {
+    while (pending.length > 0) {
+      const text = pending.join("\n") + "\n";
+      pending = [];
+      size = 0;
+      const bytes = encoder.encode(text);
+      try {
+        for (let done = 0; done < bytes.length;) {
+          done += await Deno.stdout.write(bytes.subarray(done));
+        }
+      } catch {
+        // stdout closed (a pipe to `head`, say): keep forwarding, stop printing.
+        pending = [];
+        broken = true;
+      }
+    }
+    writing = undefined;
+  }
+  return {
+    event(event: WireEvent) {
+      if (broken) return;
+      const line = format(event);
+      pending.push(line);
+      size += line.length;
+      writing ??= flush();
+    },
+    waitForOutput: () => size > OUTPUT_BACKLOG_LIMIT ? writing : undefined,
+    drained: () => writing ?? Promise.resolve(),
+  };
+}
+
+async function main(args: string[]): Promise<number> {
+  let options;
+  try {
+    options = parseCommandLine(args);
+  } catch (error) {
+    if (!(error instanceof UsageError)) throw error;
+    console.error(`wire: ${error.message}\n\n${USAGE}`);
+    return 2;
+  }
+  if (options.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  const color = !options.json && Deno.stdout.isTerminal() && !Deno.noColor;
+  const output = createOutput(
+    options.json ? (event) => JSON.stringify(event) : (event) => formatEvent(event, { color }),
+  );
+  const address = `${formatHost(options.hostname)}:${options.port}`;
+  let wire: Wire;
+  try {
+    wire = startWire({
+      ...options,
+      onEvent: options.quiet ? undefined : output.event,
+      waitForOutput: options.quiet ? undefined : output.waitForOutput,
+    });
+  } catch (error) {
+    console.error(
+      `wire: cannot listen on ${address}: ${startError(error, options.hostname, options.port)}`,
+    );
+    return 1;
+  }
+  console.log(`listening on tcp://${formatHost(wire.addr.hostname)}:${wire.addr.port}`);
+  const stop = Promise.withResolvers<void>();
+  for (const signal of ["SIGINT", "SIGTERM"] as const) {
+    if (Deno.build.os !== "windows" || signal === "SIGINT") {
+      Deno.addSignalListener(signal, stop.resolve);
+    }
+  }
+  await stop.promise;
+  // Closing is quick; the timer is a guarantee that a stuck peer or a
+  // stuck stdout cannot hold the process past a second.
+  setTimeout(() => Deno.exit(0), 900);
+  await wire.close();
+  await output.drained();
+  return 0;
+}
+
+function startError(error: unknown, hostname: string, port: number): string {
+  if (error instanceof Deno.errors.AddrInUse) {
+    return "address already in use (is another server running? try --port 0 for any free port)";
+  }
+  if (error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied) {
+    return `permission denied (run with --allow-net=${formatHost(hostname)}:${port}` +
+      (port > 0 && port < 1024 ? ", and ports below 1024 need root" : "") + ")";
+  }
+  if (error instanceof Deno.errors.AddrNotAvailable) return "that address is not on this machine";
+  return error instanceof Error ? error.message : String(error);
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));
