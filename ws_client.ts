@@ -527,6 +527,10 @@ function certificateFailure(reason: string, url: string): string {
     return "certificate refused: unknown issuer, no CA we trust signed it; trust its CA with " +
       `--ca FILE (e.g. --ca .certs/ca.pem from deno task cert) ${skip}`;
   }
+  if (/BadSignature/i.test(reason)) {
+    return "certificate refused: bad signature, it names a CA we trust that did not sign it " +
+      `(a CA of the same name, made again?); trust the CA that signed it with --ca FILE ${skip}`;
+  }
   if (/not valid for name|NotValidForName/i.test(reason)) {
     const names = [...reason.matchAll(/(?:DnsName|IpAddress)\("?([^")]+)"?\)/g)].map((m) => m[1]);
     const valid = names.length ? `it is for ${names.join(", ")}` : "it is for other names";

@@ -119,7 +119,9 @@ export async function makeCertificates(options: CertificateOptions): Promise<Cer
       "-days",
       String(CA_DAYS),
       "-subj",
-      "/CN=deno-tcp-ws local test CA",
+      // A name of its own: a client finds a certificate's CA by name, so two
+      // CAs of one name would meet as a "bad signature", not "unknown issuer".
+      `/CN=local test CA ${new Date().toISOString()} ${crypto.randomUUID().slice(0, 8)}`,
       "-addext",
       "basicConstraints=critical,CA:TRUE",
       "-addext",
