@@ -803,7 +803,13 @@ Deno.test("tls: ws_client refuses ws:// on a TLS port, wss:// on a plain one, an
     tlsOnPlain.stderr,
     /: the server does not speak TLS \(a ws:\/\/ server\? then use ws:\/\/\)\n$/,
   );
-  const notPem = await runScript("ws_client.ts", ["--ca", scriptPath("deno.json"), "x"]);
+  const notPem = await runScript("ws_client.ts", [
+    "--url",
+    `wss://127.0.0.1:${tls.addr.port}/`,
+    "--ca",
+    scriptPath("deno.json"),
+    "x",
+  ]);
   assert.equal(notPem.code, 1);
   assert.match(notPem.stderr, /^ws_client: \S+: --ca \S+deno\.json holds no PEM certificate .*\n$/);
 });
@@ -873,6 +879,7 @@ Deno.test("ws_client: a server that picks no subprotocol is said so; bad --proto
     [["--header", "Sec-WebSocket-Protocol: x"], /offer subprotocols with --protocol$/],
     [["--origin", "not a url"], /--origin must be a page's URL/],
     [["--origin", "http://a", "--header", "Origin: http://b"], /give the Origin once/],
+    [["--ca", "ca.pem"], /--ca goes with a wss:\/\/ URL, got "ws:/],
   ];
   for (const [args, expected] of cases) {
     const run = await runScript("ws_client.ts", ["--url", url, ...args, "x"]);

@@ -697,6 +697,9 @@ function parseCommandLine(args: string[]) {
   if (!URL.canParse(url) || !/^wss?:$/.test(new URL(url).protocol)) {
     throw new UsageError(`--url must be a ws:// or wss:// URL, got "${url}"`);
   }
+  if (parsed.values.ca !== undefined && new URL(url).protocol !== "wss:") {
+    throw new UsageError(`--ca goes with a wss:// URL, got "${url}"`);
+  }
   if (!/^\d+$/.test(timeout) || Number(timeout) < 1) {
     throw new UsageError(
       `--timeout must be a whole number of milliseconds, 1 or more, got "${timeout}"`,
