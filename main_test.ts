@@ -963,13 +963,11 @@ Deno.test("ws_client slash commands: /help lists them, /quit leaves without a cl
  * and stdout, as a person's shell would; `typed` is what they type. Its
  * output comes back as the terminal shows it (with "\r\n" line ends).
  */
-async function runInTerminal(args: string[], typed: string) {
+async function runInTerminal(args: string[], typed: string, { stdoutPiped = false } = {}) {
+  const command = [Deno.execPath(), "run", "-A", ...args].map((a) => `'${a}'`).join(" ");
   const child = new Deno.Command("script", {
-    args: [
-      "-qefc",
-      [Deno.execPath(), "run", "-A", ...args].map((a) => `'${a}'`).join(" "),
-      "/dev/null",
-    ],
+    // `| cat`: stdin is still the terminal, stdout a pipe.
+    args: ["-qefc", stdoutPiped ? `${command} | cat` : command, "/dev/null"],
     stdin: "piped",
     stdout: "piped",
     stderr: "piped",
@@ -1011,4 +1009,16 @@ Deno.test("tty: at a terminal, both clients say how to leave and mark received l
   );
   assert.ok(wsRun.screen.includes(`${RECEIVED}hello\n> `), wsRun.screen);
   assert.ok(wsRun.screen.includes(`${RECEIVED}<binary 2 bytes: 00 ff>\n> `), wsRun.screen);
+
+  // Typed at a terminal but printed into a pipe: told how to leave, stdout unmarked as ever.
+  await using chat = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const piped = await runInTerminal(
+    [scriptPath("ws_client.ts"), "--url", `ws://127.0.0.1:${chat.addr.port}/`],
+    "hello\n",
+    { stdoutPiped: true },
+  );
+  assert.equal(piped.code, 0, piped.screen);
+  assert.match(piped.screen, /ws_client: ws:\S+: connected; /);
+  assert.match(piped.screen, /^guest-1: hello$/m);
+  assert.ok(!piped.screen.includes("< "), piped.screen);
 });

@@ -279,9 +279,9 @@ async function main(args: string[]): Promise<number> {
   }
   const { hostname, port, messages } = options;
   const interactive = messages.length === 0;
-  const terminal = interactive && Deno.stdin.isTerminal() && Deno.stdout.isTerminal()
-    ? new TerminalMarks()
-    : undefined;
+  // A person typing is told how to leave; their screen, if stdout is it too, is marked.
+  const personTyping = interactive && Deno.stdin.isTerminal();
+  const terminal = personTyping && Deno.stdout.isTerminal() ? new TerminalMarks() : undefined;
   let input: ReadableStream<Uint8Array> = interactive
     ? Deno.stdin.readable
     : ReadableStream.from([encoder.encode(messages.map((message) => `${message}\n`).join(""))]);
@@ -309,12 +309,12 @@ async function main(args: string[]): Promise<number> {
       output: tls ? output : refuseTlsAnswer(output),
       tls,
       onConnect: () => {
-        if (!terminal) return;
+        if (!personTyping) return;
         console.error(
           `tcp_client: connected to ${address}${tls ? " over TLS" : ""}; type lines to send ` +
             "them; Ctrl-D half-closes (the server may still answer), Ctrl-C quits",
         );
-        terminal.prompt();
+        terminal?.prompt();
       },
     });
   } catch (error) {

@@ -994,9 +994,9 @@ async function main(args: string[]): Promise<number> {
   }
   const { url, timeout, maxMessage, messages, protocols, headers } = options;
   const oneShot = messages.length > 0;
-  const terminal = !oneShot && Deno.stdin.isTerminal() && Deno.stdout.isTerminal()
-    ? new TerminalMarks()
-    : undefined;
+  // A person typing is told how to leave; their screen, if stdout is it too, is marked.
+  const personTyping = !oneShot && Deno.stdin.isTerminal();
+  const terminal = personTyping && Deno.stdout.isTerminal() ? new TerminalMarks() : undefined;
   let close;
   // The code we close with: 1000, unless /close chose another.
   let closeCode = NORMAL_CLOSURE;
@@ -1018,12 +1018,12 @@ async function main(args: string[]): Promise<number> {
         if (protocols.length > 0) {
           report(url, protocol ? `subprotocol: ${protocol}` : "the server chose no subprotocol");
         }
-        if (!terminal) return;
+        if (!personTyping) return;
         report(
           url,
           "connected; type a line to send it, /help for commands, Ctrl-D to close, Ctrl-C to quit",
         );
-        terminal.prompt();
+        terminal?.prompt();
       },
       onMessage: terminal ? (data) => writeTerminal(TerminalMarks.received(data)) : show,
     });
