@@ -626,6 +626,8 @@ async function testCertificates() {
     good: await pair(good),
     wrongName: await pair(wrongName),
     expired: await pair(expired),
+    // A CA's own certificate shown by a server: what a lone self-signed one amounts to.
+    caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
     async [Symbol.asyncDispose]() {
       await Deno.remove(dir, { recursive: true });
     },
@@ -678,6 +680,7 @@ Deno.test("tls: tcp_client --tls trusts --ca, and refuses a wrong CA, a wrong na
   await using good = tlsEchoServer(certs.good);
   await using wrongName = tlsEchoServer(certs.wrongName);
   await using expired = tlsEchoServer(certs.expired);
+  await using caAsServer = tlsEchoServer(certs.caAsServer);
   const client = (port: number, ...args: string[]) =>
     runScript("tcp_client.ts", ["--port", String(port), "--tls", ...args, "hello"]);
 
@@ -696,6 +699,11 @@ Deno.test("tls: tcp_client --tls trusts --ca, and refuses a wrong CA, a wrong na
       /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
     ],
     [expired.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [
+      caAsServer.port,
+      certs.ca,
+      /certificate refused: the server shows a CA certificate as its own;/,
+    ],
   ];
   for (const [port, ca, expected] of refusals) {
     const { code, stdout, stderr } = await client(port, "--ca", ca);
@@ -752,6 +760,7 @@ Deno.test("tls: ws_client wss:// trusts --ca, refuses a wrong CA, a wrong name, 
   await using good = wssEchoServer(certs.good);
   await using wrongName = wssEchoServer(certs.wrongName);
   await using expired = wssEchoServer(certs.expired);
+  await using caAsServer = wssEchoServer(certs.caAsServer);
   const url = (port: number) => `wss://127.0.0.1:${port}/`;
   const client = (port: number, ca: string) =>
     runScript("ws_client.ts", ["--url", url(port), "--ca", ca, "hello"]);
@@ -771,6 +780,11 @@ Deno.test("tls: ws_client wss:// trusts --ca, refuses a wrong CA, a wrong name, 
       /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
     ],
     [expired.addr.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [
+      caAsServer.addr.port,
+      certs.ca,
+      /certificate refused: the server shows a CA certificate as its own;/,
+    ],
   ];
   for (const [port, ca, expected] of refusals) {
     const { code, stdout, stderr } = await client(port, ca);
