@@ -16,6 +16,7 @@ import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
+import { type CertificateFiles, makeCertificates } from "./tools/cert.ts";
 import { startBridge } from "./bridge.ts";
 import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
@@ -2469,4 +2470,438 @@ Deno.test("wire: --hex and --preview bound what each event shows", async () => {
     undefined,
     true,
   ]);
+});
+// ------------------------------------------------------ TLS: the two clients
+
+/**
+ * Certificates made by tools/cert.ts in a temporary folder: a CA and a
+ * localhost/127.0.0.1 leaf it signed, a leaf for another name and an expired
+ * one from the same CA, and a second CA nobody's leaf comes from.
+ */
+async function testCertificates() {
+  const dir = await Deno.makeTempDir({ prefix: "tls_test_" });
+  const good = await makeCertificates({ out: `${dir}/good` });
+  const caDir = `${dir}/good`;
+  const wrongName = await makeCertificates({ out: `${dir}/name`, caDir, names: ["example.com"] });
+  const expired = await makeCertificates({ out: `${dir}/expired`, caDir, days: -1 });
+  const other = await makeCertificates({ out: `${dir}/other` });
+  const pair = async (files: CertificateFiles) => ({
+    cert: await Deno.readTextFile(files.cert),
+    key: await Deno.readTextFile(files.key),
+  });
+  return {
+    ca: good.ca,
+    otherCa: other.ca,
+    good: await pair(good),
+    wrongName: await pair(wrongName),
+    expired: await pair(expired),
+    // A CA's own certificate shown by a server: what a lone self-signed one amounts to.
+    caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
+    async [Symbol.asyncDispose]() {
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+/** A TLS echo server on a free port; a refused handshake just ends that connection. */
+function tlsEchoServer(pair: { cert: string; key: string }) {
+  const listener = Deno.listenTls({ hostname: "127.0.0.1", port: 0, ...pair });
+  const conns = new Set<Deno.TlsConn>();
+  const served: Promise<void>[] = [];
+  async function echo(conn: Deno.TlsConn) {
+    try {
+      const buffer = new Uint8Array(64 * 1024);
+      for (let n = await conn.read(buffer); n !== null; n = await conn.read(buffer)) {
+        for (let done = 0; done < n;) done += await conn.write(buffer.subarray(done, n));
+      }
+    } catch {
+      // The client refused our certificate, or spoke no TLS.
+    } finally {
+      conns.delete(conn);
+      conn.close();
+    }
+  }
+  const accepting = (async () => {
+    for await (const conn of listener) (conns.add(conn), served.push(echo(conn)));
+  })();
+  return {
+    port: listener.addr.port,
+    async [Symbol.asyncDispose]() {
+      listener.close();
+      await accepting.catch(() => {});
+      for (const conn of conns) conn.close();
+      await Promise.allSettled(served);
+    },
+  };
+}
+
+/** A wss:// echo server (Deno.serve with a certificate) on a free port. */
+function wssEchoServer(pair: { cert: string; key: string }) {
+  return Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: quiet, ...pair }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.onmessage = (event) => socket.send(event.data);
+    return response;
+  });
+}
+
+Deno.test("tls: tcp_client --tls trusts --ca, and refuses a wrong CA, a wrong name, an expired certificate in one line each", async () => {
+  await using certs = await testCertificates();
+  await using good = tlsEchoServer(certs.good);
+  await using wrongName = tlsEchoServer(certs.wrongName);
+  await using expired = tlsEchoServer(certs.expired);
+  await using caAsServer = tlsEchoServer(certs.caAsServer);
+  const client = (port: number, ...args: string[]) =>
+    runScript("tcp_client.ts", ["--port", String(port), "--tls", ...args, "hello"]);
+
+  const trusted = await client(good.port, "--ca", certs.ca);
+  assert.deepEqual(trusted, { code: 0, stdout: "hello\n", stderr: "" });
+
+  const refusals: [number, string, RegExp][] = [
+    [
+      good.port,
+      certs.otherCa,
+      /certificate refused: unknown issuer, .*trust its CA with --ca FILE/,
+    ],
+    [
+      wrongName.port,
+      certs.ca,
+      /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
+    ],
+    [expired.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [
+      caAsServer.port,
+      certs.ca,
+      /certificate refused: the server shows a CA certificate as its own;/,
+    ],
+  ];
+  for (const [port, ca, expected] of refusals) {
+    const { code, stdout, stderr } = await client(port, "--ca", ca);
+    assert.equal(code, 1, stderr);
+    assert.equal(stdout, "");
+    assert.match(
+      stderr,
+      new RegExp(`^tcp_client: 127\\.0\\.0\\.1:${port}: ${expected.source}.*\n$`),
+    );
+    assertNoStackTrace(stderr);
+  }
+});
+
+Deno.test("tls: tcp_client --insecure accepts any certificate, and says so on stderr", async () => {
+  await using certs = await testCertificates();
+  await using server = tlsEchoServer(certs.wrongName);
+  const { code, stdout, stderr } = await runScript("tcp_client.ts", [
+    "--port",
+    String(server.port),
+    "--tls",
+    "--insecure",
+    "hello",
+    "again",
+  ]);
+  assert.equal(code, 0, stderr);
+  assert.equal(stdout, "hello\nagain\n");
+  assert.match(stderr, /^tcp_client: WARNING: --insecure: .*certificate is not checked; .*\n$/);
+});
+
+Deno.test("tls: a plain tcp_client on a TLS port, and --tls on a plain port, are refused with what to do", async () => {
+  await using certs = await testCertificates();
+  await using tls = tlsEchoServer(certs.good);
+  const plain = await runScript("tcp_client.ts", ["--port", String(tls.port), "hello"]);
+  assert.equal(plain.code, 1);
+  assert.equal(plain.stdout, "", "no TLS alert bytes on stdout");
+  assert.match(
+    plain.stderr,
+    /^tcp_client: \S+: the server answered with a TLS alert: it speaks TLS; connect with --tls .*\n$/,
+  );
+  await using echo = startTcpServer({ port: 0, log: quiet });
+  await using chat = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  for (const port of [echo.addr.port, chat.addr.port]) {
+    const run = await runScript("tcp_client.ts", ["--port", String(port), "--tls", "hello"]);
+    assert.equal(run.code, 1);
+    assert.match(
+      run.stderr,
+      /^tcp_client: \S+: the server does not speak TLS \(.*leave out --tls\)\n$/,
+    );
+  }
+});
+
+Deno.test("tls: ws_client wss:// trusts --ca, refuses a wrong CA, a wrong name, an expired certificate in one line each", async () => {
+  await using certs = await testCertificates();
+  await using good = wssEchoServer(certs.good);
+  await using wrongName = wssEchoServer(certs.wrongName);
+  await using expired = wssEchoServer(certs.expired);
+  await using caAsServer = wssEchoServer(certs.caAsServer);
+  const url = (port: number) => `wss://127.0.0.1:${port}/`;
+  const client = (port: number, ca: string) =>
+    runScript("ws_client.ts", ["--url", url(port), "--ca", ca, "hello"]);
+
+  const trusted = await client(good.addr.port, certs.ca);
+  assert.deepEqual(trusted, { code: 0, stdout: "hello\n", stderr: "" });
+
+  const refusals: [number, string, RegExp][] = [
+    [
+      good.addr.port,
+      certs.otherCa,
+      /certificate refused: unknown issuer, .*trust its CA with --ca FILE/,
+    ],
+    [
+      wrongName.addr.port,
+      certs.ca,
+      /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
+    ],
+    [expired.addr.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [
+      caAsServer.addr.port,
+      certs.ca,
+      /certificate refused: the server shows a CA certificate as its own;/,
+    ],
+  ];
+  for (const [port, ca, expected] of refusals) {
+    const { code, stdout, stderr } = await client(port, ca);
+    assert.equal(code, 1, stderr);
+    assert.equal(stdout, "");
+    assert.match(stderr, new RegExp(`^ws_client: ${url(port)}: ${expected.source}.*\n$`));
+    assert.match(stderr, /--unsafely-ignore-certificate-errors=127\.0\.0\.1/);
+    assert.doesNotMatch(stderr, /unknown host/);
+  }
+});
+
+Deno.test("tls: ws_client refuses ws:// on a TLS port, wss:// on a plain one, and a --ca that holds no certificate", async () => {
+  await using certs = await testCertificates();
+  await using tls = wssEchoServer(certs.good);
+  const plainOnTls = await runScript("ws_client.ts", [
+    "--url",
+    `ws://127.0.0.1:${tls.addr.port}/`,
+    "x",
+  ]);
+  assert.equal(plainOnTls.code, 1);
+  assert.match(plainOnTls.stderr, /does not speak HTTP, .*a TLS port wants wss:\/\/\)\n$/);
+  await using plain = startWsServer({ port: 0, log: quiet });
+  const tlsOnPlain = await runScript("ws_client.ts", [
+    "--url",
+    `wss://127.0.0.1:${plain.addr.port}/`,
+    "x",
+  ]);
+  assert.equal(tlsOnPlain.code, 1);
+  assert.match(
+    tlsOnPlain.stderr,
+    /: the server does not speak TLS \(a ws:\/\/ server\? then use ws:\/\/\)\n$/,
+  );
+  const notPem = await runScript("ws_client.ts", [
+    "--url",
+    `wss://127.0.0.1:${tls.addr.port}/`,
+    "--ca",
+    scriptPath("deno.json"),
+    "x",
+  ]);
+  assert.equal(notPem.code, 1);
+  assert.match(notPem.stderr, /^ws_client: \S+: --ca \S+deno\.json holds no PEM certificate .*\n$/);
+});
+
+// ------------------------------------------- ws_client: what rides on the handshake
+
+Deno.test("ws_client: --protocol, --header and --origin reach the server, the chosen subprotocol is printed", async () => {
+  const seen: Record<string, string>[] = [];
+  await using server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: quiet },
+    (request) => {
+      seen.push(Object.fromEntries(request.headers));
+      // The server picks the second offer, to show that the choice is its own.
+      const { socket, response } = Deno.upgradeWebSocket(request, { protocol: "chat.v2" });
+      socket.onmessage = (event) => socket.send(event.data);
+      return response;
+    },
+  );
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  const { code, stdout, stderr } = await runScript("ws_client.ts", [
+    "--url",
+    url,
+    "--protocol",
+    "chat.v1,chat.v2",
+    "--protocol",
+    "chat.v3",
+    "--header",
+    "X-Token: s3cret",
+    "--header",
+    "X-Trace:  two words ",
+    "--origin",
+    "http://localhost:3000/app/page.html",
+    "hello",
+  ]);
+  assert.equal(code, 0, stderr);
+  assert.equal(stdout, "hello\n");
+  assert.equal(stderr, `ws_client: ${url}: subprotocol: chat.v2\n`);
+  assert.equal(seen.length, 1);
+  assert.equal(seen[0]["sec-websocket-protocol"], "chat.v1, chat.v2, chat.v3");
+  assert.equal(seen[0]["x-token"], "s3cret");
+  assert.equal(seen[0]["x-trace"], "two words");
+  assert.equal(seen[0]["origin"], "http://localhost:3000");
+});
+
+Deno.test("ws_client: a server that picks no subprotocol is said so; bad --protocol, --header, --origin are one line and exit 2", async () => {
+  await using server = startWsServer({ port: 0, log: quiet });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  await using plain = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: quiet }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.onmessage = (event) => socket.send(event.data);
+    return response;
+  });
+  const none = await runScript("ws_client.ts", [
+    "--url",
+    `ws://127.0.0.1:${plain.addr.port}/`,
+    "--protocol",
+    "x",
+    "hi",
+  ]);
+  assert.equal(none.code, 0, none.stderr);
+  assert.match(none.stderr, /: the server chose no subprotocol\n$/);
+  const cases: [string[], RegExp][] = [
+    [["--protocol", "a b"], /--protocol takes names of letters, .*got "a b"$/],
+    [["--protocol", "a,a"], /--protocol names "a" twice$/],
+    [["--header", "no colon"], /--header must look like "Name: value", got "no colon"$/],
+    [["--header", "Host: evil"], /--header Host: the handshake sets it \(Deno drops ours\)$/],
+    [["--header", "Sec-WebSocket-Protocol: x"], /offer subprotocols with --protocol$/],
+    [["--origin", "not a url"], /--origin must be a page's URL/],
+    [["--origin", "http://a", "--header", "Origin: http://b"], /give the Origin once/],
+    [["--ca", "ca.pem"], /--ca goes with a wss:\/\/ URL, got "ws:/],
+  ];
+  for (const [args, expected] of cases) {
+    const run = await runScript("ws_client.ts", ["--url", url, ...args, "x"]);
+    assert.equal(run.code, 2, args.join(" "));
+    assert.match(run.stderr.split("\n")[0], expected);
+  }
+});
+
+// ------------------------------------------------ ws_client: slash commands
+
+/** A WebSocket server that echoes and records what it got: texts, bytes, and the close. */
+function handshakeRecordingServer() {
+  const got: (string | number[])[] = [];
+  const closed = Promise.withResolvers<{ code: number; reason: string; wasClean: boolean }>();
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: quiet }, (request) => {
+    const { socket, response } = Deno.upgradeWebSocket(request);
+    socket.binaryType = "arraybuffer";
+    socket.onmessage = (event) => {
+      got.push(typeof event.data === "string" ? event.data : [...new Uint8Array(event.data)]);
+      socket.send(event.data);
+    };
+    socket.onclose = (event) => {
+      closed.resolve({ code: event.code, reason: event.reason, wasClean: event.wasClean });
+    };
+    return response;
+  });
+  return { url: `ws://127.0.0.1:${server.addr.port}/`, got, closed: closed.promise, server };
+}
+
+Deno.test("ws_client slash commands: //text, /binary HEX and @FILE, mistakes on stderr, /close CODE REASON", async () => {
+  const { url, got, closed, server } = handshakeRecordingServer();
+  await using _ = server;
+  const file = await Deno.makeTempFile();
+  await Deno.writeFile(file, Uint8Array.of(1, 2, 3));
+  const typed = [
+    "hello",
+    "//slash",
+    "/binary 00 ff 41",
+    `/binary @${file}`,
+    "/binary zz",
+    "/nope",
+    "/close 1001",
+    "/close 4001 done here",
+    "never sent",
+  ];
+  const run = await runScript("ws_client.ts", ["--url", url], typed.join("\n") + "\n");
+  await Deno.remove(file);
+  assert.equal(run.code, 0, run.stderr);
+  assert.equal(run.stdout, "hello\n/slash\n<binary 3 bytes>\n<binary 3 bytes>\n");
+  assert.deepEqual(got, ["hello", "/slash", [0, 255, 65], [1, 2, 3]]);
+  assert.deepEqual(await within(closed, "the close"), {
+    code: 4001,
+    reason: "done here",
+    wasClean: true,
+  });
+  assert.equal(
+    run.stderr,
+    "ws_client: /binary takes pairs of hex digits (/binary 48 69) or @FILE\n" +
+      "ws_client: unknown command /nope (/help lists them; //TEXT sends /TEXT)\n" +
+      "ws_client: /close: the code must be 1000 or 3000-4999 (the others are the protocol's own), got 1001\n",
+  );
+});
+
+Deno.test("ws_client slash commands: /help lists them, /quit leaves without a close frame", async () => {
+  const { url, got, closed, server } = handshakeRecordingServer();
+  await using _ = server;
+  const run = await runScript("ws_client.ts", ["--url", url], "/help\nbye\n/quit\nnever sent\n");
+  assert.equal(run.code, 0, run.stderr);
+  assert.match(run.stderr, /^ws_client: commands:\n(ws_client: {3}\/\S+.*\n){6}$/);
+  // The server sees the TCP connection end with no close frame (1006, which Deno shows as 0).
+  const drop = await within(closed, "the drop");
+  assert.equal(drop.wasClean, false);
+  assert.ok(drop.code === 0 || drop.code === 1006, `code ${drop.code}`);
+  assert.deepEqual(got.filter((message) => message === "never sent"), []);
+});
+
+// --------------------------------------------- a person at the terminal (a pty)
+
+/**
+ * Runs a client under `script`, which gives it a pseudo-terminal for stdin
+ * and stdout, as a person's shell would; `typed` is what they type. Its
+ * output comes back as the terminal shows it (with "\r\n" line ends).
+ */
+async function runInTerminal(args: string[], typed: string, { stdoutPiped = false } = {}) {
+  const command = [Deno.execPath(), "run", "-A", ...args].map((a) => `'${a}'`).join(" ");
+  const child = new Deno.Command("script", {
+    // `| cat`: stdin is still the terminal, stdout a pipe.
+    args: ["-qefc", stdoutPiped ? `${command} | cat` : command, "/dev/null"],
+    stdin: "piped",
+    stdout: "piped",
+    stderr: "piped",
+    env: { NO_COLOR: "1" },
+  }).spawn();
+  const writer = child.stdin.getWriter();
+  await writer.write(encoder.encode(typed));
+  await writer.close();
+  const { code, stdout } = await within(child.output(), `script ${args.join(" ")}`);
+  return { code, screen: decoder.decode(stdout).replaceAll("\r\n", "\n") };
+}
+
+// A received line: carriage return and "erase line" (the prompt goes), then "< ".
+const RECEIVED = "\r\x1b[2K< ";
+
+Deno.test("tty: at a terminal, both clients say how to leave and mark received lines '< ' after a '> ' prompt", async () => {
+  await using tcp = startTcpServer({ port: 0, log: quiet });
+  const tcpRun = await runInTerminal(
+    [scriptPath("tcp_client.ts"), "--port", String(tcp.addr.port)],
+    "hello \x1b[2J\n",
+  );
+  assert.equal(tcpRun.code, 0, tcpRun.screen);
+  assert.match(
+    tcpRun.screen,
+    /tcp_client: connected to 127\.0\.0\.1:\d+; .*Ctrl-D half-closes.*Ctrl-C quits\n/,
+  );
+  // The echo, marked and escaped: the ESC the "server" sent back is shown, not obeyed.
+  assert.ok(tcpRun.screen.includes(`${RECEIVED}hello \\x1b[2J\n> `), tcpRun.screen);
+
+  await using ws = startWsServer({ port: 0, log: quiet });
+  const wsRun = await runInTerminal(
+    [scriptPath("ws_client.ts"), "--url", `ws://127.0.0.1:${ws.addr.port}/`],
+    "hello\n/binary 00 ff\n",
+  );
+  assert.equal(wsRun.code, 0, wsRun.screen);
+  assert.match(
+    wsRun.screen,
+    /ws_client: ws:\S+: connected; .*\/help for commands, Ctrl-D to close, Ctrl-C to quit\n/,
+  );
+  assert.ok(wsRun.screen.includes(`${RECEIVED}hello\n> `), wsRun.screen);
+  assert.ok(wsRun.screen.includes(`${RECEIVED}<binary 2 bytes: 00 ff>\n> `), wsRun.screen);
+
+  // Typed at a terminal but printed into a pipe: told how to leave, stdout unmarked as ever.
+  await using chat = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const piped = await runInTerminal(
+    [scriptPath("ws_client.ts"), "--url", `ws://127.0.0.1:${chat.addr.port}/`],
+    "hello\n",
+    { stdoutPiped: true },
+  );
+  assert.equal(piped.code, 0, piped.screen);
+  assert.match(piped.screen, /ws_client: ws:\S+: connected; /);
+  assert.match(piped.screen, /^guest-1: hello$/m);
+  assert.ok(!piped.screen.includes("< "), piped.screen);
 });
