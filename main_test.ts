@@ -546,24 +546,81 @@ Deno.test("cli: SIGTERM sends open WebSockets 1001 and exits 0", async () => {
 
 // ----------------------------------------------------------------- the README
 
+// The README and the pages under docs/ that it links to.
+const PAGES = [
+  "README.md",
+  "docs/reference.md",
+  "docs/reliability.md",
+  "docs/deno-notes.md",
+  "docs/performance.md",
+];
+
 Deno.test("readme: the flag reference is each script's own --help", async () => {
-  const readme = await Deno.readTextFile(scriptPath("README.md"));
+  const reference = await Deno.readTextFile(scriptPath("docs/reference.md"));
   for (const script of SCRIPTS) {
     const { stdout } = await runScript(script, ["--help"]);
-    assert.ok(readme.includes("```\n" + stdout + "```\n"), `README's usage block for ${script}`);
+    assert.ok(
+      reference.includes("```\n" + stdout + "```\n"),
+      `docs/reference.md's usage block for ${script}`,
+    );
   }
 });
 
 Deno.test("readme: every link to a script line lands on the code it names", async () => {
+  let count = 0;
+  for (const page of PAGES) {
+    const text = await Deno.readTextFile(scriptPath(page));
+    const base = page.includes("/") ? page.slice(0, page.lastIndexOf("/") + 1) : "";
+    for (
+      const [link, code, file, line] of text.matchAll(/\[`([^`]+)`\]\(([\w./]+\.ts)#L(\d+)\)/g)
+    ) {
+      const path = new URL(file, `file:///${base}`).pathname.slice(1);
+      const lines = (await Deno.readTextFile(scriptPath(path))).split("\n");
+      assert.ok(
+        lines[Number(line) - 1]?.includes(code),
+        `${page}: ${link}: line ${line} is "${lines[Number(line) - 1]}"`,
+      );
+      count++;
+    }
+  }
+  assert.ok(count >= 10);
+});
+
+Deno.test("readme: every relative link between the pages lands on a file that exists", async () => {
+  for (const page of PAGES) {
+    const text = await Deno.readTextFile(scriptPath(page));
+    const base = page.includes("/") ? page.slice(0, page.lastIndexOf("/") + 1) : "";
+    for (const [, target] of text.matchAll(/\]\(((?!https?:|#)[^)#\s]+)(?:#[^)]*)?\)/g)) {
+      const path = new URL(target, `file:///${base}`).pathname.slice(1);
+      const found = await Deno.stat(scriptPath(path)).then(() => true, () => false);
+      assert.ok(found, `${page} links to ${target}, which is not there`);
+    }
+  }
+});
+
+// The demo on the README's first screen: these commands, with this output.
+const DEMO = [
+  { server: "tcp_server.ts", client: "tcp_client.ts", port: 9000 },
+  { server: "ws_server.ts", client: "ws_client.ts", port: 8080 },
+];
+
+Deno.test("readme: the one-minute demo prints what the README shows", async () => {
   const readme = await Deno.readTextFile(scriptPath("README.md"));
-  const links = [...readme.matchAll(/\[`([^`]+)`\]\((\w+\.ts)#L(\d+)\)/g)];
-  assert.ok(links.length >= 10);
-  for (const [link, code, file, line] of links) {
-    const lines = (await Deno.readTextFile(scriptPath(file))).split("\n");
-    assert.ok(
-      lines[Number(line) - 1]?.includes(code),
-      `${link}: line ${line} is "${lines[Number(line) - 1]}"`,
-    );
+  for (const { server, client, port } of DEMO) {
+    const allow = `--allow-net=127.0.0.1:${port}`;
+    await using running = await spawnServer(server, []);
+    const ws = server.startsWith("ws");
+    const target = ws
+      ? ["--url", `ws://127.0.0.1:${running.port}/`]
+      : ["--port", `${running.port}`];
+    const { code, stdout } = await runScript(client, [...target, "hello", "world"]);
+    assert.equal(code, 0);
+    const serverLine = running.line.replace(`:${running.port}`, `:${port}`);
+    const shown = `$ deno run ${allow} ${server}\n    ${serverLine}\n`;
+    assert.ok(readme.includes(shown), `the README shows ${shown}`);
+    const clientShown = `$ deno run ${allow} ${client} hello world\n` +
+      stdout.split("\n").filter(Boolean).map((line) => `    ${line}\n`).join("");
+    assert.ok(readme.includes(clientShown), `the README shows ${clientShown}`);
   }
 });
 
@@ -2357,9 +2414,9 @@ Deno.test("wire: bad flags print one line plus usage and exit 2; a port in use e
 });
 
 Deno.test("readme: the --json event table is the one wire.ts emits", async () => {
-  const readme = await Deno.readTextFile(scriptPath("README.md"));
-  const section = readme.split("\n### wire.ts --json events\n")[1]?.split("\n#")[0];
-  assert.ok(section, 'README.md has a "### wire.ts --json events" section');
+  const reference = await Deno.readTextFile(scriptPath("docs/reference.md"));
+  const section = reference.split("\n### wire.ts --json events\n")[1]?.split("\n#")[0];
+  assert.ok(section, 'docs/reference.md has a "### wire.ts --json events" section');
   const documented: Record<string, string[]> = {};
   for (const [, type, fields] of section.matchAll(/^\| `(\w+)` +\| (.*?) *\|$/gm)) {
     documented[type] = [...fields.matchAll(/`(\w+)`/g)].map((m) => m[1]);
@@ -2904,4 +2961,26 @@ Deno.test("tty: at a terminal, both clients say how to leave and mark received l
   assert.match(piped.screen, /ws_client: ws:\S+: connected; /);
   assert.match(piped.screen, /^guest-1: hello$/m);
   assert.ok(!piped.screen.includes("< "), piped.screen);
+});
+
+Deno.test("cli: the deno task shortcuts take localhost, the name people type", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  const { code, stdout } = await new Deno.Command(Deno.execPath(), {
+    args: [
+      "task",
+      "-q",
+      "tcp-client",
+      "--host",
+      "localhost",
+      "--port",
+      `${server.addr.port}`,
+      "hi",
+    ],
+    cwd: scriptPath("."),
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  assert.equal(code, 0);
+  assert.equal(decoder.decode(stdout), "hi\n");
 });

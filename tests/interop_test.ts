@@ -102,7 +102,7 @@ const ONE_LINERS = {
     `s.pipe(process.stdout)'`,
   netcatEcho: (port: number) => `printf 'hello\\n' | nc -N 127.0.0.1 ${port}`,
   netcatChat: (port: number) => `nc -N 127.0.0.1 ${port}`,
-  pythonWs: (port: number) => `python3 -m websockets ws://127.0.0.1:${port}/`,
+  pythonWs: (port: number) => `/usr/bin/python3 -m websockets ws://127.0.0.1:${port}/`,
   nodeWs: (port: number) =>
     `node -e 'const ws = new (require("ws"))("ws://127.0.0.1:${port}/"); ` +
     `ws.on("open", () => ws.send("hello")); ` +
