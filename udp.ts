@@ -128,7 +128,7 @@ function serve(state: ServerState): void {
 }
 
 function receive(state: ServerState, data: Uint8Array, from: dgram.RemoteInfo): void {
-  if (state.closing || isOwnAddress(state, from)) return;
+  if (state.closing || isForgedSource(state, from)) return;
   const number = ++state.received;
   if (dropOnPurpose(state, number, data, from)) return;
   if (state.mode === "chat") chatDatagram(state, data, from);
@@ -389,12 +389,13 @@ function createTokenBucket(rate: number, burst: number, now: number): TokenBucke
   };
 }
 
-// A datagram's source address is only a field its sender filled in. One that
-// names this very socket would have the server answer itself, and then its
-// own answer, for ever.
-function isOwnAddress(state: ServerState, from: dgram.RemoteInfo): boolean {
-  return from.port === state.own.port &&
-    (from.address === state.own.address || isWildcard(state.own.address));
+// A datagram's source address is only a field its sender filled in. Port 0
+// is no port anyone can send from, so it is forged, and cannot be answered
+// (node:dgram throws on a send to it). One that names this very socket
+// would have the server answer itself, and then its own answer, for ever.
+function isForgedSource(state: ServerState, from: dgram.RemoteInfo): boolean {
+  return from.port === 0 || from.port === state.own.port &&
+      (from.address === state.own.address || isWildcard(state.own.address));
 }
 
 function markSeen(state: ServerState, peer: Peer, now: number): void {
@@ -442,10 +443,16 @@ function sendTo(state: ServerState, data: Uint8Array, address: string, port: num
     return;
   }
   state.pendingSends++;
-  state.socket.send(data, port, address, (error) => {
+  try {
+    state.socket.send(data, port, address, (error) => {
+      state.pendingSends--;
+      if (error && !state.closing) sendFailed(state, error, address, port);
+    });
+  } catch (error) {
+    // node:dgram throws, rather than calls back, for a port it cannot send to.
     state.pendingSends--;
-    if (error && !state.closing) sendFailed(state, error, address, port);
-  });
+    sendFailed(state, error as Error, address, port);
+  }
 }
 
 function sendFailed(state: ServerState, error: Error, address: string, port: number): void {

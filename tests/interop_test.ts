@@ -1393,3 +1393,45 @@ Deno.test("readme: the UDP section shows the lines these tests run", async () =>
     assert.ok(section.includes(shown), `the README shows ${name}: ${shown}`);
   }
 });
+
+// A raw socket writes its own IP and UDP headers, source address included;
+// Linux allows one to root (or CAP_NET_RAW), as under .ci/run.
+const rawSockets: Peer = {
+  found: PYTHON !== undefined &&
+    await runs(PYTHON, [
+      "-c",
+      "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)",
+    ]),
+  install: "root, for Python's raw sockets (sudo, or CAP_NET_RAW)",
+};
+
+interopTest(
+  "python raw socket: datagrams forged from port 0 or the server's own address stop neither echo nor chat",
+  [rawSockets],
+  async () => {
+    // Before: each forged from port 0 took one of the 4,096 pending sends for
+    // good (node:dgram throws on a send to port 0), until echo answered nobody.
+    {
+      await using server = await startDatagramServer(
+        deno("udp.ts", "serve", "--port", "0", "--quiet"),
+      );
+      const forger = await run([PYTHON!, [peer("udp_forger.py"), String(server.port), "echo"]]);
+      assert.equal(forger.stdout, "probes answered: 45 of 45\n", forger.stderr);
+    }
+    // Before: port 0 joined the room, every broadcast threw at it, nobody
+    // else could join, and the idle sweep's throw ended the process.
+    await using server = await startDatagramServer(
+      deno("udp.ts", "serve", "--port", "0", "--mode", "chat", "--idle-timeout", "1"),
+    );
+    const forger = await run([PYTHON!, [peer("udp_forger.py"), String(server.port), "chat"]]);
+    assert.equal(
+      forger.stdout,
+      "a: * guest-2 joined\na: guest-2: hi\nb: guest-2: hi\n" +
+        "b: * you left the room: silent for 1 s (send anything to rejoin)\nb: guest-3: back\n",
+      forger.stderr,
+    );
+    const { code, stderr } = await server.stop("SIGTERM");
+    assert.equal(code, 0, stderr);
+    assert.doesNotMatch(stderr, /:0 joined|error/, stderr);
+  },
+);
