@@ -997,3 +997,41 @@ Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exi
     assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
   }
 });
+
+Deno.test("udp echo: a peer that echoes every reply back is answered 1,000 a second at most, and others still are", async () => {
+  // Two echo servers, one datagram forged to say it came from the other,
+  // would answer each other for ever. The reflector plays the other server.
+  const logged: string[] = [];
+  let wake = () => {};
+  await using server = await startUdpServer({
+    port: 0,
+    log: (line) => {
+      logged.push(line);
+      wake();
+    },
+  });
+  const port = server.addr.port;
+  const reflector = dgram.createSocket("udp4");
+  await new Promise<void>((resolve) => reflector.bind(0, "127.0.0.1", resolve));
+  // Bounded, so that without the limit the loop ends and the wait below fails.
+  let reflected = 0;
+  reflector.on("message", (data) => {
+    if (++reflected < 100_000) reflector.send(data, port, "127.0.0.1");
+  });
+  try {
+    for (let i = 0; i < 4; i++) reflector.send(`ping ${i}`, port, "127.0.0.1");
+    const limited = /^- 127\.0\.0\.1:\d+ sends over 1000 datagrams a second: not echoed$/;
+    while (!logged.some((line) => limited.test(line))) {
+      await within(
+        new Promise<void>((resolve) => wake = resolve),
+        "the echo rate limit's log line",
+      );
+    }
+    await using other = await udpPeer(port);
+    await other.send("still answered");
+    assert.equal(await other.nextText(), "still answered");
+    assert.ok(reflected < 100_000, `${reflected} echoes reached the reflector`);
+  } finally {
+    await new Promise<void>((resolve) => reflector.close(() => resolve()));
+  }
+});
