@@ -1035,3 +1035,9 @@ Deno.test("udp echo: a peer that echoes every reply back is answered 1,000 a sec
     await new Promise<void>((resolve) => reflector.close(() => resolve()));
   }
 });
+
+Deno.test("udp cli: a small --drop rate is announced as that rate, not as 0%", async () => {
+  await using server = await spawnUdpServer(["--drop", "0.00001", "--seed", "1"]);
+  const { stderr } = await server.stop("SIGTERM");
+  assert.match(stderr, /^dropping 0\.001% of incoming datagrams on purpose \(--drop 0\.00001 /m);
+});

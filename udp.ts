@@ -1063,7 +1063,7 @@ async function serveCommand(options: ReturnType<typeof parseServeArgs>): Promise
   console.log(`listening on udp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
   if (options.drop > 0) {
     log(
-      `dropping ${Number((options.drop * 100).toFixed(2))}% of incoming datagrams on purpose ` +
+      `dropping ${Number((options.drop * 100).toPrecision(3))}% of incoming datagrams on purpose ` +
         `(--drop ${options.drop} --seed ${server.seed} repeats this run's choices)`,
     );
   }
