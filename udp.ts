@@ -63,6 +63,11 @@ const CHAT_RATE = 20;
 const CHAT_BURST = 40;
 // Chat: "room full" answers a second, to all strangers together.
 const ROOM_FULL_RATE = 10;
+// Echo: datagrams a second answered to one address, on average and in a
+// burst, and how many addresses are remembered for it.
+const ECHO_RATE = 1000;
+const ECHO_BURST = 1000;
+const MAX_ECHO_SENDERS = 4096;
 // Datagrams handed to the socket but not sent yet. A send never blocks, so
 // without a bound a flood would queue without end; past it, outgoing
 // datagrams are dropped, which UDP allows.
@@ -95,6 +100,8 @@ interface ServerState {
   received: number;
   pendingSends: number;
   roomFullAnswers: TokenBucket;
+  /** Echo: a token bucket for each address heard from lately, least recent first. */
+  echoSenders: Map<string, TokenBucket>;
   closing: boolean;
   log: (line: string) => void;
   limited: LogLimiter;
@@ -128,7 +135,7 @@ function serve(state: ServerState): void {
 }
 
 function receive(state: ServerState, data: Uint8Array, from: dgram.RemoteInfo): void {
-  if (state.closing || isOwnAddress(state, from)) return;
+  if (state.closing || isForgedSource(state, from)) return;
   const number = ++state.received;
   if (dropOnPurpose(state, number, data, from)) return;
   if (state.mode === "chat") chatDatagram(state, data, from);
@@ -141,6 +148,7 @@ function receive(state: ServerState, data: Uint8Array, from: dgram.RemoteInfo): 
 // its sender's address is where the answer goes. An empty datagram is a
 // datagram too (TCP has no way to send zero bytes), and comes back empty.
 function echoDatagram(state: ServerState, data: Uint8Array, from: dgram.RemoteInfo): void {
+  if (echoTooFast(state, from, Date.now())) return;
   sendTo(state, data, from.address, from.port);
 }
 
@@ -389,12 +397,32 @@ function createTokenBucket(rate: number, burst: number, now: number): TokenBucke
   };
 }
 
-// A datagram's source address is only a field its sender filled in. One that
-// names this very socket would have the server answer itself, and then its
-// own answer, for ever.
-function isOwnAddress(state: ServerState, from: dgram.RemoteInfo): boolean {
-  return from.port === state.own.port &&
-    (from.address === state.own.address || isWildcard(state.own.address));
+// A datagram's source address is only a field its sender filled in. Port 0
+// is no port anyone can send from, so it is forged, and cannot be answered
+// (node:dgram throws on a send to it). One that names this very socket
+// would have the server answer itself, and then its own answer, for ever.
+function isForgedSource(state: ServerState, from: dgram.RemoteInfo): boolean {
+  return from.port === 0 || from.port === state.own.port &&
+      (from.address === state.own.address || isWildcard(state.own.address));
+}
+
+// An echo server answers whatever address a datagram names, and that can be
+// forged to name another echo server: the two then answer each other for
+// ever, at full speed (the old UDP echo and chargen loop). Answering one
+// address at most ECHO_RATE a second breaks the loop, and keeps one fast
+// peer from filling the send queue that every other peer's answers need.
+function echoTooFast(state: ServerState, from: dgram.RemoteInfo, now: number): boolean {
+  const key = `${formatHost(from.address)}:${from.port}`;
+  const bucket = state.echoSenders.get(key) ?? createTokenBucket(ECHO_RATE, ECHO_BURST, now);
+  // Deleting and setting again keeps the Map least recently heard from first.
+  state.echoSenders.delete(key);
+  state.echoSenders.set(key, bucket);
+  if (state.echoSenders.size > MAX_ECHO_SENDERS) {
+    state.echoSenders.delete(state.echoSenders.keys().next().value!);
+  }
+  if (bucket.take(now)) return false;
+  state.limited("fast", `- ${key} sends over ${ECHO_RATE} datagrams a second: not echoed`);
+  return true;
 }
 
 function markSeen(state: ServerState, peer: Peer, now: number): void {
@@ -442,10 +470,16 @@ function sendTo(state: ServerState, data: Uint8Array, address: string, port: num
     return;
   }
   state.pendingSends++;
-  state.socket.send(data, port, address, (error) => {
+  try {
+    state.socket.send(data, port, address, (error) => {
+      state.pendingSends--;
+      if (error && !state.closing) sendFailed(state, error, address, port);
+    });
+  } catch (error) {
+    // node:dgram throws, rather than calls back, for a port it cannot send to.
     state.pendingSends--;
-    if (error && !state.closing) sendFailed(state, error, address, port);
-  });
+    sendFailed(state, error as Error, address, port);
+  }
 }
 
 function sendFailed(state: ServerState, error: Error, address: string, port: number): void {
@@ -720,6 +754,7 @@ export async function startUdpServer(options: UdpServerOptions = {}): Promise<Ud
     received: 0,
     pendingSends: 0,
     roomFullAnswers: createTokenBucket(ROOM_FULL_RATE, ROOM_FULL_RATE, Date.now()),
+    echoSenders: new Map(),
     closing: false,
     log,
     limited: createLogLimiter(log),
@@ -1028,7 +1063,7 @@ async function serveCommand(options: ReturnType<typeof parseServeArgs>): Promise
   console.log(`listening on udp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
   if (options.drop > 0) {
     log(
-      `dropping ${Number((options.drop * 100).toFixed(2))}% of incoming datagrams on purpose ` +
+      `dropping ${Number((options.drop * 100).toPrecision(3))}% of incoming datagrams on purpose ` +
         `(--drop ${options.drop} --seed ${server.seed} repeats this run's choices)`,
     );
   }

@@ -1546,3 +1546,44 @@ interopTest("chromium + netcat: the page bridge.ts serves joins a tcp_server.ts 
   assert.match(stderr, /- 127\.0\.0\.1:\d+ disconnected: close 1000 bye → FIN; /);
   assert.equal((await nc.finish()).code, 0);
 });
+// A raw socket writes its own IP and UDP headers, source address included;
+// Linux allows one to root (or CAP_NET_RAW), as under .ci/run.
+const rawSockets: Peer = {
+  found: PYTHON !== undefined &&
+    await runs(PYTHON, [
+      "-c",
+      "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)",
+    ]),
+  install: "root, for Python's raw sockets (sudo, or CAP_NET_RAW)",
+};
+
+interopTest(
+  "python raw socket: datagrams forged from port 0 or the server's own address stop neither echo nor chat",
+  [rawSockets],
+  async () => {
+    // Before: each forged from port 0 took one of the 4,096 pending sends for
+    // good (node:dgram throws on a send to port 0), until echo answered nobody.
+    {
+      await using server = await startDatagramServer(
+        deno("udp.ts", "serve", "--port", "0", "--quiet"),
+      );
+      const forger = await run([PYTHON!, [peer("udp_forger.py"), String(server.port), "echo"]]);
+      assert.equal(forger.stdout, "probes answered: 45 of 45\n", forger.stderr);
+    }
+    // Before: port 0 joined the room, every broadcast threw at it, nobody
+    // else could join, and the idle sweep's throw ended the process.
+    await using server = await startDatagramServer(
+      deno("udp.ts", "serve", "--port", "0", "--mode", "chat", "--idle-timeout", "1"),
+    );
+    const forger = await run([PYTHON!, [peer("udp_forger.py"), String(server.port), "chat"]]);
+    assert.equal(
+      forger.stdout,
+      "a: * guest-2 joined\na: guest-2: hi\nb: guest-2: hi\n" +
+        "b: * you left the room: silent for 1 s (send anything to rejoin)\nb: guest-3: back\n",
+      forger.stderr,
+    );
+    const { code, stderr } = await server.stop("SIGTERM");
+    assert.equal(code, 0, stderr);
+    assert.doesNotMatch(stderr, /:0 joined|error/, stderr);
+  },
+);
