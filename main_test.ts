@@ -997,3 +997,167 @@ Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exi
     assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
   }
 });
+
+// ------------------------------------------------------------------- TLS
+
+/**
+ * A test CA and a leaf for 127.0.0.1 and localhost signed by it, made with
+ * the system's openssl in a temporary folder (rustls will not take a
+ * self-signed certificate as its own CA). Disposing of it removes the folder.
+ */
+async function testCertificates() {
+  const dir = await Deno.makeTempDir({ prefix: "tls-test-" });
+  const run = async (...args: string[]) => {
+    const { code, stderr } = await new Deno.Command("openssl", { args, cwd: dir, stderr: "piped" })
+      .output();
+    assert.equal(code, 0, new TextDecoder().decode(stderr));
+  };
+  await run(
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-keyout",
+    "ca.key",
+    "-out",
+    "ca.pem",
+    "-days",
+    "2",
+    "-subj",
+    "/CN=ws_server test CA",
+    "-addext",
+    "basicConstraints=critical,CA:TRUE",
+    "-addext",
+    "keyUsage=critical,keyCertSign",
+  ); // deno-fmt-ignore
+  await run(
+    "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "leaf.key", "-out", "leaf.csr",
+    "-subj", "/CN=localhost",
+  ); // deno-fmt-ignore
+  await Deno.writeTextFile(
+    `${dir}/leaf.ext`,
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+  );
+  await run(
+    "x509",
+    "-req",
+    "-in",
+    "leaf.csr",
+    "-CA",
+    "ca.pem",
+    "-CAkey",
+    "ca.key",
+    "-CAcreateserial",
+    "-out",
+    "leaf.pem",
+    "-days",
+    "2",
+    "-extfile",
+    "leaf.ext",
+  ); // deno-fmt-ignore
+  return {
+    dir,
+    ca: await Deno.readTextFile(`${dir}/ca.pem`),
+    cert: await Deno.readTextFile(`${dir}/leaf.pem`),
+    key: await Deno.readTextFile(`${dir}/leaf.key`),
+    async [Symbol.asyncDispose]() {
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
+}
+
+Deno.test("ws server over TLS: wss:// echo and chat, and a plain client on the TLS port harms no one", async () => {
+  await using certs = await testCertificates();
+  await using echo = startWsServer({ port: 0, tls: certs, log: quiet });
+  using client = Deno.createHttpClient({ caCerts: [certs.ca] });
+  const url = `wss://127.0.0.1:${echo.addr.port}/`;
+  const opened = await openWsWith(new WebSocket(url, { client }));
+  // A client that speaks plain TCP, and one that speaks plain WebSocket,
+  // on the TLS port: the TLS handshake fails for them alone.
+  using plain = await connectTcp(echo.addr.port);
+  await plain.write("hello?\n");
+  // All it gets is a TLS alert record (content type 21), then the end.
+  const answer = await within(plain.readToEnd(), "the plain client's end");
+  assert.ok(answer.length === 0 || answer[0] === 21, `not a TLS alert: ${answer}`);
+  const refused = new WebSocket(`ws://127.0.0.1:${echo.addr.port}/`);
+  // No close frame ever came: 1006, which Deno's client shows as 0.
+  const refusal = await within(closeOf(refused), "the ws:// client's end");
+  assert.ok(!refusal.wasClean && [0, 1006].includes(refusal.code), `code ${refusal.code}`);
+  opened.socket.send("through TLS");
+  assert.equal(await within(opened.next(), "the echo over TLS"), "through TLS");
+  opened.socket.close(1000);
+  await opened.closed;
+
+  await using chat = startWsServer({ port: 0, mode: "chat", tls: certs, log: quiet });
+  const chatUrl = `wss://localhost:${chat.addr.port}/`;
+  const a = await openWsWith(new WebSocket(chatUrl, { client }));
+  assert.equal(await a.next(), "* you are guest-1");
+  const b = await openWsWith(new WebSocket(chatUrl, { client }));
+  assert.equal(await b.next(), "* you are guest-2");
+  assert.equal(await a.next(), "* guest-2 joined");
+  b.socket.send("secret");
+  assert.deepEqual([await a.next(), await b.next()], ["guest-2: secret", "guest-2: secret"]);
+  for (const peer of [a, b]) peer.socket.close(1000);
+  await Promise.all([a.closed, b.closed]);
+});
+
+Deno.test("cli: ws_server --cert/--key serves wss://; bad TLS files are one line and exit 1", async () => {
+  await using certs = await testCertificates();
+  const files = ["--cert", `${certs.dir}/leaf.pem`, "--key", `${certs.dir}/leaf.key`];
+  await using server = await spawnServer("ws_server.ts", files);
+  assert.match(server.line, /^listening on wss:\/\/127\.0\.0\.1:\d+\/$/);
+  const exit = await server.stop();
+  assert.equal(exit.code, 0);
+  assert.match(exit.stderr, /^browser client: https:\/\/127\.0\.0\.1:\d+\/$/m);
+  const cases: [string[], string, number][] = [
+    [["--cert", `${certs.dir}/leaf.pem`], "--cert and --key go together", 2],
+    [["--cert", `${certs.dir}/none.pem`, "--key", `${certs.dir}/leaf.key`], "no such file", 1],
+    [
+      ["--cert", `${certs.dir}/leaf.key`, "--key", `${certs.dir}/leaf.key`],
+      "no PEM certificate",
+      1,
+    ],
+    [
+      ["--cert", `${certs.dir}/leaf.pem`, "--key", `${certs.dir}/leaf.pem`],
+      "no PEM private key",
+      1,
+    ],
+    [["--cert", `${certs.dir}/leaf.pem`, "--key", `${certs.dir}/ca.key`], "not the private key", 1],
+  ];
+  for (const [args, text, code] of cases) {
+    const result = await runScript("ws_server.ts", ["--port", "0", ...args]);
+    assert.equal(result.code, code, args.join(" "));
+    assert.ok(result.stderr.split("\n")[0].includes(text), result.stderr);
+  }
+});
+
+/** A WebSocket made with options (a TLS client, say), opened, with its messages awaitable. */
+async function openWsWith(socket: WebSocket) {
+  const messages: string[] = [];
+  let wake = () => {};
+  socket.onmessage = (event) => {
+    messages.push(event.data);
+    wake();
+  };
+  const closed = closeOf(socket);
+  await within(
+    new Promise((resolve, reject) => {
+      socket.onopen = resolve;
+      closed.then(() => reject(new Error(`could not open ${socket.url}`)));
+    }),
+    `open ${socket.url}`,
+  );
+  return {
+    socket,
+    closed,
+    async next(): Promise<string> {
+      while (messages.length === 0) await within(new Promise<void>((r) => wake = r), "a message");
+      return messages.shift()!;
+    },
+  };
+}
+
+function closeOf(socket: WebSocket): Promise<CloseEvent> {
+  return new Promise((resolve) => socket.addEventListener("close", resolve, { once: true }));
+}

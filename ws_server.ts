@@ -96,6 +96,7 @@ export function startWsServer(options: WsServerOptions = {}): WsServer {
   const http = serveHttp(state, {
     hostname: options.hostname ?? DEFAULT_HOSTNAME,
     port: options.port ?? DEFAULT_PORT,
+    ...options.tls,
   });
   survivingDenoWebSocketFailures(state);
   let closed: Promise<void> | undefined;
@@ -143,9 +144,11 @@ function handleRequest(
       headers: { "content-type": "text/html; charset=utf-8" },
     });
   }
+  const secure = url.protocol === "https:";
   return plain(
     404,
-    `not found: the browser client is at http://${url.host}/ and the WebSocket endpoint is ws://${url.host}/`,
+    `not found: the browser client is at ${secure ? "https" : "http"}://${url.host}/ ` +
+      `and the WebSocket endpoint is ${secure ? "wss" : "ws"}://${url.host}/`,
   );
 }
 
@@ -621,7 +624,10 @@ function plain(status: number, text: string, headers: Record<string, string> = {
 // rejects and the port is closed. Serving again on the same port, once a
 // descriptor is free, is how this server recovers; WebSockets already open
 // are not touched.
-function serveHttp(state: ServerState, address: { hostname: string; port: number }): HttpServer {
+function serveHttp(
+  state: ServerState,
+  address: { hostname: string; port: number; cert?: string; key?: string },
+): HttpServer {
   const handler = (request: Request, info: Deno.ServeHandlerInfo) =>
     handleRequest(state, request, info);
   let stopped = false;
@@ -629,7 +635,7 @@ function serveHttp(state: ServerState, address: { hostname: string; port: number
   let current = listen(address.port);
   const addr = current.addr;
   function listen(port: number): Deno.HttpServer<Deno.NetAddr> {
-    const server = Deno.serve({ hostname: address.hostname, port, onListen: () => {} }, handler);
+    const server = Deno.serve({ ...address, port, onListen: () => {} }, handler);
     server.finished.catch((error) => {
       if (stopped) return;
       state.log(`accept failed: ${acceptFailure(error)}; serving again shortly`);
@@ -795,6 +801,11 @@ export interface WsServerOptions {
    * `127.0.0.1`, `[::1]` on any port (`"*"` = any origin). Default none.
    */
   allowOrigins?: string[];
+  /**
+   * Serve `https://` and `wss://`: a certificate chain and its private key, both PEM text
+   * (not file names). The WebSocket then runs inside TLS, inside TCP. Default: plain.
+   */
+  tls?: { cert: string; key: string };
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
 }
@@ -814,7 +825,7 @@ export interface WsServer extends AsyncDisposable {
 const USAGE = `Usage: ws_server.ts [options]
 
 A WebSocket echo (default) or chat server; GET / serves a browser client.
-Prints "listening on ws://HOST:PORT/".
+Prints "listening on ws://HOST:PORT/" (wss:// with --cert and --key).
 
 Options:
   --host HOST             address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
@@ -833,6 +844,8 @@ Options:
                           (http://host:port), or from any with '*' (default: only this
                           server's own pages, and localhost, 127.0.0.1, [::1] on any port;
                           other pages get HTTP 403)
+  --cert FILE             TLS certificate chain (PEM): serve https:// and wss://; needs --key
+  --key FILE              the certificate's private key (PEM)
   --quiet                 no connection log on stderr
   -h, --help              show this help`;
 
@@ -849,7 +862,7 @@ function parseArgsMessage(error: Error): string {
     : first;
 }
 
-function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; help: boolean } {
+function parseCommandLine(args: string[]): CommandLine {
   let parsed;
   try {
     parsed = parseArgs({
@@ -865,6 +878,8 @@ function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; h
         "idle-timeout": { type: "string", default: String(DEFAULT_IDLE_TIMEOUT) },
         protocol: { type: "string" },
         "allow-origin": { type: "string" },
+        cert: { type: "string" },
+        key: { type: "string" },
         quiet: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
       },
@@ -886,9 +901,44 @@ function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; h
     idleTimeout: integerOption("--idle-timeout", parsed["idle-timeout"], 0),
     protocols: protocolsOption(parsed.protocol),
     allowOrigins: originsOption(parsed["allow-origin"]),
+    tlsFiles: tlsFilesOption(parsed.cert, parsed.key),
     quiet: parsed.quiet,
     help: parsed.help,
   };
+}
+
+interface CommandLine extends WsServerOptions {
+  tlsFiles?: { cert: string; key: string };
+  quiet: boolean;
+  help: boolean;
+}
+
+function tlsFilesOption(cert: string | undefined, key: string | undefined) {
+  if (cert === undefined && key === undefined) return undefined;
+  if (cert === undefined || key === undefined) {
+    throw new UsageError(
+      "--cert and --key go together: TLS needs both the certificate and its key",
+    );
+  }
+  return { cert, key };
+}
+
+// The files are read here, so that the server's options hold PEM text and a
+// missing or unreadable file is one line before anything listens.
+function readTlsFiles(files: { cert: string; key: string }): { cert: string; key: string } {
+  const read = (flag: string, path: string) => {
+    try {
+      return Deno.readTextFileSync(path);
+    } catch (error) {
+      const why = error instanceof Deno.errors.NotFound
+        ? "no such file"
+        : error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied
+        ? `permission denied (run with --allow-read=${path})`
+        : (error as Error).message;
+      throw new Error(`cannot read ${flag} ${path}: ${why}`);
+    }
+  };
+  return { cert: read("--cert", files.cert), key: read("--key", files.key) };
 }
 
 function integerOption(
@@ -947,9 +997,16 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   const address = `${formatHost(options.hostname!)}:${options.port}`;
+  let tls;
+  try {
+    tls = options.tlsFiles && readTlsFiles(options.tlsFiles);
+  } catch (error) {
+    console.error(`ws_server: ${(error as Error).message}`);
+    return 1;
+  }
   let server: WsServer;
   try {
-    server = startWsServer({ ...options, log: options.quiet ? () => {} : console.error });
+    server = startWsServer({ ...options, tls, log: options.quiet ? () => {} : console.error });
   } catch (error) {
     console.error(
       `ws_server: cannot listen on ${address}: ${
@@ -958,17 +1015,19 @@ async function main(args: string[]): Promise<number> {
     );
     return 1;
   }
-  const where = `${formatHost(server.addr.hostname)}:${server.addr.port}`;
-  console.log(`listening on ws://${where}/`);
-  if (!options.quiet) console.error(`browser client: http://${where}/`);
-  const warning = openFileWarning(options.maxConnections!);
-  if (warning) console.error(`ws_server: ${warning}`);
+  // Listening for signals before saying "listening": a test or a script
+  // that stops the server the moment it has read that line gets exit 0.
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {
       Deno.addSignalListener(signal, stop.resolve);
     }
   }
+  const where = `${formatHost(server.addr.hostname)}:${server.addr.port}`;
+  console.log(`listening on ${tls ? "wss" : "ws"}://${where}/`);
+  if (!options.quiet) console.error(`browser client: ${tls ? "https" : "http"}://${where}/`);
+  const warning = openFileWarning(options.maxConnections!);
+  if (warning) console.error(`ws_server: ${warning}`);
   await stop.promise;
   // Closing is quick; the timer is a guarantee that a stuck peer cannot hold
   // the process past a second.
@@ -986,7 +1045,13 @@ function startError(error: unknown, hostname: string, port: number): string {
       (port > 0 && port < 1024 ? ", and ports below 1024 need root" : "") + ")";
   }
   if (error instanceof Deno.errors.AddrNotAvailable) return "that address is not on this machine";
-  return error instanceof Error ? error.message : String(error);
+  const message = error instanceof Error ? error.message : String(error);
+  if (/No certificates found/i.test(message)) return "--cert holds no PEM certificate";
+  if (/No keys found/i.test(message)) return "--key holds no PEM private key";
+  if (/KeyMismatch|keys may not be consistent/i.test(message)) {
+    return "--key is not the private key of the certificate in --cert";
+  }
+  return message;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
