@@ -55,6 +55,10 @@ const DEFAULT_MAX_CONNECTIONS = 8192;
 // signs of life, not pings or the fragments of a message still arriving.
 const DEFAULT_IDLE_TIMEOUT = 30;
 
+// A line a peer can make us repeat is printed once per this window, then
+// counted and summed up.
+const LOG_WINDOW_MS = 20_000;
+
 // How long peers get to answer our close frame on shutdown.
 const CLOSE_GRACE_MS = 500;
 
@@ -114,6 +118,7 @@ export function startWsServer(options: WsServerOptions = {}): WsServer {
     clearTimeout(timer);
     await http.shutdown();
     stopSurviving(state);
+    state.repeats.close();
   }
   return {
     addr: http.addr,
@@ -377,6 +382,8 @@ interface ServerState {
   /** Normalized origins (`scheme://host[:port]`), `"null"` or `"*"`. */
   allowOrigins: Set<string>;
   log: (line: string) => void;
+  /** For lines a peer can make us repeat at any rate: refusals, accept failures. */
+  repeats: LogLimiter;
   /** Every open WebSocket, and upgrades on their way to being one. */
   clients: Set<Client>;
   guests: number;
@@ -413,6 +420,7 @@ function dropTooSlow(state: ServerState, client: Client): void {
 }
 
 function initialState(options: WsServerOptions): ServerState {
+  const log = options.log ?? console.error;
   return {
     mode: options.mode ?? "echo",
     maxMessage: Math.min(options.maxMessage ?? DEFAULT_MAX_MESSAGE, DENO_MAX_FRAME),
@@ -421,7 +429,8 @@ function initialState(options: WsServerOptions): ServerState {
     idleTimeout: options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT,
     protocols: options.protocols ?? [],
     allowOrigins: allowedOrigins(options.allowOrigins ?? []),
-    log: options.log ?? console.error,
+    log,
+    repeats: createLogLimiter(log),
     clients: new Set(),
     guests: 0,
     closing: false,
@@ -602,7 +611,10 @@ function allowedOrigins(origins: string[]): Set<string> {
 
 /** A refusal: its one log line (the peer's words escaped) and the HTTP answer. */
 function refuse(state: ServerState, peer: string, refusal: Refusal): Response {
-  state.log(`! ${peer} refused with ${refusal.status}: ${refusal.reason}`);
+  state.repeats.log(
+    `refused ${refusal.status}`,
+    `! ${peer} refused with ${refusal.status}: ${refusal.reason}`,
+  );
   return plain(refusal.status, refusal.reason, refusal.headers);
 }
 
@@ -638,7 +650,7 @@ function serveHttp(
     const server = Deno.serve({ ...address, port, onListen: () => {} }, handler);
     server.finished.catch((error) => {
       if (stopped) return;
-      state.log(`accept failed: ${acceptFailure(error)}; serving again shortly`);
+      state.repeats.log("accept", `accept failed: ${acceptFailure(error)}; serving again shortly`);
       restartSoon(RESTART_MIN_MS);
     });
     return server;
@@ -649,7 +661,7 @@ function serveHttp(
       try {
         current = listen(addr.port);
       } catch (error) {
-        state.log(`cannot listen again yet: ${acceptFailure(error)}`);
+        state.repeats.log("listen", `cannot listen again yet: ${acceptFailure(error)}`);
         restartSoon(Math.min(2 * ms, RESTART_MAX_MS));
       }
     }, ms);
@@ -700,7 +712,8 @@ function onDenoWebSocketFailure(event: PromiseRejectionEvent): void {
   if (!(reason instanceof Error) || !String(reason.stack).includes("ext:deno_websocket")) return;
   event.preventDefault();
   for (const state of survivingServers) {
-    state.log(
+    state.repeats.log(
+      "too big for Deno",
       `! a client sent a message too big for Deno to assemble (${
         escapeControls(reason.message)
       }); that connection gets no more messages and is closed ${
@@ -710,6 +723,60 @@ function onDenoWebSocketFailure(event: PromiseRejectionEvent): void {
       }`,
     );
   }
+}
+
+/** What {@linkcode createLogLimiter} returns. */
+interface LogLimiter {
+  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
+  log(kind: string, line: string): void;
+  /** Logs the summaries still due and stops the window timers. */
+  close(): void;
+}
+
+/**
+ * A log for lines that a peer can make us repeat at any rate (one per
+ * reset, one per refused connection). The first line of a kind is logged at
+ * once and opens a window of `windowMs`; the others of that kind in the
+ * window are only counted, and when it ends (or at `close()`) one line sums
+ * them up: the last of them with `(and N more like it in the last 20 s)`.
+ * So a flood costs at most two lines per kind and window. The timers are
+ * unref'd: they never keep a process alive, but `close()` them anyway.
+ *
+ * The same as tcp_server.ts's (copied: each script stands alone).
+ */
+function createLogLimiter(
+  log: (line: string) => void,
+  windowMs = LOG_WINDOW_MS,
+): LogLimiter {
+  const windows = new Map<
+    string,
+    { last: string; more: number; timer: ReturnType<typeof setTimeout> }
+  >();
+  function summarize(kind: string): void {
+    const window = windows.get(kind)!;
+    windows.delete(kind);
+    clearTimeout(window.timer);
+    if (window.more > 0) {
+      log(`${window.last} (and ${window.more} more like it in the last ${windowMs / 1000} s)`);
+    }
+  }
+  return {
+    log(kind, line) {
+      const window = windows.get(kind);
+      if (window) {
+        window.more++;
+        window.last = line;
+        return;
+      }
+      log(line);
+      const timer = setTimeout(() => summarize(kind), windowMs);
+      Deno.unrefTimer(timer);
+      windows.set(kind, { last: line, more: 0, timer });
+    },
+    close() {
+      for (const kind of [...windows.keys()]) summarize(kind);
+    },
+  };
 }
 
 // Chat text may carry no control characters but tab: a "\r" or an ESC
