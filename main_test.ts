@@ -20,6 +20,8 @@ import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
   allBytes,
   connectTcp,
+  joinTcpChat,
+  joinWsChat,
   openWs,
   randomBytes,
   runScript,
@@ -94,10 +96,14 @@ Deno.test("tcp echo: a client that resets mid-transfer does not disturb the next
 
 Deno.test("tcp chat: three clients, everyone gets every line, joins and leaves announced", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  // Each newcomer's first line is its own name; the others hear it joined.
   using a = await connectTcp(server.addr.port);
+  assert.equal(await within(a.readLine(), "a's name"), "* you are guest-1");
   using b = await connectTcp(server.addr.port);
+  assert.equal(await within(b.readLine(), "b's name"), "* you are guest-2");
   assert.equal(await a.readLine(), "* guest-2 joined");
   const c = await connectTcp(server.addr.port);
+  assert.equal(await within(c.readLine(), "c's name"), "* you are guest-3");
   assert.equal(await a.readLine(), "* guest-3 joined");
   assert.equal(await b.readLine(), "* guest-3 joined");
 
@@ -148,8 +154,8 @@ Deno.test("tcp chat: the line limit holds whether or not the newline ever comes"
 
 Deno.test("tcp chat: a line too long closes only its sender, with a reason", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", maxLine: 16, log: quiet });
-  using talker = await connectTcp(server.addr.port);
-  using listener = await connectTcp(server.addr.port);
+  using talker = await joinTcpChat(server.addr.port, "guest-1");
+  using listener = await joinTcpChat(server.addr.port, "guest-2");
   assert.equal(await talker.readLine(), "* guest-2 joined");
   await talker.write("x".repeat(40) + "\n");
   assert.equal(await talker.readLine(), "* error: line too long (max 16 bytes)");
@@ -161,7 +167,7 @@ Deno.test("tcp chat: a line too long closes only its sender, with a reason", asy
 
 Deno.test("tcp chat: a last line without a newline is delivered at EOF", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
-  using client = await connectTcp(server.addr.port);
+  using client = await joinTcpChat(server.addr.port, "guest-1");
   await client.write("no newline");
   await client.conn.closeWrite();
   assert.equal(await client.readLine(), "guest-1: no newline");
@@ -170,7 +176,7 @@ Deno.test("tcp chat: a last line without a newline is delivered at EOF", async (
 
 Deno.test("tcp chat: bytes that are not UTF-8 arrive as U+FFFD", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
-  using client = await connectTcp(server.addr.port);
+  using client = await joinTcpChat(server.addr.port, "guest-1");
   await client.write(Uint8Array.of(0x68, 0xff, 0x69, 0x0a));
   assert.equal(await client.readLine(), "guest-1: h\uFFFDi");
 });
@@ -231,10 +237,14 @@ Deno.test("ws echo: a message over --max-message closes with 1009", async () => 
 Deno.test("ws chat: three clients, everyone gets every message, joins and leaves announced", async () => {
   await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
   const url = `ws://127.0.0.1:${server.addr.port}/`;
+  // Each newcomer's first message is its own name; the others hear it joined.
   await using a = await openWs(url);
+  assert.equal(await within(a.next(), "a's name"), "* you are guest-1");
   await using b = await openWs(url);
+  assert.equal(await within(b.next(), "b's name"), "* you are guest-2");
   assert.equal(await a.next(), "* guest-2 joined");
   const c = await openWs(url);
+  assert.equal(await within(c.next(), "c's name"), "* you are guest-3");
   assert.equal(await a.next(), "* guest-3 joined");
   assert.equal(await b.next(), "* guest-3 joined");
   // A newline would print as a second line, which could pose as anyone's.
@@ -252,9 +262,9 @@ Deno.test("ws chat: three clients, everyone gets every message, joins and leaves
 Deno.test("ws chat: binary closes its sender with 1003, too big with 1009, others carry on", async () => {
   await using server = startWsServer({ port: 0, mode: "chat", maxMessage: 100, log: quiet });
   const url = `ws://127.0.0.1:${server.addr.port}/`;
-  await using stays = await openWs(url);
-  await using binary = await openWs(url);
-  await using big = await openWs(url);
+  await using stays = await joinWsChat(url, "guest-1");
+  await using binary = await joinWsChat(url, "guest-2");
+  await using big = await joinWsChat(url, "guest-3");
   assert.equal(await stays.next(), "* guest-2 joined");
   assert.equal(await stays.next(), "* guest-3 joined");
   binary.socket.send(Uint8Array.of(1, 2, 3));
@@ -457,7 +467,8 @@ Deno.test("cli: tcp_client one-shot against tcp_server, echo and chat", async ()
   await using chat = await spawnServer("tcp_server.ts", ["--mode", "chat"]);
   const chatted = await runScript("tcp_client.ts", ["--port", String(chat.port), "hi all"]);
   assert.equal(chatted.code, 0);
-  assert.equal(chatted.stdout, "guest-1: hi all\n");
+  // tcp_client prints whatever the server sends, its notices too.
+  assert.equal(chatted.stdout, "* you are guest-1\nguest-1: hi all\n");
   const { code, stderr } = await chat.stop();
   assert.equal(code, 0);
   assert.match(
@@ -503,8 +514,8 @@ Deno.test("cli: ws_client reports a server that is not a WebSocket server", asyn
 
 Deno.test("cli: SIGTERM closes tcp_server's open connections and exits 0", async () => {
   const server = await spawnServer("tcp_server.ts", ["--mode", "chat"]);
-  using a = await connectTcp(server.port);
-  using b = await connectTcp(server.port);
+  using a = await joinTcpChat(server.port);
+  using b = await joinTcpChat(server.port);
   assert.equal(await a.readLine(), "* guest-2 joined");
   const { code } = await server.stop("SIGTERM");
   assert.equal(code, 0);
@@ -515,8 +526,8 @@ Deno.test("cli: SIGTERM closes tcp_server's open connections and exits 0", async
 Deno.test("cli: SIGTERM sends open WebSockets 1001 and exits 0", async () => {
   const server = await spawnServer("ws_server.ts", ["--mode", "chat"]);
   const url = `ws://127.0.0.1:${server.port}/`;
-  const a = await openWs(url);
-  const b = await openWs(url);
+  const a = await joinWsChat(url);
+  const b = await joinWsChat(url);
   assert.equal(await a.next(), "* guest-2 joined");
   const { code } = await server.stop("SIGTERM");
   assert.equal(code, 0);
@@ -995,6 +1006,88 @@ Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exi
     const { code, exitMs } = await server.stop(signal);
     assert.equal(code, 0, `${signal}: exit code`);
     assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
+  }
+});
+
+// ------------------------------------------------ the first ten minutes
+
+Deno.test("tcp chat: the newcomer alone is told its name, names are never reused, echo says nothing", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  using first = await joinTcpChat(server.addr.port, "guest-1");
+  {
+    using second = await joinTcpChat(server.addr.port, "guest-2");
+    assert.equal(await first.readLine(), "* guest-2 joined", "not the notice meant for guest-2");
+    await second.write("hi\n");
+    assert.equal(await second.readLine(), "guest-2: hi", "one notice, then the chat");
+  }
+  assert.equal(await first.readLine(), "guest-2: hi");
+  assert.equal(await first.readLine(), "* guest-2 left");
+  using third = await joinTcpChat(server.addr.port, "guest-3");
+  assert.equal(await first.readLine(), "* guest-3 joined");
+  await third.write("back\n");
+  assert.equal(await first.readLine(), "guest-3: back");
+
+  await using echo = startTcpServer({ port: 0, log: quiet });
+  using echoed = await connectTcp(echo.addr.port);
+  await echoed.write("first\n");
+  assert.equal(await echoed.readLine(), "first", "an echo server sends no notice");
+});
+
+Deno.test("ws chat: the newcomer alone is told its name, names are never reused, echo says nothing", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  await using first = await joinWsChat(url, "guest-1");
+  {
+    await using second = await joinWsChat(url, "guest-2");
+    assert.equal(await first.next(), "* guest-2 joined", "not the notice meant for guest-2");
+    second.socket.send("hi");
+    assert.equal(await second.next(), "guest-2: hi", "one notice, then the chat");
+  }
+  assert.equal(await first.next(), "guest-2: hi");
+  assert.equal(await first.next(), "* guest-2 left");
+  await using third = await joinWsChat(url, "guest-3");
+  assert.equal(await first.next(), "* guest-3 joined");
+  third.socket.send("back");
+  assert.equal(await first.next(), "guest-3: back");
+
+  await using echo = startWsServer({ port: 0, log: quiet });
+  await using echoed = await openWs(`ws://127.0.0.1:${echo.addr.port}/`);
+  echoed.socket.send("first");
+  assert.equal(await echoed.next(), "first", "an echo server sends no notice");
+});
+
+Deno.test("cli: ws_server names the browser client's http:// address on stderr, unless --quiet", async () => {
+  {
+    await using server = await spawnServer("ws_server.ts", ["--mode", "chat"]);
+    const page = `http://127.0.0.1:${server.port}/`;
+    const response = await fetch(page);
+    assert.equal(response.status, 200);
+    assert.match(await response.text(), /<title>WebSocket chat client<\/title>/);
+    const { code, stdout, stderr } = await server.stop();
+    assert.equal(code, 0);
+    assert.equal(stdout, `listening on ws://127.0.0.1:${server.port}/\n`, "stdout is unchanged");
+    assert.equal(stderr.split("\n")[0], `browser client: ${page}`);
+  }
+  {
+    await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+    // ws_server installs its SIGTERM handler just after the listening line,
+    // in the same synchronous stretch; once it has answered a request, it has.
+    const response = await fetch(`http://127.0.0.1:${server.port}/`);
+    assert.equal(response.status, 200);
+    await response.body?.cancel();
+    const { code, stderr } = await server.stop();
+    assert.equal(code, 0);
+    assert.equal(stderr, "", "--quiet prints nothing on stderr");
+  }
+});
+
+Deno.test("ws server: the page names its mode and says what to try", async () => {
+  for (const mode of ["echo", "chat"] as const) {
+    await using server = startWsServer({ port: 0, mode, log: quiet });
+    const html = await (await fetch(`http://127.0.0.1:${server.addr.port}/`)).text();
+    assert.match(html, new RegExp(`<title>WebSocket ${mode} client</title>`), mode);
+    assert.match(html, new RegExp(`<h1>WebSocket client, ${mode} mode <span id="you">`), mode);
+    assert.match(html, /<p id="hint">\w+/, mode);
   }
 });
 

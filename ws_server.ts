@@ -611,8 +611,10 @@ function allowedOrigins(origins: string[]): Set<string> {
 
 /** A refusal: its one log line (the peer's words escaped) and the HTTP answer. */
 function refuse(state: ServerState, peer: string, refusal: Refusal): Response {
+  // The same refusal over and over (a client retrying, or a flood) is
+  // logged once per window, then counted; each different one is logged.
   state.repeats.log(
-    `refused ${refusal.status}`,
+    `refused ${refusal.status}: ${refusal.reason}`,
     `! ${peer} refused with ${refusal.status}: ${refusal.reason}`,
   );
   return plain(refusal.status, refusal.reason, refusal.headers);
