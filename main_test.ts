@@ -30,6 +30,8 @@ import {
 import {
   allBytes,
   connectTcp,
+  joinTcpChat,
+  joinWsChat,
   openWs,
   randomBytes,
   runScript,
@@ -104,10 +106,14 @@ Deno.test("tcp echo: a client that resets mid-transfer does not disturb the next
 
 Deno.test("tcp chat: three clients, everyone gets every line, joins and leaves announced", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  // Each newcomer's first line is its own name; the others hear it joined.
   using a = await connectTcp(server.addr.port);
+  assert.equal(await within(a.readLine(), "a's name"), "* you are guest-1");
   using b = await connectTcp(server.addr.port);
+  assert.equal(await within(b.readLine(), "b's name"), "* you are guest-2");
   assert.equal(await a.readLine(), "* guest-2 joined");
   const c = await connectTcp(server.addr.port);
+  assert.equal(await within(c.readLine(), "c's name"), "* you are guest-3");
   assert.equal(await a.readLine(), "* guest-3 joined");
   assert.equal(await b.readLine(), "* guest-3 joined");
 
@@ -158,8 +164,8 @@ Deno.test("tcp chat: the line limit holds whether or not the newline ever comes"
 
 Deno.test("tcp chat: a line too long closes only its sender, with a reason", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", maxLine: 16, log: quiet });
-  using talker = await connectTcp(server.addr.port);
-  using listener = await connectTcp(server.addr.port);
+  using talker = await joinTcpChat(server.addr.port, "guest-1");
+  using listener = await joinTcpChat(server.addr.port, "guest-2");
   assert.equal(await talker.readLine(), "* guest-2 joined");
   await talker.write("x".repeat(40) + "\n");
   assert.equal(await talker.readLine(), "* error: line too long (max 16 bytes)");
@@ -171,7 +177,7 @@ Deno.test("tcp chat: a line too long closes only its sender, with a reason", asy
 
 Deno.test("tcp chat: a last line without a newline is delivered at EOF", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
-  using client = await connectTcp(server.addr.port);
+  using client = await joinTcpChat(server.addr.port, "guest-1");
   await client.write("no newline");
   await client.conn.closeWrite();
   assert.equal(await client.readLine(), "guest-1: no newline");
@@ -180,7 +186,7 @@ Deno.test("tcp chat: a last line without a newline is delivered at EOF", async (
 
 Deno.test("tcp chat: bytes that are not UTF-8 arrive as U+FFFD", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
-  using client = await connectTcp(server.addr.port);
+  using client = await joinTcpChat(server.addr.port, "guest-1");
   await client.write(Uint8Array.of(0x68, 0xff, 0x69, 0x0a));
   assert.equal(await client.readLine(), "guest-1: h\uFFFDi");
 });
@@ -241,10 +247,14 @@ Deno.test("ws echo: a message over --max-message closes with 1009", async () => 
 Deno.test("ws chat: three clients, everyone gets every message, joins and leaves announced", async () => {
   await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
   const url = `ws://127.0.0.1:${server.addr.port}/`;
+  // Each newcomer's first message is its own name; the others hear it joined.
   await using a = await openWs(url);
+  assert.equal(await within(a.next(), "a's name"), "* you are guest-1");
   await using b = await openWs(url);
+  assert.equal(await within(b.next(), "b's name"), "* you are guest-2");
   assert.equal(await a.next(), "* guest-2 joined");
   const c = await openWs(url);
+  assert.equal(await within(c.next(), "c's name"), "* you are guest-3");
   assert.equal(await a.next(), "* guest-3 joined");
   assert.equal(await b.next(), "* guest-3 joined");
   // A newline would print as a second line, which could pose as anyone's.
@@ -262,9 +272,9 @@ Deno.test("ws chat: three clients, everyone gets every message, joins and leaves
 Deno.test("ws chat: binary closes its sender with 1003, too big with 1009, others carry on", async () => {
   await using server = startWsServer({ port: 0, mode: "chat", maxMessage: 100, log: quiet });
   const url = `ws://127.0.0.1:${server.addr.port}/`;
-  await using stays = await openWs(url);
-  await using binary = await openWs(url);
-  await using big = await openWs(url);
+  await using stays = await joinWsChat(url, "guest-1");
+  await using binary = await joinWsChat(url, "guest-2");
+  await using big = await joinWsChat(url, "guest-3");
   assert.equal(await stays.next(), "* guest-2 joined");
   assert.equal(await stays.next(), "* guest-3 joined");
   binary.socket.send(Uint8Array.of(1, 2, 3));
@@ -475,7 +485,8 @@ Deno.test("cli: tcp_client one-shot against tcp_server, echo and chat", async ()
   await using chat = await spawnServer("tcp_server.ts", ["--mode", "chat"]);
   const chatted = await runScript("tcp_client.ts", ["--port", String(chat.port), "hi all"]);
   assert.equal(chatted.code, 0);
-  assert.equal(chatted.stdout, "guest-1: hi all\n");
+  // tcp_client prints whatever the server sends, its notices too.
+  assert.equal(chatted.stdout, "* you are guest-1\nguest-1: hi all\n");
   const { code, stderr } = await chat.stop();
   assert.equal(code, 0);
   assert.match(
@@ -521,8 +532,8 @@ Deno.test("cli: ws_client reports a server that is not a WebSocket server", asyn
 
 Deno.test("cli: SIGTERM closes tcp_server's open connections and exits 0", async () => {
   const server = await spawnServer("tcp_server.ts", ["--mode", "chat"]);
-  using a = await connectTcp(server.port);
-  using b = await connectTcp(server.port);
+  using a = await joinTcpChat(server.port);
+  using b = await joinTcpChat(server.port);
   assert.equal(await a.readLine(), "* guest-2 joined");
   const { code } = await server.stop("SIGTERM");
   assert.equal(code, 0);
@@ -533,8 +544,8 @@ Deno.test("cli: SIGTERM closes tcp_server's open connections and exits 0", async
 Deno.test("cli: SIGTERM sends open WebSockets 1001 and exits 0", async () => {
   const server = await spawnServer("ws_server.ts", ["--mode", "chat"]);
   const url = `ws://127.0.0.1:${server.port}/`;
-  const a = await openWs(url);
-  const b = await openWs(url);
+  const a = await joinWsChat(url);
+  const b = await joinWsChat(url);
   assert.equal(await a.next(), "* guest-2 joined");
   const { code } = await server.stop("SIGTERM");
   assert.equal(code, 0);
@@ -1072,6 +1083,7 @@ Deno.test("udp cli: SIGINT and SIGTERM, even right after the listening line, exi
     assert.ok(exitMs < 1000, `${signal} to exit took ${exitMs} ms`);
   }
 });
+
 // ================================================================ bridge.ts
 //
 // One room, two transports: TCP clients in a WebSocket chat and WebSocket
@@ -1241,11 +1253,15 @@ Deno.test("bridge tcp→ws: nc-style TCP clients and ws_client.ts in one ws_serv
 
   // One at a time, so the names are known: guest-1 is ws_client.ts.
   const web = wsClientSession(wsUrl);
+  assert.equal(await web.next(), "* you are guest-1");
   web.say("hi, I'm on WebSocket");
   assert.equal(await web.next(), "guest-1: hi, I'm on WebSocket");
   const a = await connectTcp(bridge.addr.port);
   assert.equal(await web.next(), "* guest-2 joined");
+  // The server's notice to a newcomer crosses the bridge like any message.
+  assert.equal(await a.readLine(), "* you are guest-2");
   const b = await connectTcp(bridge.addr.port);
+  assert.equal(await b.readLine(), "* you are guest-3");
   assert.equal(await web.next(), "* guest-3 joined");
   assert.equal(await a.readLine(), "* guest-3 joined");
 
@@ -1269,6 +1285,7 @@ Deno.test("bridge tcp→ws: nc-style TCP clients and ws_client.ts in one ws_serv
   const { close, all } = await web.leave();
   assert.equal(close.code, 1000);
   assert.deepEqual(all, [
+    "* you are guest-1",
     "guest-1: hi, I'm on WebSocket",
     "* guest-2 joined",
     "* guest-3 joined",
@@ -1293,13 +1310,16 @@ Deno.test("bridge ws→tcp: ws_client.ts and a WebSocket join a tcp_server chat 
   const bridgeUrl = `ws://127.0.0.1:${bridge.addr.port}/`;
 
   using nc = await connectTcp(chat.addr.port);
+  assert.equal(await nc.readLine(), "* you are guest-1");
   await nc.write("nc here\n");
   assert.equal(await nc.readLine(), "guest-1: nc here");
   const web = wsClientSession(bridgeUrl);
   assert.equal(await nc.readLine(), "* guest-2 joined");
+  assert.equal(await web.next(), "* you are guest-2");
   const page = await openWs(bridgeUrl);
   assert.equal(await nc.readLine(), "* guest-3 joined");
   assert.equal(await web.next(), "* guest-3 joined");
+  assert.equal(await page.next(), "* you are guest-3");
 
   web.say("from ws_client");
   assert.equal(await nc.readLine(), "guest-2: from ws_client");
@@ -1320,6 +1340,7 @@ Deno.test("bridge ws→tcp: ws_client.ts and a WebSocket join a tcp_server chat 
   const { close, all } = await web.leave();
   assert.equal(close.code, 1000);
   assert.deepEqual(all, [
+    "* you are guest-2",
     "* guest-3 joined",
     "guest-2: from ws_client",
     "guest-3: from a WebSocket ✓",
@@ -1795,11 +1816,9 @@ Deno.test("cli: bridge.ts prints where it listens, logs each client, and exits 0
     ]);
     assert.match(bridge.line, /^listening on tcp:\/\/127\.0\.0\.1:\d+$/);
     using client = await connectTcp(bridge.port);
+    assert.equal(await client.readLine(), `* you are guest-${round}`);
     await client.write("hi\n");
-    assert.equal(
-      await client.readLine(),
-      `guest-${round}: hi`,
-    );
+    assert.equal(await client.readLine(), `guest-${round}: hi`);
     await client.conn.closeWrite();
     assert.equal(await client.readLine(), null);
     const { code, stderr, exitMs } = await bridge.stop(signal);
@@ -1807,7 +1826,7 @@ Deno.test("cli: bridge.ts prints where it listens, logs each client, and exits 0
     assert.ok(exitMs < 1000, `exited ${exitMs} ms after ${signal}`);
     assert.match(
       stderr,
-      /^\+ 127\.0\.0\.1:\d+ connected, opening ws:\/\/127\.0\.0\.1:\d+\/\n- 127\.0\.0\.1:\d+ disconnected: FIN → close 1000; 1 line → 1 message, 1 message → 12 bytes\n$/,
+      /^\+ 127\.0\.0\.1:\d+ connected, opening ws:\/\/127\.0\.0\.1:\d+\/\n- 127\.0\.0\.1:\d+ disconnected: FIN → close 1000; 1 line → 1 message, 2 messages → 30 bytes\n$/,
     );
   }
   using tcp = rawTcpServer();
@@ -2556,6 +2575,8 @@ async function testCertificates() {
     expired: await pair(expired),
     // A CA's own certificate shown by a server: what a lone self-signed one amounts to.
     caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
+    /** The good leaf's and the CA's files, for the servers' --cert and --key. */
+    files: good,
     async [Symbol.asyncDispose]() {
       await Deno.remove(dir, { recursive: true });
     },
@@ -3045,4 +3066,175 @@ async function drainKeepingTail(conn: Deno.Conn, keep: number) {
     tail = joined;
   }
   return { newlines, tail };
+}
+
+// ------------------------------------------------ the first ten minutes
+
+Deno.test("tcp chat: the newcomer alone is told its name, names are never reused, echo says nothing", async () => {
+  await using server = startTcpServer({ port: 0, mode: "chat", log: quiet });
+  using first = await joinTcpChat(server.addr.port, "guest-1");
+  {
+    using second = await joinTcpChat(server.addr.port, "guest-2");
+    assert.equal(await first.readLine(), "* guest-2 joined", "not the notice meant for guest-2");
+    await second.write("hi\n");
+    assert.equal(await second.readLine(), "guest-2: hi", "one notice, then the chat");
+  }
+  assert.equal(await first.readLine(), "guest-2: hi");
+  assert.equal(await first.readLine(), "* guest-2 left");
+  using third = await joinTcpChat(server.addr.port, "guest-3");
+  assert.equal(await first.readLine(), "* guest-3 joined");
+  await third.write("back\n");
+  assert.equal(await first.readLine(), "guest-3: back");
+
+  await using echo = startTcpServer({ port: 0, log: quiet });
+  using echoed = await connectTcp(echo.addr.port);
+  await echoed.write("first\n");
+  assert.equal(await echoed.readLine(), "first", "an echo server sends no notice");
+});
+
+Deno.test("ws chat: the newcomer alone is told its name, names are never reused, echo says nothing", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const url = `ws://127.0.0.1:${server.addr.port}/`;
+  await using first = await joinWsChat(url, "guest-1");
+  {
+    await using second = await joinWsChat(url, "guest-2");
+    assert.equal(await first.next(), "* guest-2 joined", "not the notice meant for guest-2");
+    second.socket.send("hi");
+    assert.equal(await second.next(), "guest-2: hi", "one notice, then the chat");
+  }
+  assert.equal(await first.next(), "guest-2: hi");
+  assert.equal(await first.next(), "* guest-2 left");
+  await using third = await joinWsChat(url, "guest-3");
+  assert.equal(await first.next(), "* guest-3 joined");
+  third.socket.send("back");
+  assert.equal(await first.next(), "guest-3: back");
+
+  await using echo = startWsServer({ port: 0, log: quiet });
+  await using echoed = await openWs(`ws://127.0.0.1:${echo.addr.port}/`);
+  echoed.socket.send("first");
+  assert.equal(await echoed.next(), "first", "an echo server sends no notice");
+});
+
+Deno.test("cli: ws_server names the browser client's http:// address on stderr, unless --quiet", async () => {
+  {
+    await using server = await spawnServer("ws_server.ts", ["--mode", "chat"]);
+    const page = `http://127.0.0.1:${server.port}/`;
+    const response = await fetch(page);
+    assert.equal(response.status, 200);
+    assert.match(await response.text(), /<title>WebSocket chat client<\/title>/);
+    const { code, stdout, stderr } = await server.stop();
+    assert.equal(code, 0);
+    assert.equal(stdout, `listening on ws://127.0.0.1:${server.port}/\n`, "stdout is unchanged");
+    assert.equal(stderr.split("\n")[0], `browser client: ${page}`);
+  }
+  {
+    await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+    // ws_server installs its SIGTERM handler just after the listening line,
+    // in the same synchronous stretch; once it has answered a request, it has.
+    const response = await fetch(`http://127.0.0.1:${server.port}/`);
+    assert.equal(response.status, 200);
+    await response.body?.cancel();
+    const { code, stderr } = await server.stop();
+    assert.equal(code, 0);
+    assert.equal(stderr, "", "--quiet prints nothing on stderr");
+  }
+});
+
+Deno.test("ws server: the page names its mode and says what to try", async () => {
+  for (const mode of ["echo", "chat"] as const) {
+    await using server = startWsServer({ port: 0, mode, log: quiet });
+    const html = await (await fetch(`http://127.0.0.1:${server.addr.port}/`)).text();
+    assert.match(html, new RegExp(`<title>WebSocket ${mode} client</title>`), mode);
+    assert.match(html, new RegExp(`<h1>WebSocket client, ${mode} mode <span id="you">`), mode);
+    assert.match(html, /<p id="hint">\w+/, mode);
+  }
+});
+
+// ------------------------------------------------------------------- TLS
+
+Deno.test("ws server over TLS: wss:// echo and chat, and a plain client on the TLS port harms no one", async () => {
+  await using certs = await testCertificates();
+  await using echo = startWsServer({ port: 0, tls: certs.good, log: quiet });
+  using client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(certs.ca)] });
+  const url = `wss://127.0.0.1:${echo.addr.port}/`;
+  const opened = await openWsWith(new WebSocket(url, { client }));
+  // A client that speaks plain TCP, and one that speaks plain WebSocket,
+  // on the TLS port: the TLS handshake fails for them alone.
+  using plain = await connectTcp(echo.addr.port);
+  await plain.write("hello?\n");
+  // All it gets is a TLS alert record (content type 21), then the end.
+  const answer = await within(plain.readToEnd(), "the plain client's end");
+  assert.ok(answer.length === 0 || answer[0] === 21, `not a TLS alert: ${answer}`);
+  const refused = new WebSocket(`ws://127.0.0.1:${echo.addr.port}/`);
+  // No close frame ever came: 1006, which Deno's client shows as 0.
+  const refusal = await within(closeOf(refused), "the ws:// client's end");
+  assert.ok(!refusal.wasClean && [0, 1006].includes(refusal.code), `code ${refusal.code}`);
+  opened.socket.send("through TLS");
+  assert.equal(await within(opened.next(), "the echo over TLS"), "through TLS");
+  opened.socket.close(1000);
+  await opened.closed;
+
+  await using chat = startWsServer({ port: 0, mode: "chat", tls: certs.good, log: quiet });
+  const chatUrl = `wss://localhost:${chat.addr.port}/`;
+  const a = await openWsWith(new WebSocket(chatUrl, { client }));
+  assert.equal(await a.next(), "* you are guest-1");
+  const b = await openWsWith(new WebSocket(chatUrl, { client }));
+  assert.equal(await b.next(), "* you are guest-2");
+  assert.equal(await a.next(), "* guest-2 joined");
+  b.socket.send("secret");
+  assert.deepEqual([await a.next(), await b.next()], ["guest-2: secret", "guest-2: secret"]);
+  for (const peer of [a, b]) peer.socket.close(1000);
+  await Promise.all([a.closed, b.closed]);
+});
+
+Deno.test("cli: ws_server --cert/--key serves wss://; bad TLS files are one line and exit 1", async () => {
+  await using certs = await testCertificates();
+  const { cert, key, caKey } = certs.files;
+  await using server = await spawnServer("ws_server.ts", ["--cert", cert, "--key", key]);
+  assert.match(server.line, /^listening on wss:\/\/127\.0\.0\.1:\d+\/$/);
+  const exit = await server.stop();
+  assert.equal(exit.code, 0);
+  assert.match(exit.stderr, /^browser client: https:\/\/127\.0\.0\.1:\d+\/$/m);
+  const cases: [string[], string, number][] = [
+    [["--cert", cert], "--cert and --key go together", 2],
+    [["--cert", `${cert}.none`, "--key", key], "no such file", 1],
+    [["--cert", key, "--key", key], "no PEM certificate", 1],
+    [["--cert", cert, "--key", cert], "no PEM private key", 1],
+    [["--cert", cert, "--key", caKey], "not the private key", 1],
+  ];
+  for (const [args, text, code] of cases) {
+    const result = await runScript("ws_server.ts", ["--port", "0", ...args]);
+    assert.equal(result.code, code, args.join(" "));
+    assert.ok(result.stderr.split("\n")[0].includes(text), result.stderr);
+  }
+});
+
+/** A WebSocket made with options (a TLS client, say), opened, with its messages awaitable. */
+async function openWsWith(socket: WebSocket) {
+  const messages: string[] = [];
+  let wake = () => {};
+  socket.onmessage = (event) => {
+    messages.push(event.data);
+    wake();
+  };
+  const closed = closeOf(socket);
+  await within(
+    new Promise((resolve, reject) => {
+      socket.onopen = resolve;
+      closed.then(() => reject(new Error(`could not open ${socket.url}`)));
+    }),
+    `open ${socket.url}`,
+  );
+  return {
+    socket,
+    closed,
+    async next(): Promise<string> {
+      while (messages.length === 0) await within(new Promise<void>((r) => wake = r), "a message");
+      return messages.shift()!;
+    },
+  };
+}
+
+function closeOf(socket: WebSocket): Promise<CloseEvent> {
+  return new Promise((resolve) => socket.addEventListener("close", resolve, { once: true }));
 }

@@ -394,10 +394,13 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
   }
 }
 
+// A newcomer learns its own name from a line of its own ("* " lines are the
+// server speaking), and everyone already there from the join.
 function join(state: ServerState, client: Client): void {
   client.name = `guest-${++state.guests}`;
   broadcast(state, `* ${client.name} joined\n`);
   state.room.add(client);
+  send(state, client, encoder.encode(`* you are ${client.name}\n`));
 }
 
 // One message is encoded once and the same bytes are queued to every client.

@@ -8,12 +8,21 @@
  * from then on the same TCP connection carries *frames*, not a byte stream.
  * So, unlike `tcp_server.ts`, this server never splits or joins anything:
  * each `message` event is exactly one message the peer sent, text or binary.
- * It also shows close codes (1001 going away, 1003 unsupported data, 1008
- * policy, 1009 too big), ping/pong to find dead peers, and backpressure
- * through `bufferedAmount`. And what a server must check before it says 101:
- * the handshake itself, the page's `Origin` (any web page may open a
- * WebSocket to any server, so the server decides who may), and which
- * subprotocol the two sides will speak.
+ * It also shows close codes, ping/pong to find dead peers, backpressure
+ * through `bufferedAmount`, and what a server must check before it says 101.
+ *
+ * Read it in this order:
+ *
+ *     1. A WebSocket starts as an HTTP request     startWsServer, handleRequest
+ *     2. The upgrade: check, then 101              upgrade
+ *     3. Messages arrive whole: echo               serveSocket, echoMessage
+ *     4. Chat: one message to everyone             chatMessage, broadcast
+ *     5. Ending: close codes and the handshake     leave, close
+ *     6. What Deno does for you here               frames, masking, the accept key
+ *     7. Limits and bookkeeping                    the checks, the bounds, Deno's quirks
+ *     8. The API's types                           WsServerOptions, WsServer
+ *     9. The command line                          main
+ *    10. The browser page                          page
  *
  * Run it (least privilege, from a checkout or straight from its URL):
  *
@@ -38,22 +47,20 @@ const DEFAULT_PORT = 8080;
 const DEFAULT_MAX_MESSAGE = 1024 * 1024;
 const DEFAULT_MAX_QUEUE = 2 * 1024 * 1024;
 const DEFAULT_MAX_CONNECTIONS = 8192;
+
 // Seconds of silence before a peer is dropped. Deno pings a peer silent for
 // half of it; one that has sent nothing, not even the pong, by the end is
 // dead (a cable pulled, a laptop asleep) and is closed with 1001. TCP alone
 // would not notice for hours. Deno counts only whole messages and pongs as
 // signs of life, not pings or the fragments of a message still arriving.
 const DEFAULT_IDLE_TIMEOUT = 30;
+
+// A line a peer can make us repeat is printed once per this window, then
+// counted and summed up.
+const LOG_WINDOW_MS = 20_000;
+
 // How long peers get to answer our close frame on shutdown.
 const CLOSE_GRACE_MS = 500;
-// Deno refuses frames over 64 MiB on its own, before we ever see them.
-const DENO_MAX_FRAME = 64 * 1024 * 1024;
-// After Deno.serve stops accepting (out of file descriptors), how soon it
-// is started again: first quickly, then backing off while it keeps failing.
-const RESTART_MIN_MS = 100;
-const RESTART_MAX_MS = 2000;
-// File descriptors the runtime itself needs besides one per connection.
-const RESERVED_FILES = 64;
 
 // Close codes (RFC 6455, section 7.4.1).
 const GOING_AWAY = 1001;
@@ -63,88 +70,7 @@ const MESSAGE_TOO_BIG = 1009;
 
 const encoder = new TextEncoder();
 
-/** What the server does with the messages a client sends. */
-export type Mode = "echo" | "chat";
-
-/** Options for {@linkcode startWsServer}. Sizes are in bytes. */
-export interface WsServerOptions {
-  /** Address to bind. Default `127.0.0.1` (this machine only). */
-  hostname?: string;
-  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 8080. */
-  port?: number;
-  /** `echo` (default) sends every message back; `chat` relays text to everyone. */
-  mode?: Mode;
-  /** Largest message accepted; a bigger one closes that client with 1009. Default 1 MiB. */
-  maxMessage?: number;
-  /** Bytes buffered for one client before it is closed with 1008 as too slow. Default 2 MiB. */
-  maxQueue?: number;
-  /** WebSockets open at once; further upgrades get HTTP 503. Default 8192. */
-  maxConnections?: number;
-  /**
-   * Seconds without a whole message or a pong before a peer is dropped (1001); Deno pings it
-   * halfway. Its pings and the fragments of an unfinished message do not count. 0 = never.
-   * Default 30.
-   */
-  idleTimeout?: number;
-  /**
-   * Subprotocols spoken: the client's first offered name in the list is chosen, and a
-   * client offering only others is refused (400). Default: the client's first offer.
-   */
-  protocols?: string[];
-  /**
-   * Browser origins accepted besides the server's own pages and `localhost`,
-   * `127.0.0.1`, `[::1]` on any port (`"*"` = any origin). Default none.
-   */
-  allowOrigins?: string[];
-  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
-  log?: (line: string) => void;
-}
-
-/** A running server, returned by {@linkcode startWsServer}. */
-export interface WsServer extends AsyncDisposable {
-  /** The address actually bound (with the real port when you asked for 0). */
-  readonly addr: Deno.NetAddr;
-  /** WebSockets open right now. */
-  readonly connections: number;
-  /** Close every WebSocket with 1001, stop the HTTP server, and wait until it is down. */
-  close(): Promise<void>;
-}
-
-interface Client {
-  socket: WebSocket;
-  peer: string;
-  name: string;
-  /** The subprotocol chosen in the handshake, if the client offered one. */
-  protocol?: string;
-  /** Set once the client is gone: Deno can fire `close` twice for one socket. */
-  gone: boolean;
-  /** Chat: its leave was announced (a too-slow client's comes before its close event). */
-  left: boolean;
-}
-
-interface ServerState {
-  mode: Mode;
-  maxMessage: number;
-  maxQueue: number;
-  maxConnections: number;
-  idleTimeout: number;
-  protocols: string[];
-  /** Normalized origins (`scheme://host[:port]`), `"null"` or `"*"`. */
-  allowOrigins: Set<string>;
-  log: (line: string) => void;
-  /** Every open WebSocket, and upgrades on their way to being one. */
-  clients: Set<Client>;
-  guests: number;
-  closing: boolean;
-  /** Resolved when the last client is gone while closing. */
-  allGone: PromiseWithResolvers<void>;
-}
-
-/** The HTTP side: Deno.serve, started again if it ever stops accepting. */
-interface HttpServer {
-  readonly addr: Deno.NetAddr;
-  shutdown(): Promise<void>;
-}
+// -------------------------------- 1. a WebSocket starts as an HTTP request
 
 /**
  * Starts a WebSocket echo or chat server (plus the browser page at `/`) and
@@ -152,35 +78,29 @@ interface HttpServer {
  *
  * @example Echo one message
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * await using server = startWsServer({ port: 0, log: () => {} });
  * const ws = new WebSocket(`ws://127.0.0.1:${server.addr.port}/`);
+ * const closed = new Promise((resolve) => ws.onclose = resolve);
  * await new Promise((resolve) => ws.onopen = resolve);
  * ws.send("hi");
- * const reply = await new Promise((resolve) => ws.onmessage = (e) => resolve(e.data)); // "hi"
+ * const reply = await new Promise((resolve) => ws.onmessage = (event) => resolve(event.data));
+ * assert.equal(reply, "hi");
  * ws.close();
+ * await closed;
  * ```
  *
  * @throws {Deno.errors.AddrInUse} when the port is taken.
  * @throws {Deno.errors.NotCapable} without `--allow-net` for the address.
  */
 export function startWsServer(options: WsServerOptions = {}): WsServer {
-  const state: ServerState = {
-    mode: options.mode ?? "echo",
-    maxMessage: Math.min(options.maxMessage ?? DEFAULT_MAX_MESSAGE, DENO_MAX_FRAME),
-    maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
-    maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
-    idleTimeout: options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT,
-    protocols: options.protocols ?? [],
-    allowOrigins: allowedOrigins(options.allowOrigins ?? []),
-    log: options.log ?? console.error,
-    clients: new Set(),
-    guests: 0,
-    closing: false,
-    allGone: Promise.withResolvers(),
-  };
+  const state = initialState(options);
+  // Deno.serve is an HTTP server: every WebSocket begins as one of its requests.
   const http = serveHttp(state, {
     hostname: options.hostname ?? DEFAULT_HOSTNAME,
     port: options.port ?? DEFAULT_PORT,
+    ...options.tls,
   });
   survivingDenoWebSocketFailures(state);
   let closed: Promise<void> | undefined;
@@ -198,6 +118,7 @@ export function startWsServer(options: WsServerOptions = {}): WsServer {
     clearTimeout(timer);
     await http.shutdown();
     stopSurviving(state);
+    state.repeats.close();
   }
   return {
     addr: http.addr,
@@ -224,13 +145,19 @@ function handleRequest(
     return upgrade(state, request, { peer, url });
   }
   if ((request.method === "GET" || request.method === "HEAD") && url.pathname === "/") {
-    return new Response(PAGE, { headers: { "content-type": "text/html; charset=utf-8" } });
+    return new Response(page(state.mode), {
+      headers: { "content-type": "text/html; charset=utf-8" },
+    });
   }
+  const secure = url.protocol === "https:";
   return plain(
     404,
-    `not found: the browser client is at http://${url.host}/ and the WebSocket endpoint is ws://${url.host}/`,
+    `not found: the browser client is at ${secure ? "https" : "http"}://${url.host}/ ` +
+      `and the WebSocket endpoint is ${secure ? "wss" : "ws"}://${url.host}/`,
   );
 }
+
+// ----------------------------------------- 2. the upgrade: check, then 101
 
 // The HTTP upgrade handshake. Everything up to the 101 response is ordinary
 // HTTP, which is why a WebSocket server can refuse with a status code (400,
@@ -274,7 +201,242 @@ function upgrade(
   return upgraded.response;
 }
 
-// ------------------------------------------------------- handshake checks
+// ------------------------------------------ 3. messages arrive whole: echo
+
+function serveSocket(state: ServerState, client: Client): void {
+  const { socket } = client;
+  // Binary messages arrive as ArrayBuffer (the browser default is Blob).
+  socket.binaryType = "arraybuffer";
+  socket.onopen = () => {
+    if (state.mode === "chat") join(state, client);
+    state.log(
+      `+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}` +
+        (client.protocol ? `, protocol ${client.protocol}` : ""),
+    );
+  };
+  socket.onmessage = state.mode === "chat"
+    ? (event) => chatMessage(state, client, event.data)
+    : (event) => echoMessage(state, client, event.data);
+  // No `error` handler: an error (a reset, a missed pong) is always followed
+  // by `close`, where the cleanup is. (A no-op error listener is not free
+  // either: it measured 3-4 KiB more per idle socket on Deno 2.9.)
+  socket.onclose = (event) => leave(state, client, event);
+}
+
+// Echo needs no framing: the WebSocket hands us whole messages, and
+// `send` keeps text as text and binary as binary.
+function echoMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
+  if (tooBig(state, client, data)) return;
+  // `send` never blocks, so a client that sends without reading would have
+  // us buffer every echo: the same bound as chat applies.
+  if (client.socket.bufferedAmount > state.maxQueue) {
+    dropTooSlow(state, client);
+    return;
+  }
+  client.socket.send(data);
+}
+
+// ---------------------------------------- 4. chat: one message to everyone
+
+function chatMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
+  if (tooBig(state, client, data)) return;
+  if (typeof data !== "string") {
+    closeSocket(client.socket, UNSUPPORTED_DATA, "text messages only");
+    return;
+  }
+  broadcast(state, `${client.name}: ${sanitizeChatText(data)}`);
+}
+
+// A newcomer learns its own name from a notice of its own ("* " lines are
+// the server speaking), and everyone else from the join.
+function join(state: ServerState, client: Client): void {
+  client.name = `guest-${++state.guests}`;
+  client.socket.send(`* you are ${client.name}`);
+  broadcast(state, `* ${client.name} joined`, client);
+}
+
+// `send` never blocks: Deno queues the frame and `bufferedAmount` says how
+// much is still waiting for the peer. That is the backpressure signal; a
+// client that lets it grow past the bound is dropped rather than let it
+// hold the server's memory hostage.
+function broadcast(state: ServerState, text: string, except?: Client): void {
+  // Shutting down: messages that arrived just before are not relayed. A
+  // backlog of them, each sent to every client, would only delay the exit.
+  if (state.closing) return;
+  const tooSlow: Client[] = [];
+  for (const client of state.clients) {
+    const { socket } = client;
+    if (client === except || socket.readyState !== WebSocket.OPEN || !client.name) continue;
+    if (socket.bufferedAmount > state.maxQueue) {
+      tooSlow.push(client);
+      continue;
+    }
+    socket.send(text);
+  }
+  for (const client of tooSlow) dropTooSlow(state, client);
+}
+
+// -------------------------- 5. ending: close codes and the close handshake
+
+function leave(state: ServerState, client: Client, event: CloseEvent): void {
+  if (client.gone) return;
+  client.gone = true;
+  state.clients.delete(client);
+  if (state.closing) {
+    if (state.clients.size === 0) state.allGone.resolve();
+    return;
+  }
+  state.log(
+    `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ` +
+      `code ${event.code || "none (connection lost)"}` +
+      (event.reason ? ` ${escapeControls(event.reason)}` : ""),
+  );
+  announceLeave(state, client);
+}
+
+function announceLeave(state: ServerState, client: Client): void {
+  if (state.mode !== "chat" || !client.name || client.left) return;
+  client.left = true;
+  broadcast(state, `* ${client.name} left`);
+}
+
+function closeSocket(socket: WebSocket, code: number, reason: string): void {
+  try {
+    socket.close(code, reason);
+  } catch {
+    // Already closing.
+  }
+}
+
+// -------------------------------------------- 6. what Deno does for you here
+//
+// After the 101, `Deno.upgradeWebSocket` speaks the frame protocol itself
+// (RFC 6455, section 5.2); this file only ever sees whole messages. On the
+// wire, every message is one or more frames:
+//
+//      0                   1                   2                   3
+//      0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1 2 3 4 5 6 7 8 9 0 1
+//     +-+-+-+-+-------+-+-------------+-------------------------------+
+//     |F|R|R|R| opcode|M| Payload len |    Extended payload length    |
+//     |I|S|S|S|  (4)  |A|     (7)     |             (16/64)           |
+//     |N|V|V|V|       |S|             |   (if payload len==126/127)   |
+//     | |1|2|3|       |K|             |                               |
+//     +-+-+-+-+-------+-+-------------+ - - - - - - - - - - - - - - - +
+//     |     Extended payload length continued, if payload len == 127  |
+//     + - - - - - - - - - - - - - - - +-------------------------------+
+//     |                               |Masking-key, if MASK set to 1  |
+//     +-------------------------------+-------------------------------+
+//     | Masking-key (continued)       |          Payload Data         |
+//     +-------------------------------- - - - - - - - - - - - - - - - +
+//
+// - FIN ends a message; a message sent in pieces is a first frame with
+//   FIN 0, then continuation frames (opcode 0), the last with FIN 1. Deno
+//   joins them before `message` fires.
+// - Opcodes: 1 text (UTF-8, checked), 2 binary, 8 close, 9 ping, 10 pong.
+//   Deno answers pings with pongs by itself.
+// - MASK: every frame from a client is XORed with a fresh 4-byte key, so a
+//   page cannot choose the bytes a proxy on the way sees (cache poisoning);
+//   frames from the server are never masked. Deno unmasks.
+// - The length takes 7 bits, or 7 + 16, or 7 + 64: 2 to 14 bytes of header
+//   per frame in all, where TCP adds nothing.
+//
+// The handshake's proof is `Sec-WebSocket-Accept`: base64 of the SHA-1 of
+// the client's key followed by the fixed GUID 258EAFA5-E914-47DA-95CA-
+// C5AB0DC85B11. For the RFC's own sample key, dGhlIHNhbXBsZSBub25jZQ==, the
+// answer is s3pPLMBiTxaQ9kYGzzhZRbK+xOo=. It shows the server read this very
+// request, so a cache or a confused HTTP server cannot fake a 101.
+
+// ----------------------------------------------- 7. limits and bookkeeping
+
+// Deno refuses frames over 64 MiB on its own, before we ever see them.
+const DENO_MAX_FRAME = 64 * 1024 * 1024;
+
+// After Deno.serve stops accepting (out of file descriptors), how soon it
+// is started again: first quickly, then backing off while it keeps failing.
+const RESTART_MIN_MS = 100;
+
+const RESTART_MAX_MS = 2000;
+
+// File descriptors the runtime itself needs besides one per connection.
+const RESERVED_FILES = 64;
+
+interface Client {
+  socket: WebSocket;
+  peer: string;
+  name: string;
+  /** The subprotocol chosen in the handshake, if the client offered one. */
+  protocol?: string;
+  /** Set once the client is gone: Deno can fire `close` twice for one socket. */
+  gone: boolean;
+  /** Chat: its leave was announced (a too-slow client's comes before its close event). */
+  left: boolean;
+}
+
+interface ServerState {
+  mode: Mode;
+  maxMessage: number;
+  maxQueue: number;
+  maxConnections: number;
+  idleTimeout: number;
+  protocols: string[];
+  /** Normalized origins (`scheme://host[:port]`), `"null"` or `"*"`. */
+  allowOrigins: Set<string>;
+  log: (line: string) => void;
+  /** For lines a peer can make us repeat at any rate: refusals, accept failures. */
+  repeats: LogLimiter;
+  /** Every open WebSocket, and upgrades on their way to being one. */
+  clients: Set<Client>;
+  guests: number;
+  closing: boolean;
+  /** Resolved when the last client is gone while closing. */
+  allGone: PromiseWithResolvers<void>;
+}
+
+/** The HTTP side: Deno.serve, started again if it ever stops accepting. */
+interface HttpServer {
+  readonly addr: Deno.NetAddr;
+  shutdown(): Promise<void>;
+}
+
+function tooBig(state: ServerState, client: Client, data: string | ArrayBuffer): boolean {
+  // A string's UTF-8 size is between its length and three times that; only
+  // count the bytes when the quick bounds cannot decide.
+  const size = typeof data !== "string"
+    ? data.byteLength
+    : data.length * 3 <= state.maxMessage
+    ? 0
+    : encoder.encode(data).length;
+  if (size <= state.maxMessage) return false;
+  closeSocket(client.socket, MESSAGE_TOO_BIG, `message too big (max ${state.maxMessage} bytes)`);
+  return true;
+}
+
+// A client that reads nothing will not read our close frame either, so its
+// close event may not come until it hangs up: in chat it leaves the room now.
+// It still counts against maxConnections until its connection is gone.
+function dropTooSlow(state: ServerState, client: Client): void {
+  closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
+  announceLeave(state, client);
+}
+
+function initialState(options: WsServerOptions): ServerState {
+  const log = options.log ?? console.error;
+  return {
+    mode: options.mode ?? "echo",
+    maxMessage: Math.min(options.maxMessage ?? DEFAULT_MAX_MESSAGE, DENO_MAX_FRAME),
+    maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
+    maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
+    idleTimeout: options.idleTimeout ?? DEFAULT_IDLE_TIMEOUT,
+    protocols: options.protocols ?? [],
+    allowOrigins: allowedOrigins(options.allowOrigins ?? []),
+    log,
+    repeats: createLogLimiter(log),
+    clients: new Set(),
+    guests: 0,
+    closing: false,
+    allGone: Promise.withResolvers(),
+  };
+}
 
 /** An HTTP answer instead of a 101: a status, a one-line reason, extra headers. */
 interface Refusal {
@@ -287,11 +449,15 @@ interface Refusal {
 // it unchecked: "a b" makes `new URL` throw, and "x@y" or "x/y" would name
 // another host or path.
 const HOST_HEADER = /^(?:[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::\d{1,5})?$/;
+
 // A Sec-WebSocket-Key is 16 random bytes in base64: 22 characters and "==".
 const WEBSOCKET_KEY = /^[A-Za-z0-9+/]{22}==$/;
+
 // Subprotocol names are HTTP tokens (RFC 6455, section 4.1).
 const TOKEN = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
 const WEBSOCKET_VERSION = "13";
+
 // Browsers on this machine: local development pages keep working.
 const LOCAL_HOSTNAMES = new Set(["localhost", "127.0.0.1", "[::1]"]);
 
@@ -445,127 +611,13 @@ function allowedOrigins(origins: string[]): Set<string> {
 
 /** A refusal: its one log line (the peer's words escaped) and the HTTP answer. */
 function refuse(state: ServerState, peer: string, refusal: Refusal): Response {
-  state.log(`! ${peer} refused with ${refusal.status}: ${refusal.reason}`);
-  return plain(refusal.status, refusal.reason, refusal.headers);
-}
-
-function serveSocket(state: ServerState, client: Client): void {
-  const { socket } = client;
-  // Binary messages arrive as ArrayBuffer (the browser default is Blob).
-  socket.binaryType = "arraybuffer";
-  socket.onopen = () => {
-    if (state.mode === "chat") join(state, client);
-    state.log(
-      `+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}` +
-        (client.protocol ? `, protocol ${client.protocol}` : ""),
-    );
-  };
-  socket.onmessage = state.mode === "chat"
-    ? (event) => chatMessage(state, client, event.data)
-    : (event) => echoMessage(state, client, event.data);
-  // No `error` handler: an error (a reset, a missed pong) is always followed
-  // by `close`, where the cleanup is. (A no-op error listener is not free
-  // either: it measured 3-4 KiB more per idle socket on Deno 2.9.)
-  socket.onclose = (event) => leave(state, client, event);
-}
-
-// Echo needs no framing: the WebSocket hands us whole messages, and
-// `send` keeps text as text and binary as binary.
-function echoMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
-  if (tooBig(state, client, data)) return;
-  // `send` never blocks, so a client that sends without reading would have
-  // us buffer every echo: the same bound as chat applies.
-  if (client.socket.bufferedAmount > state.maxQueue) {
-    dropTooSlow(state, client);
-    return;
-  }
-  client.socket.send(data);
-}
-
-function chatMessage(state: ServerState, client: Client, data: string | ArrayBuffer): void {
-  if (tooBig(state, client, data)) return;
-  if (typeof data !== "string") {
-    closeSocket(client.socket, UNSUPPORTED_DATA, "text messages only");
-    return;
-  }
-  broadcast(state, `${client.name}: ${sanitizeChatText(data)}`);
-}
-
-function tooBig(state: ServerState, client: Client, data: string | ArrayBuffer): boolean {
-  // A string's UTF-8 size is between its length and three times that; only
-  // count the bytes when the quick bounds cannot decide.
-  const size = typeof data !== "string"
-    ? data.byteLength
-    : data.length * 3 <= state.maxMessage
-    ? 0
-    : encoder.encode(data).length;
-  if (size <= state.maxMessage) return false;
-  closeSocket(client.socket, MESSAGE_TOO_BIG, `message too big (max ${state.maxMessage} bytes)`);
-  return true;
-}
-
-function join(state: ServerState, client: Client): void {
-  client.name = `guest-${++state.guests}`;
-  broadcast(state, `* ${client.name} joined`, client);
-}
-
-function leave(state: ServerState, client: Client, event: CloseEvent): void {
-  if (client.gone) return;
-  client.gone = true;
-  state.clients.delete(client);
-  if (state.closing) {
-    if (state.clients.size === 0) state.allGone.resolve();
-    return;
-  }
-  state.log(
-    `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ` +
-      `code ${event.code || "none (connection lost)"}` +
-      (event.reason ? ` ${escapeControls(event.reason)}` : ""),
+  // The same refusal over and over (a client retrying, or a flood) is
+  // logged once per window, then counted; each different one is logged.
+  state.repeats.log(
+    `refused ${refusal.status}: ${refusal.reason}`,
+    `! ${peer} refused with ${refusal.status}: ${refusal.reason}`,
   );
-  announceLeave(state, client);
-}
-
-function announceLeave(state: ServerState, client: Client): void {
-  if (state.mode !== "chat" || !client.name || client.left) return;
-  client.left = true;
-  broadcast(state, `* ${client.name} left`);
-}
-
-// `send` never blocks: Deno queues the frame and `bufferedAmount` says how
-// much is still waiting for the peer. That is the backpressure signal; a
-// client that lets it grow past the bound is dropped rather than let it
-// hold the server's memory hostage.
-function broadcast(state: ServerState, text: string, except?: Client): void {
-  // Shutting down: messages that arrived just before are not relayed. A
-  // backlog of them, each sent to every client, would only delay the exit.
-  if (state.closing) return;
-  const tooSlow: Client[] = [];
-  for (const client of state.clients) {
-    const { socket } = client;
-    if (client === except || socket.readyState !== WebSocket.OPEN || !client.name) continue;
-    if (socket.bufferedAmount > state.maxQueue) {
-      tooSlow.push(client);
-      continue;
-    }
-    socket.send(text);
-  }
-  for (const client of tooSlow) dropTooSlow(state, client);
-}
-
-// A client that reads nothing will not read our close frame either, so its
-// close event may not come until it hangs up: in chat it leaves the room now.
-// It still counts against maxConnections until its connection is gone.
-function dropTooSlow(state: ServerState, client: Client): void {
-  closeSocket(client.socket, POLICY_VIOLATION, "too slow, disconnected");
-  announceLeave(state, client);
-}
-
-function closeSocket(socket: WebSocket, code: number, reason: string): void {
-  try {
-    socket.close(code, reason);
-  } catch {
-    // Already closing.
-  }
+  return plain(refusal.status, refusal.reason, refusal.headers);
 }
 
 // nosniff: a browser must not read a text answer, which may quote what the
@@ -586,7 +638,10 @@ function plain(status: number, text: string, headers: Record<string, string> = {
 // rejects and the port is closed. Serving again on the same port, once a
 // descriptor is free, is how this server recovers; WebSockets already open
 // are not touched.
-function serveHttp(state: ServerState, address: { hostname: string; port: number }): HttpServer {
+function serveHttp(
+  state: ServerState,
+  address: { hostname: string; port: number; cert?: string; key?: string },
+): HttpServer {
   const handler = (request: Request, info: Deno.ServeHandlerInfo) =>
     handleRequest(state, request, info);
   let stopped = false;
@@ -594,10 +649,10 @@ function serveHttp(state: ServerState, address: { hostname: string; port: number
   let current = listen(address.port);
   const addr = current.addr;
   function listen(port: number): Deno.HttpServer<Deno.NetAddr> {
-    const server = Deno.serve({ hostname: address.hostname, port, onListen: () => {} }, handler);
+    const server = Deno.serve({ ...address, port, onListen: () => {} }, handler);
     server.finished.catch((error) => {
       if (stopped) return;
-      state.log(`accept failed: ${acceptFailure(error)}; serving again shortly`);
+      state.repeats.log("accept", `accept failed: ${acceptFailure(error)}; serving again shortly`);
       restartSoon(RESTART_MIN_MS);
     });
     return server;
@@ -608,7 +663,7 @@ function serveHttp(state: ServerState, address: { hostname: string; port: number
       try {
         current = listen(addr.port);
       } catch (error) {
-        state.log(`cannot listen again yet: ${acceptFailure(error)}`);
+        state.repeats.log("listen", `cannot listen again yet: ${acceptFailure(error)}`);
         restartSoon(Math.min(2 * ms, RESTART_MAX_MS));
       }
     }, ms);
@@ -659,7 +714,8 @@ function onDenoWebSocketFailure(event: PromiseRejectionEvent): void {
   if (!(reason instanceof Error) || !String(reason.stack).includes("ext:deno_websocket")) return;
   event.preventDefault();
   for (const state of survivingServers) {
-    state.log(
+    state.repeats.log(
+      "too big for Deno",
       `! a client sent a message too big for Deno to assemble (${
         escapeControls(reason.message)
       }); that connection gets no more messages and is closed ${
@@ -669,6 +725,60 @@ function onDenoWebSocketFailure(event: PromiseRejectionEvent): void {
       }`,
     );
   }
+}
+
+/** What {@linkcode createLogLimiter} returns. */
+interface LogLimiter {
+  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
+  log(kind: string, line: string): void;
+  /** Logs the summaries still due and stops the window timers. */
+  close(): void;
+}
+
+/**
+ * A log for lines that a peer can make us repeat at any rate (one per
+ * reset, one per refused connection). The first line of a kind is logged at
+ * once and opens a window of `windowMs`; the others of that kind in the
+ * window are only counted, and when it ends (or at `close()`) one line sums
+ * them up: the last of them with `(and N more like it in the last 20 s)`.
+ * So a flood costs at most two lines per kind and window. The timers are
+ * unref'd: they never keep a process alive, but `close()` them anyway.
+ *
+ * The same as tcp_server.ts's (copied: each script stands alone).
+ */
+function createLogLimiter(
+  log: (line: string) => void,
+  windowMs = LOG_WINDOW_MS,
+): LogLimiter {
+  const windows = new Map<
+    string,
+    { last: string; more: number; timer: ReturnType<typeof setTimeout> }
+  >();
+  function summarize(kind: string): void {
+    const window = windows.get(kind)!;
+    windows.delete(kind);
+    clearTimeout(window.timer);
+    if (window.more > 0) {
+      log(`${window.last} (and ${window.more} more like it in the last ${windowMs / 1000} s)`);
+    }
+  }
+  return {
+    log(kind, line) {
+      const window = windows.get(kind);
+      if (window) {
+        window.more++;
+        window.last = line;
+        return;
+      }
+      log(line);
+      const timer = setTimeout(() => summarize(kind), windowMs);
+      Deno.unrefTimer(timer);
+      windows.set(kind, { last: line, more: 0, timer });
+    },
+    close() {
+      for (const kind of [...windows.keys()]) summarize(kind);
+    },
+  };
 }
 
 // Chat text may carry no control characters but tab: a "\r" or an ESC
@@ -725,99 +835,66 @@ function openFileWarning(maxConnections: number): string | undefined {
     `${maxConnections}; raise it with "ulimit -n ${needed}" before starting, or lower --max-connections`;
 }
 
-// The browser client: one self-contained page, no external assets. It uses
-// the same standard WebSocket API as ws_client.ts.
-const PAGE = `<!doctype html>
-<html lang="en">
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>WebSocket client</title>
-<style>
-  body { font: 16px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #1b1b1b; }
-  h1 { font-size: 1.3rem; margin: 0 0 .75rem; }
-  form { display: flex; gap: .5rem; margin: .5rem 0; }
-  input { flex: 1; font: inherit; padding: .4rem .5rem; border: 1px solid #999; border-radius: 4px; }
-  button { font: inherit; padding: .4rem .9rem; border-radius: 4px; border: 1px solid #555; background: #f2f2f2; cursor: pointer; }
-  button:disabled { opacity: .5; cursor: default; }
-  #status { font-size: .9rem; color: #555; margin: .25rem 0; }
-  #log { list-style: none; margin: .5rem 0; padding: .5rem; height: 22rem; overflow-y: auto; border: 1px solid #ccc; border-radius: 4px; background: #fafafa; font: 15px/1.5 ui-monospace, monospace; }
-  #log li { white-space: pre-wrap; word-break: break-word; }
-  #log .sent { color: #1a5fb4; }
-  #log .note { color: #777; font-style: italic; }
-</style>
-<h1>WebSocket client</h1>
-<form id="connect-form">
-  <input id="url" aria-label="Server URL" spellcheck="false">
-  <button id="connect">Connect</button>
-</form>
-<div id="status" role="status">Not connected.</div>
-<ul id="log" aria-live="polite"></ul>
-<form id="send-form">
-  <input id="message" aria-label="Message" placeholder="Type a message" autocomplete="off" disabled>
-  <button id="send" disabled>Send</button>
-</form>
-<script type="module">
-  const $ = (id) => document.getElementById(id);
-  $("url").value = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
-  let socket;
+// ------------------------------------------------------ 8. the API's types
 
-  function show(text, kind) {
-    const item = document.createElement("li");
-    item.textContent = text;
-    if (kind) item.className = kind;
-    $("log").append(item);
-    $("log").scrollTop = $("log").scrollHeight;
-  }
+/** What the server does with the messages a client sends. */
+export type Mode = "echo" | "chat";
 
-  function setConnected(connected) {
-    $("connect").textContent = connected ? "Disconnect" : "Connect";
-    $("message").disabled = $("send").disabled = !connected;
-    if (connected) $("message").focus();
-  }
+/** Options for {@linkcode startWsServer}. Sizes are in bytes. */
+export interface WsServerOptions {
+  /** Address to bind. Default `127.0.0.1` (this machine only). */
+  hostname?: string;
+  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 8080. */
+  port?: number;
+  /** `echo` (default) sends every message back; `chat` relays text to everyone. */
+  mode?: Mode;
+  /** Largest message accepted; a bigger one closes that client with 1009. Default 1 MiB. */
+  maxMessage?: number;
+  /** Bytes buffered for one client before it is closed with 1008 as too slow. Default 2 MiB. */
+  maxQueue?: number;
+  /** WebSockets open at once; further upgrades get HTTP 503. Default 8192. */
+  maxConnections?: number;
+  /**
+   * Seconds without a whole message or a pong before a peer is dropped (1001); Deno pings it
+   * halfway. Its pings and the fragments of an unfinished message do not count. 0 = never.
+   * Default 30.
+   */
+  idleTimeout?: number;
+  /**
+   * Subprotocols spoken: the client's first offered name in the list is chosen, and a
+   * client offering only others is refused (400). Default: the client's first offer.
+   */
+  protocols?: string[];
+  /**
+   * Browser origins accepted besides the server's own pages and `localhost`,
+   * `127.0.0.1`, `[::1]` on any port (`"*"` = any origin). Default none.
+   */
+  allowOrigins?: string[];
+  /**
+   * Serve `https://` and `wss://`: a certificate chain and its private key, both PEM text
+   * (not file names). The WebSocket then runs inside TLS, inside TCP. Default: plain.
+   */
+  tls?: { cert: string; key: string };
+  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
+  log?: (line: string) => void;
+}
 
-  $("connect-form").onsubmit = (event) => {
-    event.preventDefault();
-    if (socket) return socket.close(1000, "bye");
-    socket = new WebSocket($("url").value);
-    socket.binaryType = "arraybuffer";
-    $("status").textContent = "Connecting to " + socket.url + " …";
-    socket.onopen = () => {
-      $("status").textContent = "Connected to " + socket.url;
-      setConnected(true);
-    };
-    socket.onmessage = (event) =>
-      show(typeof event.data === "string" ? event.data : "<binary " + event.data.byteLength + " bytes>");
-    // The close event carries the code and reason from the close frame;
-    // 1006 means there was none (the connection just dropped).
-    socket.onclose = (event) => {
-      $("status").textContent = "Closed: code " + event.code + (event.reason ? " (" + event.reason + ")" : "") +
-        (event.code === 1006 ? " — the connection was lost or refused" : "");
-      show("connection closed, code " + event.code, "note");
-      socket = undefined;
-      setConnected(false);
-    };
-  };
+/** A running server, returned by {@linkcode startWsServer}. */
+export interface WsServer extends AsyncDisposable {
+  /** The address actually bound (with the real port when you asked for 0). */
+  readonly addr: Deno.NetAddr;
+  /** WebSockets open right now. */
+  readonly connections: number;
+  /** Close every WebSocket with 1001, stop the HTTP server, and wait until it is down. */
+  close(): Promise<void>;
+}
 
-  $("send-form").onsubmit = (event) => {
-    event.preventDefault();
-    const text = $("message").value;
-    if (!socket || socket.readyState !== WebSocket.OPEN || text === "") return;
-    socket.send(text);
-    show("→ " + text, "sent");
-    $("message").value = "";
-  };
-
-  $("connect-form").requestSubmit();
-</script>
-</html>
-`;
-
-// ---------------------------------------------------------------- command line
+// ----------------------------------------------------- 9. the command line
 
 const USAGE = `Usage: ws_server.ts [options]
 
 A WebSocket echo (default) or chat server; GET / serves a browser client.
-Prints "listening on ws://HOST:PORT/".
+Prints "listening on ws://HOST:PORT/" (wss:// with --cert and --key).
 
 Options:
   --host HOST             address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
@@ -836,6 +913,8 @@ Options:
                           (http://host:port), or from any with '*' (default: only this
                           server's own pages, and localhost, 127.0.0.1, [::1] on any port;
                           other pages get HTTP 403)
+  --cert FILE             TLS certificate chain (PEM): serve https:// and wss://; needs --key
+  --key FILE              the certificate's private key (PEM)
   --quiet                 no connection log on stderr
   -h, --help              show this help`;
 
@@ -852,7 +931,7 @@ function parseArgsMessage(error: Error): string {
     : first;
 }
 
-function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; help: boolean } {
+function parseCommandLine(args: string[]): CommandLine {
   let parsed;
   try {
     parsed = parseArgs({
@@ -868,6 +947,8 @@ function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; h
         "idle-timeout": { type: "string", default: String(DEFAULT_IDLE_TIMEOUT) },
         protocol: { type: "string" },
         "allow-origin": { type: "string" },
+        cert: { type: "string" },
+        key: { type: "string" },
         quiet: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
       },
@@ -889,9 +970,44 @@ function parseCommandLine(args: string[]): WsServerOptions & { quiet: boolean; h
     idleTimeout: integerOption("--idle-timeout", parsed["idle-timeout"], 0),
     protocols: protocolsOption(parsed.protocol),
     allowOrigins: originsOption(parsed["allow-origin"]),
+    tlsFiles: tlsFilesOption(parsed.cert, parsed.key),
     quiet: parsed.quiet,
     help: parsed.help,
   };
+}
+
+interface CommandLine extends WsServerOptions {
+  tlsFiles?: { cert: string; key: string };
+  quiet: boolean;
+  help: boolean;
+}
+
+function tlsFilesOption(cert: string | undefined, key: string | undefined) {
+  if (cert === undefined && key === undefined) return undefined;
+  if (cert === undefined || key === undefined) {
+    throw new UsageError(
+      "--cert and --key go together: TLS needs both the certificate and its key",
+    );
+  }
+  return { cert, key };
+}
+
+// The files are read here, so that the server's options hold PEM text and a
+// missing or unreadable file is one line before anything listens.
+function readTlsFiles(files: { cert: string; key: string }): { cert: string; key: string } {
+  const read = (flag: string, path: string) => {
+    try {
+      return Deno.readTextFileSync(path);
+    } catch (error) {
+      const why = error instanceof Deno.errors.NotFound
+        ? "no such file"
+        : error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied
+        ? `permission denied (run with --allow-read=${path})`
+        : (error as Error).message;
+      throw new Error(`cannot read ${flag} ${path}: ${why}`);
+    }
+  };
+  return { cert: read("--cert", files.cert), key: read("--key", files.key) };
 }
 
 function integerOption(
@@ -950,9 +1066,16 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   const address = `${formatHost(options.hostname!)}:${options.port}`;
+  let tls;
+  try {
+    tls = options.tlsFiles && readTlsFiles(options.tlsFiles);
+  } catch (error) {
+    console.error(`ws_server: ${(error as Error).message}`);
+    return 1;
+  }
   let server: WsServer;
   try {
-    server = startWsServer({ ...options, log: options.quiet ? () => {} : console.error });
+    server = startWsServer({ ...options, tls, log: options.quiet ? () => {} : console.error });
   } catch (error) {
     console.error(
       `ws_server: cannot listen on ${address}: ${
@@ -961,15 +1084,19 @@ async function main(args: string[]): Promise<number> {
     );
     return 1;
   }
-  console.log(`listening on ws://${formatHost(server.addr.hostname)}:${server.addr.port}/`);
-  const warning = openFileWarning(options.maxConnections!);
-  if (warning) console.error(`ws_server: ${warning}`);
+  // Listening for signals before saying "listening": a test or a script
+  // that stops the server the moment it has read that line gets exit 0.
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {
       Deno.addSignalListener(signal, stop.resolve);
     }
   }
+  const where = `${formatHost(server.addr.hostname)}:${server.addr.port}`;
+  console.log(`listening on ${tls ? "wss" : "ws"}://${where}/`);
+  if (!options.quiet) console.error(`browser client: ${tls ? "https" : "http"}://${where}/`);
+  const warning = openFileWarning(options.maxConnections!);
+  if (warning) console.error(`ws_server: ${warning}`);
   await stop.promise;
   // Closing is quick; the timer is a guarantee that a stuck peer cannot hold
   // the process past a second.
@@ -987,7 +1114,135 @@ function startError(error: unknown, hostname: string, port: number): string {
       (port > 0 && port < 1024 ? ", and ports below 1024 need root" : "") + ")";
   }
   if (error instanceof Deno.errors.AddrNotAvailable) return "that address is not on this machine";
-  return error instanceof Error ? error.message : String(error);
+  const message = error instanceof Error ? error.message : String(error);
+  if (/No certificates found/i.test(message)) return "--cert holds no PEM certificate";
+  if (/No keys found/i.test(message)) return "--key holds no PEM private key";
+  if (/KeyMismatch|keys may not be consistent/i.test(message)) {
+    return "--key is not the private key of the certificate in --cert";
+  }
+  return message;
 }
 
 if (import.meta.main) Deno.exit(await main(Deno.args));
+
+// ---------------------------------------------------- 10. the browser page
+
+// The browser client: one self-contained page, no external assets. It uses
+// the same standard WebSocket API as ws_client.ts.
+// A function, not a constant: functions are hoisted, and the command line
+// above starts serving (and may call this) before a constant down here
+// would be initialized. The mode is the only thing the server fills in.
+function page(mode: Mode): string {
+  const hint = mode === "chat"
+    ? "Chat: every message goes to everyone connected, you included. Your own lines " +
+      "come back from the server like everyone else's (in blue): that is how you know " +
+      "they arrived. Open a second tab to talk to yourself."
+    : "Echo: the server sends every message straight back, whole. → marks what you " +
+      "sent; the line under it is the server's reply, one message in, one message out.";
+  return `<!doctype html>
+<html lang="en">
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>WebSocket ${mode} client</title>
+<style>
+  body { font: 16px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #1b1b1b; }
+  h1 { font-size: 1.3rem; margin: 0 0 .25rem; }
+  #hint { font-size: .9rem; color: #444; margin: 0 0 .75rem; }
+  form { display: flex; gap: .5rem; margin: .5rem 0; }
+  input { flex: 1; font: inherit; padding: .4rem .5rem; border: 1px solid #999; border-radius: 4px; }
+  button { font: inherit; padding: .4rem .9rem; border-radius: 4px; border: 1px solid #555; background: #f2f2f2; cursor: pointer; }
+  button:disabled { opacity: .5; cursor: default; }
+  #status { font-size: .9rem; color: #555; margin: .25rem 0; }
+  #you { font-weight: 600; }
+  #log { list-style: none; margin: .5rem 0; padding: .5rem; height: 22rem; overflow-y: auto; border: 1px solid #ccc; border-radius: 4px; background: #fafafa; font: 15px/1.5 ui-monospace, monospace; }
+  #log li { white-space: pre-wrap; word-break: break-word; }
+  #log .sent, #log .mine { color: #1a5fb4; }
+  #log .note { color: #777; font-style: italic; }
+</style>
+<h1>WebSocket client, ${mode} mode <span id="you"></span></h1>
+<p id="hint">${hint}</p>
+<form id="connect-form">
+  <input id="url" aria-label="Server URL" spellcheck="false">
+  <button id="connect">Connect</button>
+</form>
+<div id="status" role="status">Not connected.</div>
+<ul id="log" aria-live="polite"></ul>
+<form id="send-form">
+  <input id="message" aria-label="Message" placeholder="Type a message" autocomplete="off" disabled>
+  <button id="send" disabled>Send</button>
+</form>
+<script type="module">
+  const $ = (id) => document.getElementById(id);
+  const chat = ${JSON.stringify(mode === "chat")};
+  $("url").value = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
+  let socket;
+  let me = "";
+
+  function show(text, kind) {
+    const item = document.createElement("li");
+    item.textContent = text;
+    if (kind) item.className = kind;
+    $("log").append(item);
+    $("log").scrollTop = $("log").scrollHeight;
+  }
+
+  function setConnected(connected) {
+    $("connect").textContent = connected ? "Disconnect" : "Connect";
+    $("message").disabled = $("send").disabled = !connected;
+    if (connected) $("message").focus();
+  }
+
+  // The chat server names each newcomer in a notice of its own.
+  function received(text) {
+    const name = chat && text.match(/^\\* you are (\\S+)$/)?.[1];
+    if (name) {
+      me = name;
+      $("you").textContent = "— you are " + name;
+      return;
+    }
+    show(text, chat && me && text.startsWith(me + ": ") ? "mine" : undefined);
+  }
+
+  $("connect-form").onsubmit = (event) => {
+    event.preventDefault();
+    if (socket) return socket.close(1000, "bye");
+    socket = new WebSocket($("url").value);
+    socket.binaryType = "arraybuffer";
+    $("status").textContent = "Connecting to " + socket.url + " …";
+    socket.onopen = () => {
+      $("status").textContent = "Connected to " + socket.url +
+        (socket.protocol ? ", protocol " + socket.protocol : "");
+      setConnected(true);
+    };
+    socket.onmessage = (event) =>
+      typeof event.data === "string"
+        ? received(event.data)
+        : show("<binary " + event.data.byteLength + " bytes>");
+    // The close event carries the code and reason from the close frame;
+    // 1006 means there was none (the connection just dropped).
+    socket.onclose = (event) => {
+      $("status").textContent = "Closed: code " + event.code + (event.reason ? " (" + event.reason + ")" : "") +
+        (event.code === 1006 ? " — the connection was lost or refused" : "");
+      show("connection closed, code " + event.code, "note");
+      socket = undefined;
+      me = "";
+      $("you").textContent = "";
+      setConnected(false);
+    };
+  };
+
+  $("send-form").onsubmit = (event) => {
+    event.preventDefault();
+    const text = $("message").value;
+    if (!socket || socket.readyState !== WebSocket.OPEN || text === "") return;
+    socket.send(text);
+    // In chat the server's relay is the confirmation; in echo, its reply.
+    if (!chat) show("→ " + text, "sent");
+    $("message").value = "";
+  };
+
+  $("connect-form").requestSubmit();
+</script>
+</html>
+`;
+}

@@ -25,6 +25,8 @@ import { createLogLimiter, startTcpServer, type TcpServer } from "../tcp_server.
 import { startWsServer, type WsServer } from "../ws_server.ts";
 import {
   connectTcp,
+  joinTcpChat,
+  joinWsChat,
   openWs,
   runScript,
   scriptPath,
@@ -147,6 +149,26 @@ async function rawWs(port: number) {
 
 type RawWs = Awaited<ReturnType<typeof rawWs>>;
 
+/**
+ * A bare WebSocket client (rawWs) that has joined a chat: the upgrade
+ * succeeded and the first frame was the server's `* you are NAME` notice,
+ * read and checked (NAME is `expected`). After that it reads nothing unless
+ * asked.
+ */
+async function joinRawWs(port: number, expected: string): Promise<RawWs> {
+  const client = await rawWs(port);
+  try {
+    assert.match(client.status, / 101 /);
+    const notice = await within(client.readFrame(), "the notice on joining");
+    assert.equal(notice?.opcode, OP_TEXT);
+    assert.equal(decoder.decode(notice.payload), `* you are ${expected}`);
+    return client;
+  } catch (error) {
+    client.tcp.close();
+    throw error;
+  }
+}
+
 function closeFrame(payload: Uint8Array): { code: number; reason: string } {
   if (payload.length < 2) return { code: 1005, reason: "" };
   return {
@@ -202,7 +224,11 @@ function memoryTest(name: string, fn: () => Promise<void>): void {
 async function probeTcp(port: number): Promise<{ client: TcpClient; accepted: boolean }> {
   const client = await connectTcp(port);
   await client.write("probe\n");
-  const line = await within(client.readLine(), "a probe's first line");
+  let line = await within(client.readLine(), "a probe's first line");
+  // A chat server first tells a newcomer its name.
+  if (line !== null && /^\* you are guest-\d+$/.test(line)) {
+    line = await within(client.readLine(), "a probe's line after its name");
+  }
   if (line === "* error: server full") {
     assert.equal(await within(client.readLine(), "EOF after server full"), null);
     return { client, accepted: false };
@@ -366,8 +392,9 @@ memoryTest(
   async () => {
     // Default --max-queue (2 MiB): the test is of the shipped configuration.
     await using server = await spawnServer("tcp_server.ts", ["--mode", "chat", "--quiet"]);
-    using _slow = await connectTcp(server.port); // guest-1: never reads a byte
-    using fast = await connectTcp(server.port); // guest-2
+    // guest-1 reads its name, then never another byte.
+    using _slow = await joinTcpChat(server.port, "guest-1");
+    using fast = await joinTcpChat(server.port, "guest-2");
     const before = memoryMiB(server.pid, "VmRSS");
     const notices = await within(
       floodChat(tcpLink(fast), "guest-2", {
@@ -392,8 +419,8 @@ Deno.test("tcp chat: the too-slow client gets the reason once it reads again; th
     maxQueue: 64 * 1024,
     log: log.push,
   });
-  using slow = await connectTcp(server.addr.port); // guest-1: stops reading
-  using talker = await connectTcp(server.addr.port); // guest-2
+  using slow = await joinTcpChat(server.addr.port, "guest-1"); // stops reading
+  using talker = await joinTcpChat(server.addr.port, "guest-2");
   const lineBytes = 8 * 1024;
   const notices = await within(
     floodChat(tcpLink(talker), "guest-2", {
@@ -427,8 +454,8 @@ Deno.test("tcp chat: --idle-timeout drops a silent client with a reason; one tha
   const log = createLines();
   await using server = startTcpServer({ port: 0, mode: "chat", idleTimeout: 0.5, log: log.push });
   const start = performance.now();
-  using silent = await connectTcp(server.addr.port); // guest-1
-  using talker = await connectTcp(server.addr.port); // guest-2
+  using silent = await joinTcpChat(server.addr.port, "guest-1");
+  using talker = await joinTcpChat(server.addr.port, "guest-2");
   let dropped = false;
   const silentLines = silent.readLinesToEnd().then((lines) => {
     dropped = true;
@@ -504,26 +531,26 @@ Deno.test("tcp chat: the count survives every way a connection ends, exactly onc
     client.close();
   }, /closed by peer$/);
   await endsWith("half-close", {}, async (port) => {
-    using client = await connectTcp(port);
+    using client = await joinTcpChat(port, "guest-1");
     await client.write("bye\n");
     await client.conn.closeWrite();
     assert.deepEqual(await within(client.readLinesToEnd(), "EOF"), ["guest-1: bye"]);
   }, /closed by peer$/);
   await endsWith("reset", {}, async (port) => {
-    const client = await connectTcp(port);
+    const client = await joinTcpChat(port, "guest-1");
     await client.write("one\ntwo\n");
     assert.equal(await within(client.readLine(), "the first line"), "guest-1: one");
     // "guest-1: two" is still unread: closing now sends a reset, not a FIN.
     client.close();
   }, /closed by peer$/);
   await endsWith("idle drop", { idleTimeout: 0.3 }, async (port) => {
-    using client = await connectTcp(port);
+    using client = await joinTcpChat(port, "guest-1");
     assert.deepEqual(await within(client.readLinesToEnd(), "the idle drop"), [
       "* error: idle timeout",
     ]);
   }, /idle timeout$/);
   await endsWith("line too long", { maxLine: 100 }, async (port) => {
-    using client = await connectTcp(port);
+    using client = await joinTcpChat(port, "guest-1");
     await client.write("z".repeat(200));
     assert.deepEqual(await within(client.readLinesToEnd(), "the refusal"), [
       "* error: line too long (max 100 bytes)",
@@ -533,8 +560,8 @@ Deno.test("tcp chat: the count survives every way a connection ends, exactly onc
     "slow-consumer drop",
     { maxQueue: 64 * 1024 },
     async (port) => {
-      const slow = await connectTcp(port); // never reads
-      using talker = await connectTcp(port);
+      const slow = await joinTcpChat(port, "guest-1"); // then never reads
+      using talker = await joinTcpChat(port, "guest-2");
       await within(
         floodChat(tcpLink(talker), "guest-2", {
           total: 64 * MiB,
@@ -556,8 +583,8 @@ Deno.test("tcp chat: the count survives every way a connection ends, exactly onc
   await t.step("server shutdown", async () => {
     const log = createLines();
     const server = startTcpServer({ port: 0, mode: "chat", log: log.push });
-    using a = await connectTcp(server.addr.port);
-    using b = await connectTcp(server.addr.port);
+    using a = await joinTcpChat(server.addr.port, "guest-1");
+    using b = await joinTcpChat(server.addr.port, "guest-2");
     assert.equal(await within(a.readLine(), "a join"), "* guest-2 joined");
     await within(server.close(), "close()");
     assert.equal(server.connections, 0);
@@ -589,8 +616,8 @@ Deno.test("tcp: close() right after clients connect still returns", async () => 
 
 Deno.test("tcp chat: bytes that are not UTF-8 reach everyone as U+FFFD; valid text split anywhere stays intact", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: () => {} });
-  using sender = await connectTcp(server.addr.port);
-  using receiver = await connectTcp(server.addr.port);
+  using sender = await joinTcpChat(server.addr.port, "guest-1");
+  using receiver = await joinTcpChat(server.addr.port, "guest-2");
   assert.equal(await within(sender.readLine(), "the join"), "* guest-2 joined");
   sender.conn.setNoDelay(true);
   const cases: [number[][], string][] = [
@@ -612,13 +639,13 @@ Deno.test("tcp chat: bytes that are not UTF-8 reach everyone as U+FFFD; valid te
 
 Deno.test("tcp chat: a line with no newline at all hits --max-line within that many bytes", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", maxLine: 1000, log: () => {} });
-  using fits = await connectTcp(server.addr.port);
+  using fits = await joinTcpChat(server.addr.port, "guest-1");
   await fits.write("y".repeat(1000) + "\r\n");
   assert.equal(
     await within(fits.readLine(), "a line of max length"),
     `guest-1: ${"y".repeat(1000)}`,
   );
-  using endless = await connectTcp(server.addr.port);
+  using endless = await joinTcpChat(server.addr.port, "guest-2");
   // 1000 bytes and a "\r" could still be a line; one byte more cannot. No
   // newline ever comes: the server must decide from what it has.
   await endless.write("y".repeat(1002));
@@ -635,7 +662,7 @@ Deno.test("tcp chat: silent connections, resets and half-closes do not stop the 
   const log = createLines();
   await using server = startTcpServer({ port: 0, mode: "chat", log: log.push });
   const { port } = server.addr;
-  using first = await connectTcp(port); // guest-1
+  using first = await joinTcpChat(port, "guest-1");
   const silent = await openMany(100, () => connectTcp(port)); // guest-2..101: say nothing
   const rude = await openMany(50, () => connectTcp(port)); // guest-102..151
   const joins = first.readLine.bind(first);
@@ -646,7 +673,7 @@ Deno.test("tcp chat: silent connections, resets and half-closes do not stop the 
   // reset. (Deno reports a reset seen by read() as EOF: "closed by peer".)
   for (const client of rude) client.close();
   await log.waitFor(/^- /, 50);
-  using halfClosed = await connectTcp(port); // guest-152
+  using halfClosed = await joinTcpChat(port, "guest-152");
   await halfClosed.write("bye\n");
   await halfClosed.conn.closeWrite();
   assert.deepEqual(await within(halfClosed.readLinesToEnd(), "EOF"), ["guest-152: bye"]);
@@ -669,8 +696,9 @@ memoryTest(
   "ws chat: a client that stops reading is closed as too slow and announced; 200 MiB later the server has grown < 100 MiB",
   async () => {
     await using server = await spawnServer("ws_server.ts", ["--mode", "chat", "--quiet"]);
-    using _slow = await rawWs(server.port); // guest-1: never reads a byte
-    await using fast = await openWs(`ws://127.0.0.1:${server.port}/`); // guest-2
+    // guest-1 reads its name, then never another byte.
+    using _slow = await joinRawWs(server.port, "guest-1");
+    await using fast = await joinWsChat(`ws://127.0.0.1:${server.port}/`, "guest-2");
     const before = memoryMiB(server.pid, "VmRSS");
     const notices = await within(
       floodChat(wsLink(fast), "guest-2", {
@@ -717,8 +745,8 @@ Deno.test("ws chat: the too-slow client is announced at once and gets 1008 once 
     log: log.push,
   });
   const url = `ws://127.0.0.1:${server.addr.port}/`;
-  using slow = await rawWs(server.addr.port); // guest-1: stops reading
-  await using talker = await openWs(url); // guest-2
+  using slow = await joinRawWs(server.addr.port, "guest-1"); // stops reading
+  await using talker = await joinWsChat(url, "guest-2");
   const messageBytes = WS_TALK_BYTES;
   const notices = await within(
     floodChat(wsLink(talker), "guest-2", {
@@ -752,9 +780,10 @@ Deno.test("ws chat: --idle-timeout N pings a silent peer at N/2 and drops it at 
   const log = createLines();
   const idleTimeout = 1;
   await using server = startWsServer({ port: 0, mode: "chat", idleTimeout, log: log.push });
-  await using alive = await openWs(`ws://127.0.0.1:${server.addr.port}/`); // answers pings
+  // guest-1 answers pings; guest-2 never does.
+  await using alive = await joinWsChat(`ws://127.0.0.1:${server.addr.port}/`, "guest-1");
   const start = performance.now();
-  using dead = await rawWs(server.addr.port); // never answers
+  using dead = await joinRawWs(server.addr.port, "guest-2");
   const frames: { opcode: number; ms: number; payload: Uint8Array }[] = [];
   for (let frame = await within(dead.readFrame(), "a frame"); frame;) {
     frames.push({ ...frame, ms: performance.now() - start });
@@ -827,7 +856,7 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
     await client.closed;
   }, /code 1000$/);
   await endsWith("reset", {}, async (port) => {
-    const client = await rawWs(port);
+    const client = await joinRawWs(port, "guest-1");
     await client.sendText("one");
     await client.sendText("two");
     const first = await within(client.readFrame(), "the first message");
@@ -858,8 +887,8 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
     "slow-consumer drop",
     { maxQueue: 64 * 1024 },
     async (port) => {
-      using slow = await rawWs(port); // never reads until dropped
-      await using talker = await openWs(url(port));
+      using slow = await joinRawWs(port, "guest-1"); // then never reads until dropped
+      await using talker = await joinWsChat(url(port), "guest-2");
       await within(
         floodChat(wsLink(talker), "guest-2", {
           total: 64 * MiB,
@@ -890,8 +919,8 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
   await t.step("server shutdown", async () => {
     const log = createLines();
     const server = startWsServer({ port: 0, mode: "chat", log: log.push });
-    const a = await openWs(url(server.addr.port));
-    const b = await openWs(url(server.addr.port));
+    const a = await joinWsChat(url(server.addr.port), "guest-1");
+    const b = await joinWsChat(url(server.addr.port), "guest-2");
     assert.equal(await within(a.next(), "the join"), "* guest-2 joined");
     await within(server.close(), "close()");
     assert.equal(server.connections, 0);
@@ -922,8 +951,8 @@ Deno.test("ws chat: slowloris handshakes and silent connections do not stop the 
   });
   try {
     const url = `ws://127.0.0.1:${port}/`;
-    await using a = await openWs(url);
-    await using b = await openWs(url);
+    await using a = await joinWsChat(url, "guest-1");
+    await using b = await joinWsChat(url, "guest-2");
     assert.equal(await within(a.next(), "the join"), "* guest-2 joined");
     for (let i = 0; i < 20; i++) {
       (i % 2 ? a : b).socket.send(`message ${i}`);
@@ -1505,7 +1534,7 @@ Deno.test("ws_client: a server's endless fragmented message is cut off before th
 Deno.test("ws_client interactive: the chat server stopping is reported and exits 1 at once, stdin still open", async () => {
   const server = startWsServer({ port: 0, mode: "chat", log: () => {} });
   const url = `ws://127.0.0.1:${server.addr.port}/`;
-  await using watcher = await openWs(url);
+  await using watcher = await joinWsChat(url, "guest-1");
   const client = spawnWsClient(["--url", url], "open");
   assert.equal(await within(watcher.next(), "the client joins"), "* guest-2 joined");
   await server.close();
@@ -1582,7 +1611,7 @@ Deno.test("ws_client one-shot: chat lines that come with the 101 are not taken f
 Deno.test("ws_client one-shot in a busy ws_server chat: waits for its own lines under its own name", async () => {
   await using server = await spawnServer("ws_server.ts", ["--mode", "chat", "--quiet"]);
   const url = `ws://127.0.0.1:${server.port}/`;
-  await using chatty = await openWs(url);
+  await using chatty = await joinWsChat(url, "guest-1");
   // The chatty client talks all the while, from before ws_client joins until
   // it has gone, 8 lines in flight, some of them the same text as its own.
   let said = 0;
@@ -1604,6 +1633,8 @@ Deno.test("ws_client one-shot in a busy ws_server chat: waits for its own lines 
     lines.slice(0, 10).join(" | ");
   assert.equal(killed, undefined, story);
   assert.equal(code, 0, story);
+  // It prints what the server sends, the notice with its name first.
+  assert.equal(lines.shift(), "* you are guest-2", story);
   const own = lines.filter((line) => line.startsWith("guest-2: "));
   assert.deepEqual(own, ["guest-2: one", "guest-2: two", "guest-2: three"], story);
   assert.ok(lines.every((line) => /^guest-[12]: (one|two|three|chatter \d+)$/.test(line)), story);
@@ -1733,13 +1764,18 @@ Deno.test("ws server: a bad Host header is a 400 with a one-line reason and one 
       continue;
     }
     const lines = stderr.trimEnd().split("\n");
-    assert.equal(lines.length, 2 * BAD_HOSTS.length + 1, stderr);
+    assert.equal(lines.shift(), `browser client: http://127.0.0.1:${server.port}/`);
     for (const line of lines) {
       assert.match(
         line,
         /^! 127\.0\.0\.1:\d+ refused with 400: bad request: the (Host|request's URL) /,
       );
     }
+    // Each bad Host was sent twice: logged once, and the repeat summed up
+    // at exit by the log limiter.
+    const repeats = lines.filter((line) => / \(and 1 more like it in the last 20 s\)$/.test(line));
+    assert.equal(lines.length - repeats.length, BAD_HOSTS.length + 1, stderr);
+    assert.equal(repeats.length, BAD_HOSTS.length, stderr);
   }
 });
 
@@ -1767,8 +1803,10 @@ Deno.test("ws server: the handshake is checked before upgrading: method, key, ve
     [upgradeRequest({ "Sec-WebSocket-Version": "8" }), 426, /speaks WebSocket version 13, not 8$/],
     [upgradeRequest({ "Sec-WebSocket-Version": "13, 8" }), 426, /not 13, 8$/],
   ];
+  const reasons = new Set<string>();
   for (const [request, status, reason] of cases) {
     const answer = await exchange(port, request);
+    reasons.add(answer.body);
     const what = request.split("\r\n").filter((line) => /^(GET|POST|PUT|Sec)/.test(line)).join(" ");
     assert.equal(answer.status, status, what);
     assert.match(answer.body, /^bad WebSocket handshake: [^\n]+\n$/, what);
@@ -1776,9 +1814,12 @@ Deno.test("ws server: the handshake is checked before upgrading: method, key, ve
     assert.equal(answer.headers.get("x-content-type-options"), "nosniff");
     if (status === 426) assert.equal(answer.headers.get("sec-websocket-version"), "13", what);
   }
+  // A refusal repeated word for word (three keys of the wrong size) is
+  // logged once: the log limiter. Every different one is logged.
+  assert.ok(reasons.size < cases.length);
   assert.equal(
     log.count(/^! 127\.0\.0\.1:\d+ refused with (400|426): bad WebSocket handshake: /),
-    cases.length,
+    reasons.size,
   );
   assert.equal(log.count(/^\+ /), 0, "none of them became a WebSocket");
   assert.equal(server.connections, 0);
@@ -1870,7 +1911,7 @@ Deno.test("ws chat: a refused handshake is never announced and takes no guest na
   await using server = startWsServer({ port: 0, mode: "chat", protocols: ["chat"], log: log.push });
   const { port } = server.addr;
   const url = `ws://127.0.0.1:${port}/`;
-  await using member = await openWs(url);
+  await using member = await joinWsChat(url, "guest-1");
   const refused = [
     upgradeRequest({ "Sec-WebSocket-Protocol": "graphql-ws" }),
     upgradeRequest({ Origin: "http://evil.example" }),
@@ -1879,7 +1920,7 @@ Deno.test("ws chat: a refused handshake is never announced and takes no guest na
   for (const request of refused) assert.notEqual((await exchange(port, request)).status, 101);
   member.socket.send("anyone?");
   assert.equal(await member.next(), "guest-1: anyone?", "no join or leave came first");
-  await using next = await openWs(url);
+  await using next = await joinWsChat(url, "guest-2");
   assert.equal(await member.next(), "* guest-2 joined");
   next.socket.send("me");
   assert.equal(await next.next(), "guest-2: me");
@@ -1957,8 +1998,8 @@ Deno.test("ws chat: control characters are relayed as visible pictures, echo sta
   {
     await using server = startWsServer({ port: 0, mode: "chat", log: log.push });
     const url = `ws://127.0.0.1:${server.addr.port}/`;
-    await using reader = await openWs(url);
-    await using sender = await openWs(url);
+    await using reader = await joinWsChat(url, "guest-1");
+    await using sender = await joinWsChat(url, "guest-2");
     assert.equal(await reader.next(), "* guest-2 joined");
     sender.socket.send(hostile);
     const shown = "guest-2: hi\u240a* guest-1 left\u240d\u241b[2J\u2407\u2400\u2421\ufffd\ttab";
@@ -1982,8 +2023,8 @@ Deno.test("ws chat: control characters are relayed as visible pictures, echo sta
 
 Deno.test("tcp chat: a sender cannot forge lines or send terminal escapes; receivers get control pictures", async () => {
   await using server = startTcpServer({ port: 0, mode: "chat", log: () => {} });
-  using sender = await connectTcp(server.addr.port); // guest-1
-  using receiver = await connectTcp(server.addr.port); // guest-2
+  using sender = await joinTcpChat(server.addr.port, "guest-1");
+  using receiver = await joinTcpChat(server.addr.port, "guest-2");
   assert.equal(await within(sender.readLine(), "the join"), "* guest-2 joined");
   await sender.write("innocent\rguest-1: forged\x1b[2K\x07\x00\n");
   const expected = "guest-1: innocent\u240dguest-1: forged\u241b[2K\u2407\u2400";

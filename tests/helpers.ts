@@ -10,6 +10,7 @@
  * close, so that the sanitizers stay quiet.
  */
 
+import assert from "node:assert/strict";
 import {
   scriptPath,
   type ServerProcess,
@@ -202,3 +203,50 @@ export async function openWs(url: string) {
 
 /** What `openWs` returns. */
 export type WsClient = Awaited<ReturnType<typeof openWs>>;
+
+// A chat server tells each newcomer its name in a notice of its own, the
+// first line (TCP) or message (WebSocket) it sends: `* you are guest-N`.
+const YOU_ARE = /^\* you are (guest-\d+)$/;
+
+function ownName(notice: unknown, expected: string | undefined, where: string): string {
+  assert.ok(typeof notice === "string", `${where}: the first message is not text`);
+  const name = notice.match(YOU_ARE)?.[1];
+  assert.ok(
+    name !== undefined,
+    `${where}: the first line is ${JSON.stringify(notice)}, not "* you are NAME"`,
+  );
+  if (expected !== undefined) assert.equal(name, expected, `${where}: the name it was told`);
+  return name;
+}
+
+/**
+ * Joins a TCP chat server: connects, checks that the first line is the
+ * server's `* you are NAME` notice (and that NAME is `expected`, if given),
+ * and returns the connection with `name` set. The notice is consumed.
+ */
+export async function joinTcpChat(port: number, expected?: string) {
+  const client = await connectTcp(port);
+  try {
+    const notice = await within(client.readLine(), `the notice on joining 127.0.0.1:${port}`);
+    return Object.assign(client, { name: ownName(notice, expected, `tcp chat ${port}`) });
+  } catch (error) {
+    client.close();
+    throw error;
+  }
+}
+
+/**
+ * Joins a WebSocket chat server: opens, checks that the first message is
+ * the server's `* you are NAME` notice (and that NAME is `expected`, if
+ * given), and returns the socket with `name` set. The notice is consumed.
+ */
+export async function joinWsChat(url: string, expected?: string) {
+  const client = await openWs(url);
+  try {
+    const notice = await within(client.next(), `the notice on joining ${url}`);
+    return Object.assign(client, { name: ownName(notice, expected, `ws chat ${url}`) });
+  } catch (error) {
+    await client[Symbol.asyncDispose]();
+    throw error;
+  }
+}

@@ -5,6 +5,8 @@
  * which is sent as N binary bytes 0, 1, 2, …, 255, 0, 1, …. Prints each
  * message received on its own line (binary as `<binary N bytes sha256 HEX>`),
  * closes with 1000 after one reply per message sent (never, with --stay),
+ * where a text message starting with "* " is a chat server's notice (its
+ * "* you are NAME", joins and leaves), printed but not a reply,
  * and prints how the connection closed: `closed CODE REASON`. With
  * --protocol=A,B it offers those subprotocols (ws insists that the server
  * picks one) and prints the one chosen first: `protocol NAME`.
@@ -43,7 +45,9 @@ socket.on("open", () => {
 });
 // ws hands over every message as a Buffer; isBinary says which opcode it had.
 socket.on("message", (data, isBinary) => {
-  console.log(describe(data, isBinary));
+  const text = describe(data, isBinary);
+  console.log(text);
+  if (!isBinary && text.startsWith("* ")) return;
   if (++received === messages.length && !stay) socket.close(1000);
 });
 socket.on("close", (code, reason) => console.log(`closed ${code} ${reason}`.trimEnd()));

@@ -4,7 +4,9 @@ The peer for ws_server.ts. Sends each MESSAGE as text, except `binary:N`,
 which is sent as N binary bytes 0, 1, 2, ..., 255, 0, 1, .... Prints each
 message received on its own line (binary as `<binary N bytes sha256 HEX>`),
 closes with 1000 after one reply per message sent, and prints how the
-connection closed: `closed CODE REASON`.
+connection closed: `closed CODE REASON`. A text message starting with "* "
+is a chat server's notice (its "* you are NAME", joins and leaves): printed,
+but not a reply.
 
     python3 interop/ws_client.py ws://127.0.0.1:8080/ hello binary:256
 """
@@ -34,8 +36,12 @@ async def main(url, messages):
         for message in messages:
             await socket.send(payload(message))
         try:
-            for _ in messages:
-                print(describe(await socket.recv()), flush=True)
+            replies = 0
+            while replies < len(messages):
+                data = await socket.recv()
+                print(describe(data), flush=True)
+                if not (isinstance(data, str) and data.startswith("* ")):
+                    replies += 1
         except websockets.ConnectionClosed:
             pass  # the server closed first; its code is printed below
         # Leaving the block runs the close handshake with 1000.
