@@ -5,9 +5,20 @@
  * else. A `read()` returns some bytes, not one message: one message can arrive
  * in many reads and many messages in one read. So the echo mode needs no
  * framing (bytes in, the same bytes out), while the chat mode must cut the
- * stream into lines itself. It also shows the half-close (a peer that has
- * finished sending can still receive), backpressure (await every write), and a
+ * stream into lines itself. It also shows backpressure (await every write),
+ * the half-close (a peer that has finished sending can still receive), and a
  * server that one misbehaving client cannot crash.
+ *
+ * Read it in this order:
+ *
+ *     1. Accept, then serve each connection        startTcpServer, acceptLoop, serveClient
+ *     2. Echo: the same bytes back                 echoLoop, writeAll
+ *     3. Framing: cutting the stream into lines    createLineFramer
+ *     4. Chat: fan-out and backpressure            chatLoop, broadcast, send, flush
+ *     5. Ending a connection: half-close, linger   end
+ *     6. Limits and bookkeeping                    admit, the idle sweep, accept errors, logs
+ *     7. The API's types                           TcpServerOptions, TcpServer
+ *     8. The command line                          main
  *
  * Run it (least privilege, from a checkout or straight from its URL):
  *
@@ -18,15 +29,7 @@
  * Poke it with netcat (`-N` sends EOF, a half-close, when stdin ends):
  *
  *     printf 'hello\n' | nc -N 127.0.0.1 9000     # echo: prints hello
- *     nc 127.0.0.1 9000                           # chat: type lines, Ctrl-D leaves
- *
- * Every connection is an open file, and running out of them is survived:
- * accept() fails, new clients wait in the kernel's queue, and are served as
- * soon as others leave. With `-A` the server also reads its open-file limit
- * (`ulimit -n`) and warns at start when it is too low for --max-connections:
- * the limit is in /proc/self/limits, which Deno 2.9.6 lets a script read
- * only with --allow-all (as every file in /proc but /proc/pressure/*); with
- * less, that check is skipped, silently.
+ *     nc -N 127.0.0.1 9000                        # chat: type lines, Ctrl-D leaves
  *
  * @module
  */
@@ -46,6 +49,311 @@ const READ_BUFFER_SIZE = 64 * 1024;
 // what the peer still sends. Closing a socket with unread input makes the
 // kernel send a reset, which can destroy the error line before it is read.
 const LINGER_MS = 2000;
+
+const encoder = new TextEncoder();
+// Not `fatal`: bytes that are not UTF-8 become U+FFFD instead of an error.
+const decoder = new TextDecoder();
+
+// ------------------------------------------ 1. accept, then serve each connection
+
+/**
+ * Starts a TCP echo or chat server and returns at once; it serves in the
+ * background until `close()`.
+ *
+ * @example Echo server on a free port
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * await using server = startTcpServer({ port: 0, log: () => {} });
+ * using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+ * await conn.write(new TextEncoder().encode("hi\n"));
+ * // TCP may cut the echo into several reads: read until all 3 bytes are in.
+ * const reply = new Uint8Array(3);
+ * for (let got = 0; got < reply.length;) got += (await conn.read(reply.subarray(got)))!;
+ * assert.equal(new TextDecoder().decode(reply), "hi\n");
+ * ```
+ *
+ * @throws {Deno.errors.AddrInUse} when the port is taken.
+ * @throws {Deno.errors.NotCapable} without `--allow-net` for the address.
+ */
+export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
+  const mode = options.mode ?? "echo";
+  const listener = Deno.listen({
+    hostname: options.hostname ?? DEFAULT_HOSTNAME,
+    port: options.port ?? DEFAULT_PORT,
+  });
+  const state = initialState(listener, options);
+  const idleTimeout = options.idleTimeout ??
+    (mode === "chat" ? DEFAULT_CHAT_IDLE_TIMEOUT : 0);
+  const sweeper = idleTimeout > 0 ? startIdleSweeper(state, idleTimeout) : undefined;
+  const accepting = acceptLoop(state);
+  let closed: Promise<void> | undefined;
+  async function close() {
+    state.closing = true;
+    clearInterval(sweeper);
+    closeQuietly(listener);
+    // Nobody needs "* NAME left" while the whole server goes away, and
+    // `closing` stops it: otherwise N leaves go to N-1 peers, N² writes.
+    for (const client of state.clients) closeQuietly(client.conn);
+    await accepting;
+    while (state.tasks.size > 0) await Promise.all(state.tasks);
+    state.limitedLog.close();
+  }
+  return {
+    addr: listener.addr,
+    get connections() {
+      return state.served;
+    },
+    close: () => closed ??= close(),
+    [Symbol.asyncDispose]: () => closed ??= close(),
+  };
+}
+
+// Each accepted connection is served by a task of its own, so the loop is at
+// once ready for the next client. One connection failing never stops the
+// others: accept() errors are survived (see logAcceptFailure).
+async function acceptLoop(state: ServerState): Promise<void> {
+  while (!state.closing) {
+    let conn: Deno.TcpConn;
+    try {
+      conn = await state.listener.accept();
+    } catch (error) {
+      if (state.closing || error instanceof Deno.errors.BadResource) return;
+      await survivingAcceptFailure(state, error);
+      continue;
+    }
+    // close() may have run while this accept was completing: close() has
+    // already closed every connection it knew of, and would wait for this one.
+    if (state.closing) {
+      closeQuietly(conn);
+      return;
+    }
+    const task = serveClient(state, conn);
+    state.tasks.add(task);
+    task.finally(() => state.tasks.delete(task));
+  }
+}
+
+async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void> {
+  const client = newClient(state, conn);
+  if (admit(state, client)) {
+    if (state.mode === "chat") {
+      // Chat lines are small and a client both sends and receives: with Nagle
+      // on, its next line waits for the ACK of the last (up to 40 ms).
+      conn.setNoDelay(true);
+      join(state, client);
+    }
+    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
+  }
+  try {
+    await (state.mode === "chat" ? chatLoop(state, client) : echoLoop(client));
+  } catch (error) {
+    client.reason ||= describe(error);
+  }
+  // The peer sent EOF (a half-close), reset, or we closed it. It may still
+  // be owed data; send that, then close for real.
+  end(state, client);
+  await client.flushing;
+  release(state, client);
+}
+
+// --------------------------------------------------- 2. echo: the same bytes back
+
+// Echo needs no framing: whatever bytes arrive go straight back. Awaiting each
+// write before the next read is the backpressure: a client that sends without
+// reading fills its own buffers and stalls, while we hold one 64 KiB buffer.
+async function echoLoop(client: Client): Promise<void> {
+  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  for (;;) {
+    const n = await client.conn.read(buf);
+    if (n === null) return;
+    markProgress(client);
+    // A client being ended is still read (see end), no longer answered.
+    if (!client.ending) await writeAll(client, buf.subarray(0, n));
+  }
+}
+
+// A write may take only part of the bytes (a "partial send"): loop until all
+// are out. Each await waits for room in the kernel's send buffer, and each
+// write that moves is progress: a client taking a long echo slowly is busy.
+async function writeAll(client: Client, bytes: Uint8Array): Promise<void> {
+  markWriting(client, true);
+  let written = await client.conn.write(bytes);
+  markProgress(client);
+  while (written < bytes.length) {
+    written += await client.conn.write(bytes.subarray(written));
+    markProgress(client);
+  }
+  markWriting(client, false);
+}
+
+// ----------------------------------------- 3. framing: cutting the stream into lines
+
+/**
+ * Cuts a byte stream into lines. TCP delivers bytes, not messages: a line can
+ * arrive in pieces across many reads, and one read can hold many lines, so
+ * the framer keeps the unfinished tail of each chunk for the next one.
+ *
+ * Returns a `push(chunk, onLine)` function that calls `onLine` once per
+ * complete line (without `\n` or a trailing `\r`; a view that is only valid
+ * during the call) and returns `false` as soon as a line is longer than
+ * `maxLine` bytes, even one whose end has not arrived yet. Push `null` at
+ * the end of the stream to get a last line that had no `\n`.
+ *
+ * @example A line split across two reads, and two lines in one
+ * ```ts
+ * import assert from "node:assert/strict";
+ *
+ * const push = createLineFramer(1024);
+ * const lines: string[] = [];
+ * const decode = (line: Uint8Array) => void lines.push(new TextDecoder().decode(line));
+ * assert.ok(push(new TextEncoder().encode("hel"), decode));
+ * assert.ok(push(new TextEncoder().encode("lo\r\nworld\nbye"), decode));
+ * assert.ok(push(null, decode)); // the end of the stream: "bye" had no "\n"
+ * assert.deepEqual(lines, ["hello", "world", "bye"]);
+ * assert.equal(createLineFramer(4)(new TextEncoder().encode("too long"), decode), false);
+ * ```
+ */
+export function createLineFramer(
+  maxLine: number,
+): (chunk: Uint8Array | null, onLine: (line: Uint8Array) => void) => boolean {
+  // Room for a full line plus its "\r", allocated only when a line is split.
+  let pending = new Uint8Array(0);
+  let pendingLength = 0;
+  return function push(chunk, onLine) {
+    if (chunk === null) {
+      if (pendingLength > 0) chunk = Uint8Array.of(10);
+      else return true;
+    }
+    let start = 0;
+    for (let end = chunk.indexOf(10, start); end !== -1; end = chunk.indexOf(10, start)) {
+      let line = chunk.subarray(start, end);
+      start = end + 1;
+      if (pendingLength > 0) {
+        if (pendingLength + line.length > maxLine + 1) return false;
+        line = append(line);
+        pendingLength = 0;
+      }
+      if (line[line.length - 1] === 13) line = line.subarray(0, line.length - 1);
+      if (line.length > maxLine) return false;
+      onLine(line);
+    }
+    const tail = chunk.subarray(start);
+    if (pendingLength + tail.length > maxLine + 1) return false;
+    if (tail.length > 0) append(tail);
+    return true;
+  };
+  function append(bytes: Uint8Array): Uint8Array {
+    const needed = pendingLength + bytes.length;
+    if (needed > pending.length) {
+      const grown = new Uint8Array(
+        Math.min(maxLine + 1, Math.max(needed, 2 * pending.length, 256)),
+      );
+      grown.set(pending.subarray(0, pendingLength));
+      pending = grown;
+    }
+    pending.set(bytes, pendingLength);
+    pendingLength = needed;
+    return pending.subarray(0, needed);
+  }
+}
+
+// -------------------------------------------------- 4. chat: fan-out and backpressure
+
+async function chatLoop(state: ServerState, client: Client): Promise<void> {
+  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  const push = createLineFramer(state.maxLine);
+  const relay = (line: Uint8Array) =>
+    broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
+  for (;;) {
+    const n = await client.conn.read(buf);
+    markProgress(client);
+    // At EOF (null), a last line without "\n" still counts.
+    const chunk = n === null ? null : buf.subarray(0, n);
+    if (!client.ending && !push(chunk, relay)) {
+      end(state, client, `line too long (max ${state.maxLine} bytes)`);
+    }
+    if (chunk === null) return;
+  }
+}
+
+// A newcomer is told its name at once ("* " lines are the server speaking),
+// and everyone already there learns it from the join.
+function join(state: ServerState, client: Client): void {
+  client.name = `guest-${++state.guests}`;
+  broadcast(state, `* ${client.name} joined\n`);
+  state.room.add(client);
+  send(state, client, encoder.encode(`* you are ${client.name}\n`));
+}
+
+// One message is encoded once and the same bytes are queued to every client.
+function broadcast(state: ServerState, text: string): void {
+  const bytes = encoder.encode(text);
+  for (const client of state.room) send(state, client, bytes);
+}
+
+// Queue bytes for a client and make sure a flush will write them. Messages
+// queued while a write is in progress go out together in the next write, so
+// a busy client costs one write per turn, not one per message. The queue is
+// the backpressure: one that outgrows --max-queue drops its client.
+function send(state: ServerState, client: Client, bytes: Uint8Array): void {
+  enqueue(client, bytes);
+  if (client.queued > state.maxQueue) dropTooSlow(state, client);
+  else client.flushing ??= flush(client);
+}
+
+async function flush(client: Client): Promise<void> {
+  // Start after the current turn's synchronous work, so that everything it
+  // queued (all the lines of one read, say) leaves in the same write.
+  await null;
+  try {
+    while (client.queue.length > 0) {
+      const chunks = client.queue;
+      client.queue = [];
+      const bytes = chunks.length === 1 ? chunks[0] : concat(chunks);
+      // A write may take only part of the bytes (a "partial send"): write
+      // the rest until all are out. (A subarray only then: this runs once
+      // per delivery, and a new view per write costs measurably.)
+      let written = await client.conn.write(bytes);
+      markWritten(client);
+      while (written < bytes.length) {
+        written += await client.conn.write(bytes.subarray(written));
+        markWritten(client);
+      }
+      client.queued -= bytes.length;
+    }
+    if (client.ending) await client.conn.closeWrite();
+  } catch (error) {
+    // The peer is gone; closing makes its read loop end and clean up.
+    client.reason ||= describe(error);
+    client.queue = [];
+    closeQuietly(client.conn);
+  } finally {
+    client.flushing = undefined;
+  }
+}
+
+// --------------------------------------------- 5. ending a connection: half-close, linger
+
+// Stops processing a client's input and takes it out of the chat. With an
+// error, the client is told why in a last line, then gets our FIN
+// (closeWrite, a half-close: "I am done sending") while we keep reading and
+// discarding what it still sends, until it closes or LINGER_MS passes.
+function end(state: ServerState, client: Client, error?: string): void {
+  if (client.ending) return;
+  client.ending = true;
+  if (state.room.delete(client) && !state.closing) {
+    broadcast(state, `* ${client.name} left\n`);
+  }
+  if (!error) return;
+  client.reason ||= error;
+  enqueue(client, encoder.encode(`* error: ${error}\n`));
+  client.flushing ??= flush(client);
+  client.linger = setTimeout(() => closeQuietly(client.conn), LINGER_MS);
+}
+
+// --------------------------------------------------------- 6. limits and bookkeeping
+
 // How often the idle sweep runs, at most.
 const SWEEP_MS = 1000;
 // Open files a server needs beyond one per client: Deno itself holds about
@@ -57,43 +365,6 @@ const LOG_WINDOW_MS = 20_000;
 // How long accept() rests after an error that is not about one client (out
 // of files): the error would come back at once, in a busy loop.
 const ACCEPT_RETRY_MS = 100;
-
-const encoder = new TextEncoder();
-// Not `fatal`: bytes that are not UTF-8 become U+FFFD instead of an error.
-const decoder = new TextDecoder();
-
-/** What the server does with the bytes a client sends. */
-export type Mode = "echo" | "chat";
-
-/** Options for {@linkcode startTcpServer}. Sizes are in bytes. */
-export interface TcpServerOptions {
-  /** Address to bind. Default `127.0.0.1` (this machine only). */
-  hostname?: string;
-  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 9000. */
-  port?: number;
-  /** `echo` (default) sends every byte back; `chat` relays lines to everyone. */
-  mode?: Mode;
-  /** Chat: longest line accepted, without its line ending. Default 65536. */
-  maxLine?: number;
-  /** Chat: bytes queued for one client before it is dropped as too slow. Default 2 MiB. */
-  maxQueue?: number;
-  /** Connections served at once; the next one is told the server is full. Default 8192. */
-  maxConnections?: number;
-  /** Seconds without a byte from a client before it is dropped; 0 = never. Default 0 (echo), 300 (chat). */
-  idleTimeout?: number;
-  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
-  log?: (line: string) => void;
-}
-
-/** A running server, returned by {@linkcode startTcpServer}. */
-export interface TcpServer extends AsyncDisposable {
-  /** The address actually bound (with the real port when you asked for 0). */
-  readonly addr: Deno.NetAddr;
-  /** Connections open right now. */
-  readonly connections: number;
-  /** Stop accepting, close every connection, and wait until all are gone. */
-  close(): Promise<void>;
-}
 
 interface Client {
   conn: Deno.TcpConn;
@@ -142,31 +413,10 @@ interface ServerState {
   closing: boolean;
 }
 
-/**
- * Starts a TCP echo or chat server and returns at once; it serves in the
- * background until `close()`.
- *
- * @example Echo server on a free port
- * ```ts
- * await using server = startTcpServer({ port: 0, log: () => {} });
- * using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
- * await conn.write(new TextEncoder().encode("hi\n"));
- * const buf = new Uint8Array(3);
- * await conn.read(buf); // "hi\n" (for 3 bytes, one read is enough on loopback)
- * ```
- *
- * @throws {Deno.errors.AddrInUse} when the port is taken.
- * @throws {Deno.errors.NotCapable} without `--allow-net` for the address.
- */
-export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
-  const mode = options.mode ?? "echo";
-  const listener = Deno.listen({
-    hostname: options.hostname ?? DEFAULT_HOSTNAME,
-    port: options.port ?? DEFAULT_PORT,
-  });
+function initialState(listener: Deno.TcpListener, options: TcpServerOptions): ServerState {
   const log = safeLog(options.log ?? console.error);
-  const state: ServerState = {
-    mode,
+  return {
+    mode: options.mode ?? "echo",
     maxLine: options.maxLine ?? DEFAULT_MAX_LINE,
     maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
     maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
@@ -181,124 +431,10 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     guests: 0,
     closing: false,
   };
-  const idleTimeout = options.idleTimeout ??
-    (mode === "chat" ? DEFAULT_CHAT_IDLE_TIMEOUT : 0);
-  const sweeper = idleTimeout > 0 ? startIdleSweeper(state, idleTimeout) : undefined;
-  const accepting = acceptLoop(state);
-  let closed: Promise<void> | undefined;
-  async function close() {
-    state.closing = true;
-    clearInterval(sweeper);
-    closeQuietly(listener);
-    // Nobody needs "* NAME left" while the whole server goes away, and
-    // `closing` stops it: otherwise N leaves go to N-1 peers, N² writes.
-    for (const client of state.clients) closeQuietly(client.conn);
-    await accepting;
-    while (state.tasks.size > 0) await Promise.all(state.tasks);
-    state.limitedLog.close();
-  }
-  return {
-    addr: listener.addr,
-    get connections() {
-      return state.served;
-    },
-    close: () => closed ??= close(),
-    [Symbol.asyncDispose]: () => closed ??= close(),
-  };
 }
 
-/**
- * Cuts a byte stream into lines. TCP delivers bytes, not messages: a line can
- * arrive in pieces across many reads, and one read can hold many lines, so
- * the framer keeps the unfinished tail of each chunk for the next one.
- *
- * Returns a `push(chunk, onLine)` function that calls `onLine` once per
- * complete line (without `\n` or a trailing `\r`; a view that is only valid
- * during the call) and returns `false` as soon as a line is longer than
- * `maxLine` bytes, even one whose end has not arrived yet. Push `null` at
- * the end of the stream to get a last line that had no `\n`.
- *
- * @example
- * ```ts
- * const push = createLineFramer(1024);
- * const lines: string[] = [];
- * const decode = (line: Uint8Array) => lines.push(new TextDecoder().decode(line));
- * push(new TextEncoder().encode("hel"), decode);
- * push(new TextEncoder().encode("lo\r\nworld\n"), decode);
- * // lines is ["hello", "world"]
- * ```
- */
-export function createLineFramer(
-  maxLine: number,
-): (chunk: Uint8Array | null, onLine: (line: Uint8Array) => void) => boolean {
-  // Room for a full line plus its "\r", allocated only when a line is split.
-  let pending = new Uint8Array(0);
-  let pendingLength = 0;
-  return function push(chunk, onLine) {
-    if (chunk === null) {
-      if (pendingLength > 0) chunk = Uint8Array.of(10);
-      else return true;
-    }
-    let start = 0;
-    for (let end = chunk.indexOf(10, start); end !== -1; end = chunk.indexOf(10, start)) {
-      let line = chunk.subarray(start, end);
-      start = end + 1;
-      if (pendingLength > 0) {
-        if (pendingLength + line.length > maxLine + 1) return false;
-        line = append(line);
-        pendingLength = 0;
-      }
-      if (line[line.length - 1] === 13) line = line.subarray(0, line.length - 1);
-      if (line.length > maxLine) return false;
-      onLine(line);
-    }
-    const tail = chunk.subarray(start);
-    if (pendingLength + tail.length > maxLine + 1) return false;
-    if (tail.length > 0) append(tail);
-    return true;
-  };
-  function append(bytes: Uint8Array): Uint8Array {
-    const needed = pendingLength + bytes.length;
-    if (needed > pending.length) {
-      const grown = new Uint8Array(
-        Math.min(maxLine + 1, Math.max(needed, 2 * pending.length, 256)),
-      );
-      grown.set(pending.subarray(0, pendingLength));
-      pending = grown;
-    }
-    pending.set(bytes, pendingLength);
-    pendingLength = needed;
-    return pending.subarray(0, needed);
-  }
-}
-
-// One connection failing must never stop the others, so `accept()` errors are
-// survived: a client that resets before we accept it makes accept() throw
-// (NotConnected), and running out of file descriptors is temporary.
-async function acceptLoop(state: ServerState): Promise<void> {
-  while (!state.closing) {
-    let conn: Deno.TcpConn;
-    try {
-      conn = await state.listener.accept();
-    } catch (error) {
-      if (state.closing || error instanceof Deno.errors.BadResource) return;
-      logAcceptFailure(state, error);
-      if (!(error instanceof Deno.errors.NotConnected)) await delay(ACCEPT_RETRY_MS);
-      continue;
-    }
-    // close() may have run while this accept was completing: close() has
-    // already closed every connection it knew of, and would wait for this one.
-    if (state.closing) {
-      closeQuietly(conn);
-      return;
-    }
-    const task = serveClient(state, conn);
-    state.tasks.add(task);
-    task.finally(() => state.tasks.delete(task));
-  }
-}
-
-async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void> {
+// Every open connection is known, so that close() can close it.
+function newClient(state: ServerState, conn: Deno.TcpConn): Client {
   const { hostname, port } = conn.remoteAddr;
   const client: Client = {
     conn,
@@ -316,165 +452,50 @@ async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void
     linger: undefined,
   };
   state.clients.add(client);
+  return client;
+}
+
+// A client past --max-connections is told the server is full and let go
+// (after the linger, like any error); it is never counted.
+function admit(state: ServerState, client: Client): boolean {
   if (state.served >= state.maxConnections) {
     state.limitedLog.log("turned away", `! ${client.peer} turned away: server full`);
     end(state, client, "server full");
-  } else {
-    client.counted = true;
-    state.served++;
-    if (state.mode === "chat") {
-      // Chat lines are small and a client both sends and receives: with Nagle
-      // on, its next line waits for the ACK of the last (up to 40 ms).
-      conn.setNoDelay(true);
-      join(state, client);
-    }
-    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
+    return false;
   }
-  try {
-    await (state.mode === "chat" ? chatLoop(state, client) : echoLoop(client));
-  } catch (error) {
-    client.reason ||= describe(error);
-  }
-  // The peer sent EOF (a half-close), reset, or we closed it. It may still
-  // be owed data; send that, then close for real.
-  end(state, client);
-  await client.flushing;
+  client.counted = true;
+  state.served++;
+  return true;
+}
+
+// The connection is closed for real and forgotten; a counted one is logged.
+function release(state: ServerState, client: Client): void {
   clearTimeout(client.linger);
-  closeQuietly(conn);
+  closeQuietly(client.conn);
   state.clients.delete(client);
-  if (client.counted) {
-    state.served--;
-    if (!state.closing) {
-      state.log(
-        `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${
-          client.reason || "closed by peer"
-        }`,
-      );
-    }
+  if (!client.counted) return;
+  state.served--;
+  if (!state.closing) {
+    state.log(
+      `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${
+        client.reason || "closed by peer"
+      }`,
+    );
   }
 }
 
-// Echo needs no framing: whatever bytes arrive go straight back. Awaiting each
-// write before the next read is the backpressure: a client that sends without
-// reading fills its own buffers and stalls, while we hold one 64 KiB buffer.
-async function echoLoop(client: Client): Promise<void> {
-  const { conn } = client;
-  const buf = new Uint8Array(READ_BUFFER_SIZE);
-  for (;;) {
-    const n = await conn.read(buf);
-    if (n === null) return;
-    markProgress(client);
-    if (client.ending) continue;
-    client.writing = true;
-    // A write may take only part of the bytes (a "partial send"): loop until
-    // all are out. Each await waits for room in the kernel's send buffer.
-    for (let written = 0; written < n;) {
-      written += await conn.write(buf.subarray(written, n));
-      markProgress(client);
-    }
-    client.writing = false;
-  }
-}
-
-async function chatLoop(state: ServerState, client: Client): Promise<void> {
-  const { conn } = client;
-  const buf = new Uint8Array(READ_BUFFER_SIZE);
-  const push = createLineFramer(state.maxLine);
-  const relay = (line: Uint8Array) =>
-    broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
-  for (;;) {
-    const n = await conn.read(buf);
-    markProgress(client);
-    // At EOF (null), a last line without "\n" still counts.
-    const chunk = n === null ? null : buf.subarray(0, n);
-    if (!client.ending && !push(chunk, relay)) {
-      end(state, client, `line too long (max ${state.maxLine} bytes)`);
-    }
-    if (chunk === null) return;
-  }
-}
-
-// A newcomer learns its own name from a line of its own ("* " lines are the
-// server speaking), and everyone already there from the join.
-function join(state: ServerState, client: Client): void {
-  client.name = `guest-${++state.guests}`;
-  broadcast(state, `* ${client.name} joined\n`);
-  state.room.add(client);
-  send(state, client, encoder.encode(`* you are ${client.name}\n`));
-}
-
-// One message is encoded once and the same bytes are queued to every client.
-function broadcast(state: ServerState, text: string): void {
-  const bytes = encoder.encode(text);
-  for (const client of state.room) send(state, client, bytes);
-}
-
-// Queue bytes for a client and make sure a flush will write them. Messages
-// queued while a write is in progress go out together in the next write, so
-// a busy client costs one write per turn, not one per message.
-function send(state: ServerState, client: Client, bytes: Uint8Array): void {
+function enqueue(client: Client, bytes: Uint8Array): void {
   client.queue.push(bytes);
   client.queued += bytes.length;
-  if (client.queued > state.maxQueue) {
-    // It stopped reading, or reads slower than the room talks. Everything
-    // still queued is dropped so its memory is bounded; the error line goes
-    // last, after whatever the kernel already holds.
-    client.queued -= client.queue.reduce((sum, chunk) => sum + chunk.length, 0);
-    client.queue = [];
-    end(state, client, "too slow, disconnected");
-    return;
-  }
-  client.flushing ??= flush(client);
 }
 
-async function flush(client: Client): Promise<void> {
-  // Start after the current turn's synchronous work, so that everything it
-  // queued (all the lines of one read, say) leaves in the same write.
-  await null;
-  try {
-    while (client.queue.length > 0) {
-      const chunks = client.queue;
-      client.queue = [];
-      const bytes = chunks.length === 1 ? chunks[0] : concat(chunks);
-      // A write may take only part of the bytes (a "partial send"): write
-      // the rest until all are out. (A subarray only then: this runs once
-      // per delivery, and a new view per write costs measurably.)
-      let written = await client.conn.write(bytes);
-      markWritten(client);
-      while (written < bytes.length) {
-        written += await client.conn.write(bytes.subarray(written));
-        markWritten(client);
-      }
-      client.queued -= bytes.length;
-    }
-    if (client.ending) await client.conn.closeWrite();
-  } catch (error) {
-    // The peer is gone; closing makes its read loop end and clean up.
-    client.reason ||= describe(error);
-    client.queue = [];
-    closeQuietly(client.conn);
-  } finally {
-    client.flushing = undefined;
-  }
-}
-
-// Stops processing a client's input and takes it out of the chat. With an
-// error, the client is told why in a last line, then gets our FIN
-// (closeWrite, a half-close: "I am done sending") while we keep reading and
-// discarding what it still sends, until it closes or LINGER_MS passes.
-function end(state: ServerState, client: Client, error?: string): void {
-  if (client.ending) return;
-  client.ending = true;
-  if (state.room.delete(client) && !state.closing) {
-    broadcast(state, `* ${client.name} left\n`);
-  }
-  if (!error) return;
-  client.reason ||= error;
-  const line = encoder.encode(`* error: ${error}\n`);
-  client.queue.push(line);
-  client.queued += line.length;
-  client.flushing ??= flush(client);
-  client.linger = setTimeout(() => closeQuietly(client.conn), LINGER_MS);
+// It stopped reading, or reads slower than the room talks. Everything still
+// queued is dropped so its memory is bounded; the error line goes last,
+// after whatever the kernel already holds.
+function dropTooSlow(state: ServerState, client: Client): void {
+  client.queued -= client.queue.reduce((sum, chunk) => sum + chunk.length, 0);
+  client.queue = [];
+  end(state, client, "too slow, disconnected");
 }
 
 // A client is alive while it makes progress: a read that brings its bytes,
@@ -482,6 +503,12 @@ function end(state: ServerState, client: Client, error?: string): void {
 // echo slowly is busy, not idle). A single store in the hot path.
 function markProgress(client: Client): void {
   client.idleSweeps = 0;
+}
+
+// Echo: a write is in progress, so a client silent this long may be stuck in
+// it rather than idle (see dropIdle).
+function markWriting(client: Client, writing: boolean): void {
+  client.writing = writing;
 }
 
 // Chat: a write to the client moved. In chat that is not a sign of life (a
@@ -548,10 +575,13 @@ function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-// accept() fails for one client (it reset before we took it) or for all
-// (out of files). Either can repeat thousands of times a second, so it is
-// logged through the limiter, and out of files says what to do.
-function logAcceptFailure(state: ServerState, error: unknown): void {
+// Every connection is an open file, and running out of them is survived:
+// accept() fails, new clients wait in the kernel's queue, and are served as
+// soon as others leave. A client that resets before we accept it makes
+// accept() fail too (Deno reports it as NotConnected: see docs/deno-notes.md,
+// "accept() and a reset"). Either can repeat thousands of times a second, so
+// it is logged through the limiter, and out of files says what to do.
+async function survivingAcceptFailure(state: ServerState, error: unknown): Promise<void> {
   if (isOutOfFiles(error)) {
     state.limitedLog.log(
       "accept: EMFILE",
@@ -562,10 +592,13 @@ function logAcceptFailure(state: ServerState, error: unknown): void {
       "accept: reset",
       "accept failed: a client reset its connection before it was accepted",
     );
+    // About one client only: the next accept can go at once.
+    return;
   } else {
     const name = error instanceof Error ? error.name : "unknown";
     state.limitedLog.log(`accept: ${name}`, `accept failed: ${describe(error)}`);
   }
+  await delay(ACCEPT_RETRY_MS);
 }
 
 // EMFILE: this process has used up its open-file limit (ENFILE, the whole
@@ -586,19 +619,24 @@ function tooManyFiles(limit: number | undefined, maxConnections: number): string
 /**
  * The soft limit on this process's open files (`ulimit -n`, RLIMIT_NOFILE),
  * or `undefined` where it cannot be read. Deno has no getrlimit; on Linux the
- * limit is in /proc/self/limits, which Deno 2.9.6 lets a script read only
- * with --allow-all (as every file in /proc but /proc/pressure/*,
- * denoland/deno#30779). The read permission is queried first, so that a
- * terminal never shows a permission prompt for it. Deno raises its soft
- * limit to the hard one at startup (denoland/deno#10162), so under a shell's
- * `ulimit -n N` (which sets both) this is N.
+ * limit is in /proc/self/limits, readable only with --allow-all (see
+ * docs/deno-notes.md, "/proc needs --allow-all"). The read permission is
+ * queried first, so that a terminal never shows a permission prompt for it.
+ * Deno raises its soft limit to the hard one at startup (docs/deno-notes.md,
+ * "the open-file limit"), so under a shell's `ulimit -n N` this is N.
  *
  * Self-contained: copy it, with {@linkcode fileLimitWarning} and
  * RESERVED_FILES, into any server.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const limit = openFileLimit(); // 1024 under `ulimit -n 1024` with -A; undefined without -A
+ * const readable = Deno.build.os === "linux" &&
+ *   Deno.permissions.querySync({ name: "read", path: "/proc/self/limits" }).state === "granted";
+ * if (readable) assert.ok(Number.isSafeInteger(limit) && limit! > 0);
+ * else assert.equal(limit, undefined);
  * ```
  */
 export function openFileLimit(): number | undefined {
@@ -620,8 +658,12 @@ export function openFileLimit(): number | undefined {
  *
  * @example
  * ```ts
- * const warning = fileLimitWarning(8192, openFileLimit());
- * if (warning) console.error(`tcp_server: warning: ${warning}`);
+ * import assert from "node:assert/strict";
+ *
+ * assert.match(fileLimitWarning(8192, 1024)!, /^the open-file limit \(ulimit -n\) is 1024, /);
+ * assert.match(fileLimitWarning(8192, 1024)!, /raise it with "ulimit -n 8256"/);
+ * assert.equal(fileLimitWarning(8192, 65536), undefined);
+ * assert.equal(fileLimitWarning(8192, undefined), undefined); // unknown: no warning
  * ```
  */
 export function fileLimitWarning(
@@ -633,14 +675,6 @@ export function fileLimitWarning(
   return `the open-file limit (ulimit -n) is ${limit}, too low for --max-connections ` +
     `${maxConnections}; raise it with "ulimit -n ${needed}" before starting, ` +
     "or lower --max-connections";
-}
-
-/** What {@linkcode createLogLimiter} returns. */
-export interface LogLimiter {
-  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
-  log(kind: string, line: string): void;
-  /** Logs the summaries still due and stops the window timers. */
-  close(): void;
 }
 
 /**
@@ -656,11 +690,16 @@ export interface LogLimiter {
  *
  * @example
  * ```ts
- * const limiter = createLogLimiter(console.error);
+ * import assert from "node:assert/strict";
+ *
+ * const lines: string[] = [];
+ * const limiter = createLogLimiter((line) => lines.push(line));
  * for (let i = 0; i < 1000; i++) limiter.log("reset", "accept failed: reset");
  * limiter.close();
- * // printed: "accept failed: reset", then
- * // "accept failed: reset (and 999 more like it in the last 20 s)"
+ * assert.deepEqual(lines, [
+ *   "accept failed: reset",
+ *   "accept failed: reset (and 999 more like it in the last 20 s)",
+ * ]);
  * ```
  */
 export function createLogLimiter(
@@ -745,7 +784,50 @@ function describe(error: unknown): string {
   return error instanceof Error ? error.message : String(error);
 }
 
-// ---------------------------------------------------------------- command line
+// ----------------------------------------------------------------- 7. the API's types
+
+/** What the server does with the bytes a client sends. */
+export type Mode = "echo" | "chat";
+
+/** Options for {@linkcode startTcpServer}. Sizes are in bytes. */
+export interface TcpServerOptions {
+  /** Address to bind. Default `127.0.0.1` (this machine only). */
+  hostname?: string;
+  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 9000. */
+  port?: number;
+  /** `echo` (default) sends every byte back; `chat` relays lines to everyone. */
+  mode?: Mode;
+  /** Chat: longest line accepted, without its line ending. Default 65536. */
+  maxLine?: number;
+  /** Chat: bytes queued for one client before it is dropped as too slow. Default 2 MiB. */
+  maxQueue?: number;
+  /** Connections served at once; the next one is told the server is full. Default 8192. */
+  maxConnections?: number;
+  /** Seconds without a byte from a client before it is dropped; 0 = never. Default 0 (echo), 300 (chat). */
+  idleTimeout?: number;
+  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
+  log?: (line: string) => void;
+}
+
+/** A running server, returned by {@linkcode startTcpServer}. */
+export interface TcpServer extends AsyncDisposable {
+  /** The address actually bound (with the real port when you asked for 0). */
+  readonly addr: Deno.NetAddr;
+  /** Connections open right now. */
+  readonly connections: number;
+  /** Stop accepting, close every connection, and wait until all are gone. */
+  close(): Promise<void>;
+}
+
+/** What {@linkcode createLogLimiter} returns. */
+export interface LogLimiter {
+  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
+  log(kind: string, line: string): void;
+  /** Logs the summaries still due and stops the window timers. */
+  close(): void;
+}
+
+// -------------------------------------------------------------- 8. the command line
 
 const USAGE = `Usage: tcp_server.ts [options]
 
