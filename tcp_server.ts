@@ -7,11 +7,14 @@
  * framing (bytes in, the same bytes out), while the chat mode must cut the
  * stream into lines itself. It also shows backpressure (await every write),
  * the half-close (a peer that has finished sending can still receive), and a
- * server that one misbehaving client cannot crash.
+ * server that one misbehaving client cannot crash. With `--cert` and `--key`
+ * the same byte stream runs inside TLS (`Deno.listenTls`): encrypted on the
+ * wire, and nothing else changes.
  *
  * Read it in this order:
  *
  *     1. Accept, then serve each connection        startTcpServer, acceptLoop, serveClient
+ *        (over TLS, the handshake comes first)     tlsHandshake
  *     2. Echo: the same bytes back                 echoLoop, writeAll
  *     3. Framing: cutting the stream into lines    createLineFramer
  *     4. Chat: fan-out and backpressure            chatLoop, broadcast, send, flush
@@ -25,11 +28,15 @@
  *     deno run --allow-net=127.0.0.1:9000 tcp_server.ts
  *     deno run --allow-net=127.0.0.1:9000 tcp_server.ts --mode chat
  *     deno run -N https://raw.githubusercontent.com/OWNER/REPO/main/tcp_server.ts
+ *     deno run --allow-net=127.0.0.1:9000 --allow-read=cert.pem,key.pem tcp_server.ts \
+ *       --cert cert.pem --key key.pem                  # TLS: prints listening on tls://...
  *
- * Poke it with netcat (`-N` sends EOF, a half-close, when stdin ends):
+ * Poke it with netcat (`-N` sends EOF, a half-close, when stdin ends), or,
+ * over TLS, with openssl:
  *
  *     printf 'hello\n' | nc -N 127.0.0.1 9000     # echo: prints hello
  *     nc -N 127.0.0.1 9000                        # chat: type lines, Ctrl-D leaves
+ *     openssl s_client -quiet -CAfile ca.pem -connect 127.0.0.1:9000   # TLS: type lines
  *
  * @module
  */
@@ -78,10 +85,17 @@ const decoder = new TextDecoder();
  */
 export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
   const mode = options.mode ?? "echo";
-  const listener = Deno.listen({
+  const address = {
     hostname: options.hostname ?? DEFAULT_HOSTNAME,
     port: options.port ?? DEFAULT_PORT,
-  });
+  };
+  if ((options.cert === undefined) !== (options.key === undefined)) {
+    throw new TypeError("cert and key go together: give both, or neither");
+  }
+  // TLS or not, a listener hands out connections that read and write bytes.
+  const listener: Deno.Listener = options.cert === undefined
+    ? Deno.listen(address)
+    : Deno.listenTls({ ...address, cert: options.cert, key: options.key! });
   const state = initialState(listener, options);
   const idleTimeout = options.idleTimeout ??
     (mode === "chat" ? DEFAULT_CHAT_IDLE_TIMEOUT : 0);
@@ -95,12 +109,13 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     // Nobody needs "* NAME left" while the whole server goes away, and
     // `closing` stops it: otherwise N leaves go to N-1 peers, N² writes.
     for (const client of state.clients) closeQuietly(client.conn);
+    for (const conn of state.handshaking) closeQuietly(conn);
     await accepting;
     while (state.tasks.size > 0) await Promise.all(state.tasks);
     state.limitedLog.close();
   }
   return {
-    addr: listener.addr,
+    addr: listener.addr as Deno.NetAddr,
     get connections() {
       return state.served;
     },
@@ -114,7 +129,7 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
 // others: accept() errors are survived (see logAcceptFailure).
 async function acceptLoop(state: ServerState): Promise<void> {
   while (!state.closing) {
-    let conn: Deno.TcpConn;
+    let conn: Deno.Conn;
     try {
       conn = await state.listener.accept();
     } catch (error) {
@@ -134,13 +149,15 @@ async function acceptLoop(state: ServerState): Promise<void> {
   }
 }
 
-async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void> {
+async function serveClient(state: ServerState, conn: Deno.Conn): Promise<void> {
+  if (state.tls && !await tlsHandshake(state, conn)) return;
   const client = newClient(state, conn);
   if (admit(state, client)) {
     if (state.mode === "chat") {
       // Chat lines are small and a client both sends and receives: with Nagle
       // on, its next line waits for the ACK of the last (up to 40 ms).
-      conn.setNoDelay(true);
+      // (Deno.TlsConn has no setNoDelay: see docs/deno-notes.md, "TLS and Nagle".)
+      if (!state.tls) (conn as Deno.TcpConn).setNoDelay(true);
       join(state, client);
     }
     state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
@@ -365,9 +382,12 @@ const LOG_WINDOW_MS = 20_000;
 // How long accept() rests after an error that is not about one client (out
 // of files): the error would come back at once, in a busy loop.
 const ACCEPT_RETRY_MS = 100;
+// How long a TLS client gets to finish its handshake; a peer that connects
+// and says nothing would otherwise hold its open file forever.
+const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
 
 interface Client {
-  conn: Deno.TcpConn;
+  conn: Deno.Conn;
   peer: string;
   name: string;
   /** Chat: bytes waiting to be written, written together in one write. */
@@ -401,7 +421,11 @@ interface ServerState {
   log: (line: string) => void;
   /** For the lines a peer can make us repeat at any rate. */
   limitedLog: LogLimiter;
-  listener: Deno.TcpListener;
+  listener: Deno.Listener;
+  /** The listener speaks TLS: every connection starts with a handshake. */
+  tls: boolean;
+  /** TLS connections whose handshake is still running (not yet clients). */
+  handshaking: Set<Deno.Conn>;
   /** Every open connection, including those being turned away. */
   clients: Set<Client>;
   /** Connections counted against maxConnections. */
@@ -413,7 +437,7 @@ interface ServerState {
   closing: boolean;
 }
 
-function initialState(listener: Deno.TcpListener, options: TcpServerOptions): ServerState {
+function initialState(listener: Deno.Listener, options: TcpServerOptions): ServerState {
   const log = safeLog(options.log ?? console.error);
   return {
     mode: options.mode ?? "echo",
@@ -424,6 +448,8 @@ function initialState(listener: Deno.TcpListener, options: TcpServerOptions): Se
     log,
     limitedLog: createLogLimiter(log),
     listener,
+    tls: options.cert !== undefined,
+    handshaking: new Set(),
     clients: new Set(),
     served: 0,
     room: new Set(),
@@ -434,11 +460,10 @@ function initialState(listener: Deno.TcpListener, options: TcpServerOptions): Se
 }
 
 // Every open connection is known, so that close() can close it.
-function newClient(state: ServerState, conn: Deno.TcpConn): Client {
-  const { hostname, port } = conn.remoteAddr;
+function newClient(state: ServerState, conn: Deno.Conn): Client {
   const client: Client = {
     conn,
-    peer: `${hostname}:${port}`,
+    peer: peerName(conn),
     name: "",
     queue: [],
     queued: 0,
@@ -453,6 +478,66 @@ function newClient(state: ServerState, conn: Deno.TcpConn): Client {
   };
   state.clients.add(client);
   return client;
+}
+
+function peerName(conn: Deno.Conn): string {
+  const { hostname, port } = conn.remoteAddr as Deno.NetAddr;
+  return `${hostname}:${port}`;
+}
+
+// A TLS client becomes a client only once its handshake is done, so a peer
+// that fails it (a plain TCP client on the TLS port, a client that rejects
+// our certificate, one that says nothing) never joins and is never counted:
+// it costs one log line, rate-limited, since any peer can cause it at will.
+// Handshakes in progress are bounded by --max-connections too.
+async function tlsHandshake(state: ServerState, conn: Deno.Conn): Promise<boolean> {
+  const peer = peerName(conn);
+  if (state.handshaking.size >= state.maxConnections) {
+    state.limitedLog.log("turned away", `! ${peer} turned away: too many TLS handshakes at once`);
+    closeQuietly(conn);
+    return false;
+  }
+  state.handshaking.add(conn);
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    closeQuietly(conn);
+  }, TLS_HANDSHAKE_TIMEOUT_MS);
+  try {
+    await (conn as Deno.TlsConn).handshake();
+  } catch (error) {
+    closeQuietly(conn);
+    if (!state.closing) {
+      const { kind, why } = timedOut
+        ? { kind: "timeout", why: `no handshake within ${TLS_HANDSHAKE_TIMEOUT_MS / 1000} s` }
+        : describeTlsFailure(error);
+      state.limitedLog.log(`tls: ${kind}`, `! ${peer} TLS handshake failed: ${why}`);
+    }
+    return false;
+  } finally {
+    clearTimeout(timer);
+    state.handshaking.delete(conn);
+  }
+  if (!state.closing) return true;
+  closeQuietly(conn);
+  return false;
+}
+
+// What rustls says, with the likely cause a person can act on, and its kind
+// for the log limiter (so that one flood of plain clients hides no other cause).
+function describeTlsFailure(error: unknown): { kind: string; why: string } {
+  const message = error instanceof Error ? error.message : String(error);
+  if (/InvalidContentType|corrupt message/.test(message)) {
+    return { kind: "not tls", why: `${message} (not TLS: a plain TCP client on the TLS port?)` };
+  }
+  const alert = message.match(/received fatal alert: (\w+)/)?.[1];
+  if (alert) {
+    return {
+      kind: `alert ${alert}`,
+      why: `the client refused it (${alert}: does it trust our certificate's CA?)`,
+    };
+  }
+  return { kind: error instanceof Error ? error.name : "other", why: describe(error) };
 }
 
 // A client past --max-connections is told the server is full and let go
@@ -778,6 +863,8 @@ function safeLog(log: (line: string) => void): (line: string) => void {
 function describe(error: unknown): string {
   if (error instanceof Deno.errors.ConnectionReset) return "connection reset by peer";
   if (error instanceof Deno.errors.BrokenPipe) return "peer stopped reading (broken pipe)";
+  // TLS: the peer closed its TCP connection without TLS's own goodbye.
+  if (error instanceof Deno.errors.UnexpectedEof) return "closed by peer (no TLS close_notify)";
   if (error instanceof Deno.errors.Interrupted || error instanceof Deno.errors.BadResource) {
     return "closed";
   }
@@ -807,6 +894,10 @@ export interface TcpServerOptions {
   idleTimeout?: number;
   /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
   log?: (line: string) => void;
+  /** TLS: the certificate chain, PEM text (leaf first). With `key`, the server speaks TLS. */
+  cert?: string;
+  /** TLS: the private key of `cert`'s leaf, PEM text. */
+  key?: string;
 }
 
 /** A running server, returned by {@linkcode startTcpServer}. */
@@ -831,7 +922,8 @@ export interface LogLimiter {
 
 const USAGE = `Usage: tcp_server.ts [options]
 
-A TCP echo (default) or chat server. Prints "listening on tcp://HOST:PORT".
+A TCP echo (default) or chat server. Prints "listening on tcp://HOST:PORT",
+or "listening on tls://HOST:PORT" with --cert and --key.
 
 Options:
   --host HOST             address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
@@ -842,6 +934,9 @@ Options:
   --max-connections N     clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS  drop clients silent, or not reading, this long; 0 = never
                           (default 0 for echo, ${DEFAULT_CHAT_IDLE_TIMEOUT} for chat)
+  --cert FILE             speak TLS with this certificate chain (PEM, leaf first);
+                          needs --key, and --allow-read for both files
+  --key FILE              the private key of --cert's certificate (PEM)
   --quiet                 no connection log on stderr
   -h, --help              show this help
 
@@ -862,7 +957,14 @@ function parseArgsMessage(error: Error): string {
     : first;
 }
 
-function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; help: boolean } {
+interface CommandLine extends TcpServerOptions {
+  certFile?: string;
+  keyFile?: string;
+  quiet: boolean;
+  help: boolean;
+}
+
+function parseCommandLine(args: string[]): CommandLine {
   let parsed;
   try {
     parsed = parseArgs({
@@ -876,6 +978,8 @@ function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; 
         "max-queue": { type: "string", default: String(DEFAULT_MAX_QUEUE) },
         "max-connections": { type: "string", default: String(DEFAULT_MAX_CONNECTIONS) },
         "idle-timeout": { type: "string" },
+        cert: { type: "string" },
+        key: { type: "string" },
         quiet: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
       },
@@ -887,6 +991,9 @@ function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; 
   if (mode !== "echo" && mode !== "chat") {
     throw new UsageError(`--mode must be echo or chat, got "${mode}"`);
   }
+  if ((parsed.cert === undefined) !== (parsed.key === undefined)) {
+    throw new UsageError("--cert and --key go together: give both (PEM files), or neither");
+  }
   return {
     hostname: parsed.host,
     port: integerOption("--port", parsed.port, 0, 65535),
@@ -897,6 +1004,8 @@ function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; 
     idleTimeout: parsed["idle-timeout"] === undefined
       ? undefined
       : numberOption("--idle-timeout", parsed["idle-timeout"]),
+    certFile: parsed.cert,
+    keyFile: parsed.key,
     quiet: parsed.quiet,
     help: parsed.help,
   };
@@ -944,16 +1053,21 @@ async function main(args: string[]): Promise<number> {
   const address = `${formatHost(options.hostname!)}:${options.port}`;
   let server: TcpServer;
   try {
+    if (options.certFile !== undefined) {
+      options.cert = readPem("--cert", options.certFile);
+      options.key = readPem("--key", options.keyFile!);
+    }
     server = startTcpServer({ ...options, log: options.quiet ? () => {} : console.error });
   } catch (error) {
     console.error(
-      `tcp_server: cannot listen on ${address}: ${
-        startError(error, options.hostname!, options.port!)
-      }`,
+      error instanceof StartError
+        ? `tcp_server: ${error.message}`
+        : `tcp_server: cannot listen on ${address}: ${startError(error, options)}`,
     );
     return 1;
   }
-  console.log(`listening on tcp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
+  const scheme = options.cert === undefined ? "tcp" : "tls";
+  console.log(`listening on ${scheme}://${formatHost(server.addr.hostname)}:${server.addr.port}`);
   const warning = fileLimitWarning(options.maxConnections!, openFileLimit());
   if (warning) console.error(`tcp_server: warning: ${warning}`);
   const stop = Promise.withResolvers<void>();
@@ -970,7 +1084,37 @@ async function main(args: string[]): Promise<number> {
   return 0;
 }
 
-function startError(error: unknown, hostname: string, port: number): string {
+/** A problem found before listening, such as an unreadable --cert: one line, exit code 1. */
+class StartError extends Error {}
+
+function readPem(flag: string, file: string): string {
+  try {
+    return Deno.readTextFileSync(file);
+  } catch (error) {
+    const why = error instanceof Deno.errors.NotFound
+      ? "no such file"
+      : error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied
+      ? `permission denied (run with --allow-read=${file})`
+      : error instanceof Error
+      ? error.message
+      : String(error);
+    throw new StartError(`cannot read ${flag} ${file}: ${why}`);
+  }
+}
+
+function startError(error: unknown, options: CommandLine): string {
+  const { hostname, port, certFile, keyFile } = options as Required<CommandLine>;
+  // Deno.listenTls checks the PEM files and that the key fits the certificate.
+  const message = error instanceof Error ? error.message : String(error);
+  if (certFile !== undefined && /No certificates found/.test(message)) {
+    return `--cert ${certFile} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`;
+  }
+  if (certFile !== undefined && /No keys found/.test(message)) {
+    return `--key ${keyFile} holds no PEM private key`;
+  }
+  if (certFile !== undefined && /KeyMismatch|not be consistent/.test(message)) {
+    return `--key ${keyFile} is not the private key of the certificate in --cert ${certFile}`;
+  }
   if (error instanceof Deno.errors.AddrInUse) {
     return "address already in use (is another server running? try --port 0 for any free port)";
   }
