@@ -1140,3 +1140,50 @@ Deno.test("tcp_server cli: --cert/--key listen on tls://; bad or missing files a
   assert.equal(alone.code, 2);
   assert.match(alone.stderr.split("\n")[0], /^tcp_server: --cert and --key go together/);
 });
+
+// ----------------------------------------------------- memory per connection
+
+/** A process's resident memory in bytes, from /proc (Linux). */
+async function residentBytesOf(pid: number): Promise<number> {
+  const status = await Deno.readTextFile(`/proc/${pid}/status`);
+  return Number(status.match(/^VmRSS:\s+(\d+) kB$/m)![1]) * 1024;
+}
+
+Deno.test({
+  name: "tcp echo: an idle connection costs its small read buffer, not 64 KiB; bulk still moves",
+  ignore: Deno.build.os !== "linux",
+  async fn() {
+    await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+    const message = encoder.encode("x".repeat(32));
+    const echoOnce = async (client: Awaited<ReturnType<typeof connectTcp>>) => {
+      await client.write(message);
+      assert.deepEqual(await within(client.readBytes(message.length), "echo"), message);
+    };
+    using warm = await connectTcp(server.port);
+    await echoOnce(warm);
+    const before = await residentBytesOf(server.pid);
+    const clients = [];
+    try {
+      for (let i = 0; i < 400; i++) {
+        const client = await connectTcp(server.port);
+        clients.push(client);
+        await echoOnce(client);
+      }
+      // With a 64 KiB buffer per connection this is about 60 KiB; with 1 KiB, about 10.
+      const perConnection = (await residentBytesOf(server.pid) - before) / clients.length;
+      assert.ok(
+        perConnection < 30 * 1024,
+        `${(perConnection / 1024).toFixed(1)} KiB per connection`,
+      );
+      // A bulk sender's reads fill the small buffer, and it moves on to 64 KiB.
+      const bulk = randomBytes(4 * 1024 * 1024);
+      const [, echoed] = await Promise.all([
+        clients[0].write(bulk),
+        within(clients[0].readBytes(bulk.length), "4 MiB echo"),
+      ]);
+      assert.deepEqual(echoed, bulk);
+    } finally {
+      for (const client of clients) client.close();
+    }
+  },
+});

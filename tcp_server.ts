@@ -49,9 +49,13 @@ const DEFAULT_MAX_LINE = 64 * 1024;
 const DEFAULT_MAX_QUEUE = 2 * 1024 * 1024;
 const DEFAULT_MAX_CONNECTIONS = 8192;
 const DEFAULT_CHAT_IDLE_TIMEOUT = 300;
-// One buffer per connection, reused for every read: 64 KiB moves bulk data in
-// few reads, and a reused buffer costs no garbage per message.
-const READ_BUFFER_SIZE = 64 * 1024;
+// A read needs memory for the kernel to copy the bytes into, and holds it
+// while it waits: an idle connection costs what its buffer costs. So a
+// connection reads into 1 KiB (a chat line, a small echo), and into 64 KiB
+// only while its reads fill the buffer (a bulk sender), to move bulk data in
+// few reads; see nextReadBuffer.
+const SMALL_READ_BUFFER = 1024;
+const LARGE_READ_BUFFER = 64 * 1024;
 // After an error line and our FIN, how long we keep reading (and discarding)
 // what the peer still sends. Closing a socket with unread input makes the
 // kernel send a reset, which can destroy the error line before it is read.
@@ -178,16 +182,31 @@ async function serveClient(state: ServerState, conn: Deno.Conn): Promise<void> {
 
 // Echo needs no framing: whatever bytes arrive go straight back. Awaiting each
 // write before the next read is the backpressure: a client that sends without
-// reading fills its own buffers and stalls, while we hold one 64 KiB buffer.
+// reading fills its own buffers and stalls, while we hold one read buffer.
 async function echoLoop(client: Client): Promise<void> {
-  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  const small = new Uint8Array(SMALL_READ_BUFFER);
+  let buf = small;
   for (;;) {
     const n = await client.conn.read(buf);
     if (n === null) return;
     markProgress(client);
     // A client being ended is still read (see end), no longer answered.
     if (!client.ending) await writeAll(client, buf.subarray(0, n));
+    buf = nextReadBuffer(buf, n, small);
   }
+}
+
+// A read that filled its buffer means more is waiting: the next one gets 64
+// KiB. A read that would have fit in the small buffer means the burst is
+// over: back to it, and the large one becomes garbage, so a connection that
+// went quiet costs 1 KiB again. Reused otherwise: no garbage per message.
+function nextReadBuffer(
+  buf: Uint8Array<ArrayBuffer>,
+  n: number,
+  small: Uint8Array<ArrayBuffer>,
+): Uint8Array<ArrayBuffer> {
+  if (n === buf.length) return buf === small ? new Uint8Array(LARGE_READ_BUFFER) : buf;
+  return n <= small.length ? small : buf;
 }
 
 // A write may take only part of the bytes (a "partial send"): loop until all
@@ -278,7 +297,8 @@ export function createLineFramer(
 // -------------------------------------------------- 4. chat: fan-out and backpressure
 
 async function chatLoop(state: ServerState, client: Client): Promise<void> {
-  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  const small = new Uint8Array(SMALL_READ_BUFFER);
+  let buf = small;
   const push = createLineFramer(state.maxLine);
   const relay = (line: Uint8Array) =>
     broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
@@ -291,6 +311,7 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
       end(state, client, `line too long (max ${state.maxLine} bytes)`);
     }
     if (chunk === null) return;
+    buf = nextReadBuffer(buf, n!, small);
   }
 }
 
