@@ -32,6 +32,7 @@ import {
   connectTcp,
   joinTcpChat,
   joinWsChat,
+  opensslCertificates,
   openWs,
   randomBytes,
   runScript,
@@ -3238,3 +3239,192 @@ async function openWsWith(socket: WebSocket) {
 function closeOf(socket: WebSocket): Promise<CloseEvent> {
   return new Promise((resolve) => socket.addEventListener("close", resolve, { once: true }));
 }
+
+// ------------------------------------------------------- TLS for tcp_server
+
+/** A log to pass as `log`, whose lines can be awaited. */
+function awaitableLog() {
+  const lines: string[] = [];
+  let wake = () => {};
+  return {
+    lines,
+    log(line: string) {
+      lines.push(line);
+      wake();
+    },
+    /** Resolves once `predicate(lines)` holds, within WAIT_MS. */
+    async until(predicate: (lines: string[]) => boolean, what: string): Promise<void> {
+      await within(
+        (async () => {
+          while (!predicate(lines)) await new Promise<void>((resolve) => wake = resolve);
+        })(),
+        what,
+      );
+    },
+  };
+}
+
+/** Reads lines until one satisfies `predicate` (notices and joins come first in chat). */
+async function lineWhere(
+  client: Awaited<ReturnType<typeof connectTcp>>,
+  predicate: (line: string) => boolean,
+): Promise<string> {
+  for (;;) {
+    const line = await within(client.readLine(), "a line over TLS");
+    if (line === null) throw new Error("EOF before the expected line");
+    if (predicate(line)) return line;
+  }
+}
+
+Deno.test("tcp over TLS: echo is byte-exact and chat relays lines, for clients that trust the test CA", async () => {
+  await using certs = await opensslCertificates();
+  const tls = { cert: certs.leaf, key: certs.leafKey, log: quiet };
+  {
+    await using server = startTcpServer({ port: 0, ...tls });
+    using client = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
+    const bytes = new Uint8Array([...allBytes(), ...randomBytes(200_000)]);
+    const [, echoed] = await Promise.all([
+      client.write(bytes),
+      within(client.readBytes(bytes.length), "the echo over TLS"),
+    ]);
+    assert.deepEqual(echoed, bytes);
+  }
+  await using server = startTcpServer({ port: 0, mode: "chat", ...tls });
+  using alice = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
+  using bob = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
+  // The handshakes may finish in either order; each is in the room once it is told its name.
+  for (const client of [alice, bob]) {
+    await lineWhere(client, (line) => line.startsWith("* you are "));
+  }
+  await alice.write("hello over tls\n");
+  const relayed = await lineWhere(bob, (line) => line.endsWith(": hello over tls"));
+  assert.match(relayed, /^guest-\d+: hello over tls$/);
+  assert.equal(server.connections, 2);
+});
+
+Deno.test("tcp over TLS: a plain client and one that rejects our certificate each cost one log line; a TLS client carries on", async () => {
+  await using certs = await opensslCertificates();
+  const events = awaitableLog();
+  const server = startTcpServer({ port: 0, cert: certs.leaf, key: certs.leafKey, log: events.log });
+  try {
+    using good = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
+    await good.write("before\n");
+    assert.equal(await within(good.readLine(), "echo before"), "before");
+
+    const failures = () => events.lines.filter((line) => line.includes("TLS handshake failed"));
+    for (let i = 0; i < 10; i++) {
+      using plain = await connectTcp(server.addr.port);
+      await plain.write("hello, plain text\n");
+      // The server answers with a TLS alert at most, and closes: never an echo.
+      const answer = await within(plain.readToEnd().catch(() => new Uint8Array()), "plain close");
+      assert.ok(!decoder.decode(answer).includes("hello"), "a plain client got an echo");
+    }
+    await events.until((lines) => failures().length >= 1 && lines.length >= 2, "the plain line");
+    const stranger = await Deno.connectTls({ hostname: "127.0.0.1", port: server.addr.port });
+    await assert.rejects(stranger.handshake(), /UnknownIssuer|certificate/i);
+    stranger.close();
+    await events.until(() => failures().length >= 2, "the refused certificate's line");
+
+    await good.write("after\n");
+    assert.equal(await within(good.readLine(), "echo after"), "after");
+    assert.equal(server.connections, 1, "only the TLS client counts");
+    const [plainLine, refusedLine] = failures();
+    assert.match(plainLine, /^! 127\.0\.0\.1:\d+ TLS handshake failed: .*not TLS/);
+    assert.match(refusedLine, /^! 127\.0\.0\.1:\d+ TLS handshake failed: the client refused it/);
+    // Ten plain clients, one line so far: the others are counted, not printed.
+    assert.equal(failures().length, 2, failures().join("\n"));
+    assert.equal(events.lines.filter((line) => line.startsWith("+ ")).length, 1);
+  } finally {
+    await server.close();
+  }
+  assert.ok(
+    events.lines.some((line) => /not TLS.*\(and 9 more like it in the last 20 s\)$/.test(line)),
+    events.lines.join("\n"),
+  );
+});
+
+Deno.test("tcp_server cli: --cert/--key listen on tls://; bad or missing files are one line and exit 1", async () => {
+  await using certs = await opensslCertificates();
+  const { leaf, leafKey, otherKey, ca } = certs.files;
+  {
+    await using server = await spawnServer("tcp_server.ts", ["--cert", leaf, "--key", leafKey]);
+    assert.equal(server.line, `listening on tls://127.0.0.1:${server.port}`);
+    using client = await connectTcp(server.port, { caCerts: [certs.ca] });
+    await client.write("hi\n");
+    assert.equal(await within(client.readLine(), "echo"), "hi");
+  }
+  const missing = `${certs.dir}/missing.pem`;
+  const cases: [string[], RegExp][] = [
+    [
+      ["--cert", missing, "--key", leafKey],
+      /^tcp_server: cannot read --cert .*missing\.pem: no such file$/,
+    ],
+    [
+      ["--cert", leaf, "--key", missing],
+      /^tcp_server: cannot read --key .*missing\.pem: no such file$/,
+    ],
+    [
+      ["--cert", leaf, "--key", otherKey],
+      /--key .*other\.key is not the private key of the certificate in --cert .*leaf\.pem$/,
+    ],
+    [["--cert", leafKey, "--key", leafKey], /--cert .*leaf\.key holds no PEM certificate/],
+    [["--cert", leaf, "--key", ca], /--key .*ca\.pem holds no PEM private key$/],
+  ];
+  for (const [args, expected] of cases) {
+    const { code, stdout, stderr } = await runScript("tcp_server.ts", ["--port", "0", ...args]);
+    assert.equal(code, 1, args.join(" "));
+    assert.equal(stdout, "");
+    assert.equal(stderr.split("\n").length, 2, `one line: ${stderr}`);
+    assert.match(stderr.trim(), expected);
+  }
+  const alone = await runScript("tcp_server.ts", ["--port", "0", "--cert", leaf]);
+  assert.equal(alone.code, 2);
+  assert.match(alone.stderr.split("\n")[0], /^tcp_server: --cert and --key go together/);
+});
+
+// ----------------------------------------------------- memory per connection
+
+/** A process's resident memory in bytes, from /proc (Linux). */
+async function residentBytesOf(pid: number): Promise<number> {
+  const status = await Deno.readTextFile(`/proc/${pid}/status`);
+  return Number(status.match(/^VmRSS:\s+(\d+) kB$/m)![1]) * 1024;
+}
+
+Deno.test({
+  name: "tcp echo: an idle connection costs its small read buffer, not 64 KiB; bulk still moves",
+  ignore: Deno.build.os !== "linux",
+  async fn() {
+    await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+    const message = encoder.encode("x".repeat(32));
+    const echoOnce = async (client: Awaited<ReturnType<typeof connectTcp>>) => {
+      await client.write(message);
+      assert.deepEqual(await within(client.readBytes(message.length), "echo"), message);
+    };
+    using warm = await connectTcp(server.port);
+    await echoOnce(warm);
+    const before = await residentBytesOf(server.pid);
+    const clients = [];
+    try {
+      for (let i = 0; i < 400; i++) {
+        const client = await connectTcp(server.port);
+        clients.push(client);
+        await echoOnce(client);
+      }
+      // With a 64 KiB buffer per connection this is about 60 KiB; with 1 KiB, about 10.
+      const perConnection = (await residentBytesOf(server.pid) - before) / clients.length;
+      assert.ok(
+        perConnection < 30 * 1024,
+        `${(perConnection / 1024).toFixed(1)} KiB per connection`,
+      );
+      // A bulk sender's reads fill the small buffer, and it moves on to 64 KiB.
+      const bulk = randomBytes(4 * 1024 * 1024);
+      const [, echoed] = await Promise.all([
+        clients[0].write(bulk),
+        within(clients[0].readBytes(bulk.length), "4 MiB echo"),
+      ]);
+      assert.deepEqual(echoed, bulk);
+    } finally {
+      for (const client of clients) client.close();
+    }
+  },
+});

@@ -5,28 +5,38 @@
  * else. A `read()` returns some bytes, not one message: one message can arrive
  * in many reads and many messages in one read. So the echo mode needs no
  * framing (bytes in, the same bytes out), while the chat mode must cut the
- * stream into lines itself. It also shows the half-close (a peer that has
- * finished sending can still receive), backpressure (await every write), and a
- * server that one misbehaving client cannot crash.
+ * stream into lines itself. It also shows backpressure (await every write),
+ * the half-close (a peer that has finished sending can still receive), and a
+ * server that one misbehaving client cannot crash. With `--cert` and `--key`
+ * the same byte stream runs inside TLS (`Deno.listenTls`): encrypted on the
+ * wire, and nothing else changes.
+ *
+ * Read it in this order:
+ *
+ *     1. Accept, then serve each connection        startTcpServer, acceptLoop, serveClient
+ *        (over TLS, the handshake comes first)     tlsHandshake
+ *     2. Echo: the same bytes back                 echoLoop, writeAll
+ *     3. Framing: cutting the stream into lines    createLineFramer
+ *     4. Chat: fan-out and backpressure            chatLoop, broadcast, send, flush
+ *     5. Ending a connection: half-close, linger   end
+ *     6. Limits and bookkeeping                    admit, the idle sweep, accept errors, logs
+ *     7. The API's types                           TcpServerOptions, TcpServer
+ *     8. The command line                          main
  *
  * Run it (least privilege, from a checkout or straight from its URL):
  *
  *     deno run --allow-net=127.0.0.1:9000 tcp_server.ts
  *     deno run --allow-net=127.0.0.1:9000 tcp_server.ts --mode chat
  *     deno run -N https://raw.githubusercontent.com/OWNER/REPO/main/tcp_server.ts
+ *     deno run --allow-net=127.0.0.1:9000 --allow-read=cert.pem,key.pem tcp_server.ts \
+ *       --cert cert.pem --key key.pem                  # TLS: prints listening on tls://...
  *
- * Poke it with netcat (`-N` sends EOF, a half-close, when stdin ends):
+ * Poke it with netcat (`-N` sends EOF, a half-close, when stdin ends), or,
+ * over TLS, with openssl:
  *
  *     printf 'hello\n' | nc -N 127.0.0.1 9000     # echo: prints hello
- *     nc 127.0.0.1 9000                           # chat: type lines, Ctrl-D leaves
- *
- * Every connection is an open file, and running out of them is survived:
- * accept() fails, new clients wait in the kernel's queue, and are served as
- * soon as others leave. With `-A` the server also reads its open-file limit
- * (`ulimit -n`) and warns at start when it is too low for --max-connections:
- * the limit is in /proc/self/limits, which Deno 2.9.6 lets a script read
- * only with --allow-all (as every file in /proc but /proc/pressure/*); with
- * less, that check is skipped, silently.
+ *     nc -N 127.0.0.1 9000                        # chat: type lines, Ctrl-D leaves
+ *     openssl s_client -quiet -CAfile ca.pem -connect 127.0.0.1:9000   # TLS: type lines
  *
  * @module
  */
@@ -39,108 +49,23 @@ const DEFAULT_MAX_LINE = 64 * 1024;
 const DEFAULT_MAX_QUEUE = 2 * 1024 * 1024;
 const DEFAULT_MAX_CONNECTIONS = 8192;
 const DEFAULT_CHAT_IDLE_TIMEOUT = 300;
-// One buffer per connection, reused for every read: 64 KiB moves bulk data in
-// few reads, and a reused buffer costs no garbage per message.
-const READ_BUFFER_SIZE = 64 * 1024;
+// A read needs memory for the kernel to copy the bytes into, and holds it
+// while it waits: an idle connection costs what its buffer costs. So a
+// connection reads into 1 KiB (a chat line, a small echo), and into 64 KiB
+// only while its reads fill the buffer (a bulk sender), to move bulk data in
+// few reads; see nextReadBuffer.
+const SMALL_READ_BUFFER = 1024;
+const LARGE_READ_BUFFER = 64 * 1024;
 // After an error line and our FIN, how long we keep reading (and discarding)
 // what the peer still sends. Closing a socket with unread input makes the
 // kernel send a reset, which can destroy the error line before it is read.
 const LINGER_MS = 2000;
-// How often the idle sweep runs, at most.
-const SWEEP_MS = 1000;
-// Open files a server needs beyond one per client: Deno itself holds about
-// 20, plus the listener, plus clients being turned away or lingering.
-const RESERVED_FILES = 64;
-// A line that a peer can make us repeat at any rate (one per reset, one per
-// refused connection) is printed once per window, then summed up.
-const LOG_WINDOW_MS = 20_000;
-// How long accept() rests after an error that is not about one client (out
-// of files): the error would come back at once, in a busy loop.
-const ACCEPT_RETRY_MS = 100;
 
 const encoder = new TextEncoder();
 // Not `fatal`: bytes that are not UTF-8 become U+FFFD instead of an error.
 const decoder = new TextDecoder();
 
-/** What the server does with the bytes a client sends. */
-export type Mode = "echo" | "chat";
-
-/** Options for {@linkcode startTcpServer}. Sizes are in bytes. */
-export interface TcpServerOptions {
-  /** Address to bind. Default `127.0.0.1` (this machine only). */
-  hostname?: string;
-  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 9000. */
-  port?: number;
-  /** `echo` (default) sends every byte back; `chat` relays lines to everyone. */
-  mode?: Mode;
-  /** Chat: longest line accepted, without its line ending. Default 65536. */
-  maxLine?: number;
-  /** Chat: bytes queued for one client before it is dropped as too slow. Default 2 MiB. */
-  maxQueue?: number;
-  /** Connections served at once; the next one is told the server is full. Default 8192. */
-  maxConnections?: number;
-  /** Seconds without a byte from a client before it is dropped; 0 = never. Default 0 (echo), 300 (chat). */
-  idleTimeout?: number;
-  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
-  log?: (line: string) => void;
-}
-
-/** A running server, returned by {@linkcode startTcpServer}. */
-export interface TcpServer extends AsyncDisposable {
-  /** The address actually bound (with the real port when you asked for 0). */
-  readonly addr: Deno.NetAddr;
-  /** Connections open right now. */
-  readonly connections: number;
-  /** Stop accepting, close every connection, and wait until all are gone. */
-  close(): Promise<void>;
-}
-
-interface Client {
-  conn: Deno.TcpConn;
-  peer: string;
-  name: string;
-  /** Chat: bytes waiting to be written, written together in one write. */
-  queue: Uint8Array[];
-  /** Bytes queued or being written: what this client costs us right now. */
-  queued: number;
-  /** Set while a flush is writing; awaiting it waits until the queue is empty. */
-  flushing: Promise<void> | undefined;
-  /** Echo: a write is in progress. */
-  writing: boolean;
-  /** Idle sweeps since the client last made progress (see markProgress). */
-  idleSweeps: number;
-  /** Chat: idle sweeps with a flush pending since a write to it last moved. */
-  stalledSweeps: number;
-  /** No more input is processed; the connection is on its way out. */
-  ending: boolean;
-  /** Why the connection ended, for the log; the first cause found wins. */
-  reason: string;
-  /** Counted against `maxConnections` (clients turned away are not). */
-  counted: boolean;
-  linger: ReturnType<typeof setTimeout> | undefined;
-}
-
-interface ServerState {
-  mode: Mode;
-  maxLine: number;
-  maxQueue: number;
-  maxConnections: number;
-  /** The process's open-file limit, when it can be read. */
-  fileLimit: number | undefined;
-  log: (line: string) => void;
-  /** For the lines a peer can make us repeat at any rate. */
-  limitedLog: LogLimiter;
-  listener: Deno.TcpListener;
-  /** Every open connection, including those being turned away. */
-  clients: Set<Client>;
-  /** Connections counted against maxConnections. */
-  served: number;
-  /** Chat: the clients that receive broadcasts. */
-  room: Set<Client>;
-  tasks: Set<Promise<void>>;
-  guests: number;
-  closing: boolean;
-}
+// ------------------------------------------ 1. accept, then serve each connection
 
 /**
  * Starts a TCP echo or chat server and returns at once; it serves in the
@@ -148,11 +73,15 @@ interface ServerState {
  *
  * @example Echo server on a free port
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * await using server = startTcpServer({ port: 0, log: () => {} });
  * using conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
  * await conn.write(new TextEncoder().encode("hi\n"));
- * const buf = new Uint8Array(3);
- * await conn.read(buf); // "hi\n" (for 3 bytes, one read is enough on loopback)
+ * // TCP may cut the echo into several reads: read until all 3 bytes are in.
+ * const reply = new Uint8Array(3);
+ * for (let got = 0; got < reply.length;) got += (await conn.read(reply.subarray(got)))!;
+ * assert.equal(new TextDecoder().decode(reply), "hi\n");
  * ```
  *
  * @throws {Deno.errors.AddrInUse} when the port is taken.
@@ -160,27 +89,18 @@ interface ServerState {
  */
 export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
   const mode = options.mode ?? "echo";
-  const listener = Deno.listen({
+  const address = {
     hostname: options.hostname ?? DEFAULT_HOSTNAME,
     port: options.port ?? DEFAULT_PORT,
-  });
-  const log = safeLog(options.log ?? console.error);
-  const state: ServerState = {
-    mode,
-    maxLine: options.maxLine ?? DEFAULT_MAX_LINE,
-    maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
-    maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
-    fileLimit: openFileLimit(),
-    log,
-    limitedLog: createLogLimiter(log),
-    listener,
-    clients: new Set(),
-    served: 0,
-    room: new Set(),
-    tasks: new Set(),
-    guests: 0,
-    closing: false,
   };
+  if ((options.cert === undefined) !== (options.key === undefined)) {
+    throw new TypeError("cert and key go together: give both, or neither");
+  }
+  // TLS or not, a listener hands out connections that read and write bytes.
+  const listener: Deno.Listener = options.cert === undefined
+    ? Deno.listen(address)
+    : Deno.listenTls({ ...address, cert: options.cert, key: options.key! });
+  const state = initialState(listener, options);
   const idleTimeout = options.idleTimeout ??
     (mode === "chat" ? DEFAULT_CHAT_IDLE_TIMEOUT : 0);
   const sweeper = idleTimeout > 0 ? startIdleSweeper(state, idleTimeout) : undefined;
@@ -193,12 +113,13 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     // Nobody needs "* NAME left" while the whole server goes away, and
     // `closing` stops it: otherwise N leaves go to N-1 peers, N² writes.
     for (const client of state.clients) closeQuietly(client.conn);
+    for (const conn of state.handshaking) closeQuietly(conn);
     await accepting;
     while (state.tasks.size > 0) await Promise.all(state.tasks);
     state.limitedLog.close();
   }
   return {
-    addr: listener.addr,
+    addr: listener.addr as Deno.NetAddr,
     get connections() {
       return state.served;
     },
@@ -206,6 +127,103 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
     [Symbol.asyncDispose]: () => closed ??= close(),
   };
 }
+
+// Each accepted connection is served by a task of its own, so the loop is at
+// once ready for the next client. One connection failing never stops the
+// others: accept() errors are survived (see logAcceptFailure).
+async function acceptLoop(state: ServerState): Promise<void> {
+  while (!state.closing) {
+    let conn: Deno.Conn;
+    try {
+      conn = await state.listener.accept();
+    } catch (error) {
+      if (state.closing || error instanceof Deno.errors.BadResource) return;
+      await survivingAcceptFailure(state, error);
+      continue;
+    }
+    // close() may have run while this accept was completing: close() has
+    // already closed every connection it knew of, and would wait for this one.
+    if (state.closing) {
+      closeQuietly(conn);
+      return;
+    }
+    const task = serveClient(state, conn);
+    state.tasks.add(task);
+    task.finally(() => state.tasks.delete(task));
+  }
+}
+
+async function serveClient(state: ServerState, conn: Deno.Conn): Promise<void> {
+  if (state.tls && !await tlsHandshake(state, conn)) return;
+  const client = newClient(state, conn);
+  if (admit(state, client)) {
+    if (state.mode === "chat") {
+      // Chat lines are small and a client both sends and receives: with Nagle
+      // on, its next line waits for the ACK of the last (up to 40 ms).
+      // (Deno.TlsConn has no setNoDelay: see docs/deno-notes.md, "TLS and Nagle".)
+      if (!state.tls) (conn as Deno.TcpConn).setNoDelay(true);
+      join(state, client);
+    }
+    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
+  }
+  try {
+    await (state.mode === "chat" ? chatLoop(state, client) : echoLoop(client));
+  } catch (error) {
+    client.reason ||= describe(error);
+  }
+  // The peer sent EOF (a half-close), reset, or we closed it. It may still
+  // be owed data; send that, then close for real.
+  end(state, client);
+  await client.flushing;
+  release(state, client);
+}
+
+// --------------------------------------------------- 2. echo: the same bytes back
+
+// Echo needs no framing: whatever bytes arrive go straight back. Awaiting each
+// write before the next read is the backpressure: a client that sends without
+// reading fills its own buffers and stalls, while we hold one read buffer.
+async function echoLoop(client: Client): Promise<void> {
+  const small = new Uint8Array(SMALL_READ_BUFFER);
+  let buf = small;
+  for (;;) {
+    const n = await client.conn.read(buf);
+    if (n === null) return;
+    markProgress(client);
+    // A client being ended is still read (see end), no longer answered.
+    if (!client.ending) await writeAll(client, buf.subarray(0, n));
+    buf = nextReadBuffer(buf, n, small);
+  }
+}
+
+// A read that filled its buffer means more is waiting: the next one gets 64
+// KiB. A read that would have fit in the small buffer means the burst is
+// over: back to it, and the large one becomes garbage, so a connection that
+// went quiet costs 1 KiB again. Reused otherwise: no garbage per message.
+function nextReadBuffer(
+  buf: Uint8Array<ArrayBuffer>,
+  n: number,
+  small: Uint8Array<ArrayBuffer>,
+): Uint8Array<ArrayBuffer> {
+  if (n === buf.length) return buf === small ? new Uint8Array(LARGE_READ_BUFFER) : buf;
+  return n <= small.length ? small : buf;
+}
+
+// A write may take only part of the bytes (a "partial send"): loop until all
+// are out. Each await waits for room in the kernel's send buffer, and each
+// write that moves is progress: a client taking a long echo slowly is busy.
+async function writeAll(client: Client, bytes: Uint8Array): Promise<void> {
+  markWriting(client, true);
+  let written = await client.conn.write(bytes);
+  markProgress(client);
+  while (written < bytes.length) {
+    written += await client.conn.write(bytes.subarray(written));
+    markProgress(client);
+  }
+  markWriting(client, false);
+}
+
+// ----------------------------------------- 3. framing: cutting the stream into lines
 
 /**
  * Cuts a byte stream into lines. TCP delivers bytes, not messages: a line can
@@ -218,14 +236,18 @@ export function startTcpServer(options: TcpServerOptions = {}): TcpServer {
  * `maxLine` bytes, even one whose end has not arrived yet. Push `null` at
  * the end of the stream to get a last line that had no `\n`.
  *
- * @example
+ * @example A line split across two reads, and two lines in one
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const push = createLineFramer(1024);
  * const lines: string[] = [];
- * const decode = (line: Uint8Array) => lines.push(new TextDecoder().decode(line));
- * push(new TextEncoder().encode("hel"), decode);
- * push(new TextEncoder().encode("lo\r\nworld\n"), decode);
- * // lines is ["hello", "world"]
+ * const decode = (line: Uint8Array) => void lines.push(new TextDecoder().decode(line));
+ * assert.ok(push(new TextEncoder().encode("hel"), decode));
+ * assert.ok(push(new TextEncoder().encode("lo\r\nworld\nbye"), decode));
+ * assert.ok(push(null, decode)); // the end of the stream: "bye" had no "\n"
+ * assert.deepEqual(lines, ["hello", "world", "bye"]);
+ * assert.equal(createLineFramer(4)(new TextEncoder().encode("too long"), decode), false);
  * ```
  */
 export function createLineFramer(
@@ -272,118 +294,16 @@ export function createLineFramer(
   }
 }
 
-// One connection failing must never stop the others, so `accept()` errors are
-// survived: a client that resets before we accept it makes accept() throw
-// (NotConnected), and running out of file descriptors is temporary.
-async function acceptLoop(state: ServerState): Promise<void> {
-  while (!state.closing) {
-    let conn: Deno.TcpConn;
-    try {
-      conn = await state.listener.accept();
-    } catch (error) {
-      if (state.closing || error instanceof Deno.errors.BadResource) return;
-      logAcceptFailure(state, error);
-      if (!(error instanceof Deno.errors.NotConnected)) await delay(ACCEPT_RETRY_MS);
-      continue;
-    }
-    // close() may have run while this accept was completing: close() has
-    // already closed every connection it knew of, and would wait for this one.
-    if (state.closing) {
-      closeQuietly(conn);
-      return;
-    }
-    const task = serveClient(state, conn);
-    state.tasks.add(task);
-    task.finally(() => state.tasks.delete(task));
-  }
-}
-
-async function serveClient(state: ServerState, conn: Deno.TcpConn): Promise<void> {
-  const { hostname, port } = conn.remoteAddr;
-  const client: Client = {
-    conn,
-    peer: `${hostname}:${port}`,
-    name: "",
-    queue: [],
-    queued: 0,
-    flushing: undefined,
-    writing: false,
-    idleSweeps: 0,
-    stalledSweeps: 0,
-    ending: false,
-    reason: "",
-    counted: false,
-    linger: undefined,
-  };
-  state.clients.add(client);
-  if (state.served >= state.maxConnections) {
-    state.limitedLog.log("turned away", `! ${client.peer} turned away: server full`);
-    end(state, client, "server full");
-  } else {
-    client.counted = true;
-    state.served++;
-    if (state.mode === "chat") {
-      // Chat lines are small and a client both sends and receives: with Nagle
-      // on, its next line waits for the ACK of the last (up to 40 ms).
-      conn.setNoDelay(true);
-      join(state, client);
-    }
-    state.log(`+ ${client.peer} connected${client.name ? ` as ${client.name}` : ""}`);
-  }
-  try {
-    await (state.mode === "chat" ? chatLoop(state, client) : echoLoop(client));
-  } catch (error) {
-    client.reason ||= describe(error);
-  }
-  // The peer sent EOF (a half-close), reset, or we closed it. It may still
-  // be owed data; send that, then close for real.
-  end(state, client);
-  await client.flushing;
-  clearTimeout(client.linger);
-  closeQuietly(conn);
-  state.clients.delete(client);
-  if (client.counted) {
-    state.served--;
-    if (!state.closing) {
-      state.log(
-        `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${
-          client.reason || "closed by peer"
-        }`,
-      );
-    }
-  }
-}
-
-// Echo needs no framing: whatever bytes arrive go straight back. Awaiting each
-// write before the next read is the backpressure: a client that sends without
-// reading fills its own buffers and stalls, while we hold one 64 KiB buffer.
-async function echoLoop(client: Client): Promise<void> {
-  const { conn } = client;
-  const buf = new Uint8Array(READ_BUFFER_SIZE);
-  for (;;) {
-    const n = await conn.read(buf);
-    if (n === null) return;
-    markProgress(client);
-    if (client.ending) continue;
-    client.writing = true;
-    // A write may take only part of the bytes (a "partial send"): loop until
-    // all are out. Each await waits for room in the kernel's send buffer.
-    for (let written = 0; written < n;) {
-      written += await conn.write(buf.subarray(written, n));
-      markProgress(client);
-    }
-    client.writing = false;
-  }
-}
+// -------------------------------------------------- 4. chat: fan-out and backpressure
 
 async function chatLoop(state: ServerState, client: Client): Promise<void> {
-  const { conn } = client;
-  const buf = new Uint8Array(READ_BUFFER_SIZE);
+  const small = new Uint8Array(SMALL_READ_BUFFER);
+  let buf = small;
   const push = createLineFramer(state.maxLine);
   const relay = (line: Uint8Array) =>
     broadcast(state, `${client.name}: ${sanitizeChatText(decoder.decode(line))}\n`);
   for (;;) {
-    const n = await conn.read(buf);
+    const n = await client.conn.read(buf);
     markProgress(client);
     // At EOF (null), a last line without "\n" still counts.
     const chunk = n === null ? null : buf.subarray(0, n);
@@ -391,11 +311,12 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
       end(state, client, `line too long (max ${state.maxLine} bytes)`);
     }
     if (chunk === null) return;
+    buf = nextReadBuffer(buf, n!, small);
   }
 }
 
-// A newcomer learns its own name from a line of its own ("* " lines are the
-// server speaking), and everyone already there from the join.
+// A newcomer is told its name at once ("* " lines are the server speaking),
+// and everyone already there learns it from the join.
 function join(state: ServerState, client: Client): void {
   client.name = `guest-${++state.guests}`;
   broadcast(state, `* ${client.name} joined\n`);
@@ -411,20 +332,12 @@ function broadcast(state: ServerState, text: string): void {
 
 // Queue bytes for a client and make sure a flush will write them. Messages
 // queued while a write is in progress go out together in the next write, so
-// a busy client costs one write per turn, not one per message.
+// a busy client costs one write per turn, not one per message. The queue is
+// the backpressure: one that outgrows --max-queue drops its client.
 function send(state: ServerState, client: Client, bytes: Uint8Array): void {
-  client.queue.push(bytes);
-  client.queued += bytes.length;
-  if (client.queued > state.maxQueue) {
-    // It stopped reading, or reads slower than the room talks. Everything
-    // still queued is dropped so its memory is bounded; the error line goes
-    // last, after whatever the kernel already holds.
-    client.queued -= client.queue.reduce((sum, chunk) => sum + chunk.length, 0);
-    client.queue = [];
-    end(state, client, "too slow, disconnected");
-    return;
-  }
-  client.flushing ??= flush(client);
+  enqueue(client, bytes);
+  if (client.queued > state.maxQueue) dropTooSlow(state, client);
+  else client.flushing ??= flush(client);
 }
 
 async function flush(client: Client): Promise<void> {
@@ -458,6 +371,8 @@ async function flush(client: Client): Promise<void> {
   }
 }
 
+// --------------------------------------------- 5. ending a connection: half-close, linger
+
 // Stops processing a client's input and takes it out of the chat. With an
 // error, the client is told why in a last line, then gets our FIN
 // (closeWrite, a half-close: "I am done sending") while we keep reading and
@@ -470,11 +385,223 @@ function end(state: ServerState, client: Client, error?: string): void {
   }
   if (!error) return;
   client.reason ||= error;
-  const line = encoder.encode(`* error: ${error}\n`);
-  client.queue.push(line);
-  client.queued += line.length;
+  enqueue(client, encoder.encode(`* error: ${error}\n`));
   client.flushing ??= flush(client);
   client.linger = setTimeout(() => closeQuietly(client.conn), LINGER_MS);
+}
+
+// --------------------------------------------------------- 6. limits and bookkeeping
+
+// How often the idle sweep runs, at most.
+const SWEEP_MS = 1000;
+// Open files a server needs beyond one per client: Deno itself holds about
+// 20, plus the listener, plus clients being turned away or lingering.
+const RESERVED_FILES = 64;
+// A line that a peer can make us repeat at any rate (one per reset, one per
+// refused connection) is printed once per window, then summed up.
+const LOG_WINDOW_MS = 20_000;
+// How long accept() rests after an error that is not about one client (out
+// of files): the error would come back at once, in a busy loop.
+const ACCEPT_RETRY_MS = 100;
+// How long a TLS client gets to finish its handshake; a peer that connects
+// and says nothing would otherwise hold its open file forever.
+const TLS_HANDSHAKE_TIMEOUT_MS = 10_000;
+
+interface Client {
+  conn: Deno.Conn;
+  peer: string;
+  name: string;
+  /** Chat: bytes waiting to be written, written together in one write. */
+  queue: Uint8Array[];
+  /** Bytes queued or being written: what this client costs us right now. */
+  queued: number;
+  /** Set while a flush is writing; awaiting it waits until the queue is empty. */
+  flushing: Promise<void> | undefined;
+  /** Echo: a write is in progress. */
+  writing: boolean;
+  /** Idle sweeps since the client last made progress (see markProgress). */
+  idleSweeps: number;
+  /** Chat: idle sweeps with a flush pending since a write to it last moved. */
+  stalledSweeps: number;
+  /** No more input is processed; the connection is on its way out. */
+  ending: boolean;
+  /** Why the connection ended, for the log; the first cause found wins. */
+  reason: string;
+  /** Counted against `maxConnections` (clients turned away are not). */
+  counted: boolean;
+  linger: ReturnType<typeof setTimeout> | undefined;
+}
+
+interface ServerState {
+  mode: Mode;
+  maxLine: number;
+  maxQueue: number;
+  maxConnections: number;
+  /** The process's open-file limit, when it can be read. */
+  fileLimit: number | undefined;
+  log: (line: string) => void;
+  /** For the lines a peer can make us repeat at any rate. */
+  limitedLog: LogLimiter;
+  listener: Deno.Listener;
+  /** The listener speaks TLS: every connection starts with a handshake. */
+  tls: boolean;
+  /** TLS connections whose handshake is still running (not yet clients). */
+  handshaking: Set<Deno.Conn>;
+  /** Every open connection, including those being turned away. */
+  clients: Set<Client>;
+  /** Connections counted against maxConnections. */
+  served: number;
+  /** Chat: the clients that receive broadcasts. */
+  room: Set<Client>;
+  tasks: Set<Promise<void>>;
+  guests: number;
+  closing: boolean;
+}
+
+function initialState(listener: Deno.Listener, options: TcpServerOptions): ServerState {
+  const log = safeLog(options.log ?? console.error);
+  return {
+    mode: options.mode ?? "echo",
+    maxLine: options.maxLine ?? DEFAULT_MAX_LINE,
+    maxQueue: options.maxQueue ?? DEFAULT_MAX_QUEUE,
+    maxConnections: options.maxConnections ?? DEFAULT_MAX_CONNECTIONS,
+    fileLimit: openFileLimit(),
+    log,
+    limitedLog: createLogLimiter(log),
+    listener,
+    tls: options.cert !== undefined,
+    handshaking: new Set(),
+    clients: new Set(),
+    served: 0,
+    room: new Set(),
+    tasks: new Set(),
+    guests: 0,
+    closing: false,
+  };
+}
+
+// Every open connection is known, so that close() can close it.
+function newClient(state: ServerState, conn: Deno.Conn): Client {
+  const client: Client = {
+    conn,
+    peer: peerName(conn),
+    name: "",
+    queue: [],
+    queued: 0,
+    flushing: undefined,
+    writing: false,
+    idleSweeps: 0,
+    stalledSweeps: 0,
+    ending: false,
+    reason: "",
+    counted: false,
+    linger: undefined,
+  };
+  state.clients.add(client);
+  return client;
+}
+
+function peerName(conn: Deno.Conn): string {
+  const { hostname, port } = conn.remoteAddr as Deno.NetAddr;
+  return `${hostname}:${port}`;
+}
+
+// A TLS client becomes a client only once its handshake is done, so a peer
+// that fails it (a plain TCP client on the TLS port, a client that rejects
+// our certificate, one that says nothing) never joins and is never counted:
+// it costs one log line, rate-limited, since any peer can cause it at will.
+// Handshakes in progress are bounded by --max-connections too.
+async function tlsHandshake(state: ServerState, conn: Deno.Conn): Promise<boolean> {
+  const peer = peerName(conn);
+  if (state.handshaking.size >= state.maxConnections) {
+    state.limitedLog.log("turned away", `! ${peer} turned away: too many TLS handshakes at once`);
+    closeQuietly(conn);
+    return false;
+  }
+  state.handshaking.add(conn);
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    closeQuietly(conn);
+  }, TLS_HANDSHAKE_TIMEOUT_MS);
+  try {
+    await (conn as Deno.TlsConn).handshake();
+  } catch (error) {
+    closeQuietly(conn);
+    if (!state.closing) {
+      const { kind, why } = timedOut
+        ? { kind: "timeout", why: `no handshake within ${TLS_HANDSHAKE_TIMEOUT_MS / 1000} s` }
+        : describeTlsFailure(error);
+      state.limitedLog.log(`tls: ${kind}`, `! ${peer} TLS handshake failed: ${why}`);
+    }
+    return false;
+  } finally {
+    clearTimeout(timer);
+    state.handshaking.delete(conn);
+  }
+  if (!state.closing) return true;
+  closeQuietly(conn);
+  return false;
+}
+
+// What rustls says, with the likely cause a person can act on, and its kind
+// for the log limiter (so that one flood of plain clients hides no other cause).
+function describeTlsFailure(error: unknown): { kind: string; why: string } {
+  const message = error instanceof Error ? error.message : String(error);
+  if (/InvalidContentType|corrupt message/.test(message)) {
+    return { kind: "not tls", why: `${message} (not TLS: a plain TCP client on the TLS port?)` };
+  }
+  const alert = message.match(/received fatal alert: (\w+)/)?.[1];
+  if (alert) {
+    return {
+      kind: `alert ${alert}`,
+      why: `the client refused it (${alert}: does it trust our certificate's CA?)`,
+    };
+  }
+  return { kind: error instanceof Error ? error.name : "other", why: describe(error) };
+}
+
+// A client past --max-connections is told the server is full and let go
+// (after the linger, like any error); it is never counted.
+function admit(state: ServerState, client: Client): boolean {
+  if (state.served >= state.maxConnections) {
+    state.limitedLog.log("turned away", `! ${client.peer} turned away: server full`);
+    end(state, client, "server full");
+    return false;
+  }
+  client.counted = true;
+  state.served++;
+  return true;
+}
+
+// The connection is closed for real and forgotten; a counted one is logged.
+function release(state: ServerState, client: Client): void {
+  clearTimeout(client.linger);
+  closeQuietly(client.conn);
+  state.clients.delete(client);
+  if (!client.counted) return;
+  state.served--;
+  if (!state.closing) {
+    state.log(
+      `- ${client.peer} disconnected${client.name ? ` (${client.name})` : ""}: ${
+        client.reason || "closed by peer"
+      }`,
+    );
+  }
+}
+
+function enqueue(client: Client, bytes: Uint8Array): void {
+  client.queue.push(bytes);
+  client.queued += bytes.length;
+}
+
+// It stopped reading, or reads slower than the room talks. Everything still
+// queued is dropped so its memory is bounded; the error line goes last,
+// after whatever the kernel already holds.
+function dropTooSlow(state: ServerState, client: Client): void {
+  client.queued -= client.queue.reduce((sum, chunk) => sum + chunk.length, 0);
+  client.queue = [];
+  end(state, client, "too slow, disconnected");
 }
 
 // A client is alive while it makes progress: a read that brings its bytes,
@@ -482,6 +609,12 @@ function end(state: ServerState, client: Client, error?: string): void {
 // echo slowly is busy, not idle). A single store in the hot path.
 function markProgress(client: Client): void {
   client.idleSweeps = 0;
+}
+
+// Echo: a write is in progress, so a client silent this long may be stuck in
+// it rather than idle (see dropIdle).
+function markWriting(client: Client, writing: boolean): void {
+  client.writing = writing;
 }
 
 // Chat: a write to the client moved. In chat that is not a sign of life (a
@@ -548,10 +681,13 @@ function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-// accept() fails for one client (it reset before we took it) or for all
-// (out of files). Either can repeat thousands of times a second, so it is
-// logged through the limiter, and out of files says what to do.
-function logAcceptFailure(state: ServerState, error: unknown): void {
+// Every connection is an open file, and running out of them is survived:
+// accept() fails, new clients wait in the kernel's queue, and are served as
+// soon as others leave. A client that resets before we accept it makes
+// accept() fail too (Deno reports it as NotConnected: see docs/deno-notes.md,
+// "accept() and a reset"). Either can repeat thousands of times a second, so
+// it is logged through the limiter, and out of files says what to do.
+async function survivingAcceptFailure(state: ServerState, error: unknown): Promise<void> {
   if (isOutOfFiles(error)) {
     state.limitedLog.log(
       "accept: EMFILE",
@@ -562,10 +698,13 @@ function logAcceptFailure(state: ServerState, error: unknown): void {
       "accept: reset",
       "accept failed: a client reset its connection before it was accepted",
     );
+    // About one client only: the next accept can go at once.
+    return;
   } else {
     const name = error instanceof Error ? error.name : "unknown";
     state.limitedLog.log(`accept: ${name}`, `accept failed: ${describe(error)}`);
   }
+  await delay(ACCEPT_RETRY_MS);
 }
 
 // EMFILE: this process has used up its open-file limit (ENFILE, the whole
@@ -586,19 +725,24 @@ function tooManyFiles(limit: number | undefined, maxConnections: number): string
 /**
  * The soft limit on this process's open files (`ulimit -n`, RLIMIT_NOFILE),
  * or `undefined` where it cannot be read. Deno has no getrlimit; on Linux the
- * limit is in /proc/self/limits, which Deno 2.9.6 lets a script read only
- * with --allow-all (as every file in /proc but /proc/pressure/*,
- * denoland/deno#30779). The read permission is queried first, so that a
- * terminal never shows a permission prompt for it. Deno raises its soft
- * limit to the hard one at startup (denoland/deno#10162), so under a shell's
- * `ulimit -n N` (which sets both) this is N.
+ * limit is in /proc/self/limits, readable only with --allow-all (see
+ * docs/deno-notes.md, "/proc needs --allow-all"). The read permission is
+ * queried first, so that a terminal never shows a permission prompt for it.
+ * Deno raises its soft limit to the hard one at startup (docs/deno-notes.md,
+ * "the open-file limit"), so under a shell's `ulimit -n N` this is N.
  *
  * Self-contained: copy it, with {@linkcode fileLimitWarning} and
  * RESERVED_FILES, into any server.
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
+ *
  * const limit = openFileLimit(); // 1024 under `ulimit -n 1024` with -A; undefined without -A
+ * const readable = Deno.build.os === "linux" &&
+ *   Deno.permissions.querySync({ name: "read", path: "/proc/self/limits" }).state === "granted";
+ * if (readable) assert.ok(Number.isSafeInteger(limit) && limit! > 0);
+ * else assert.equal(limit, undefined);
  * ```
  */
 export function openFileLimit(): number | undefined {
@@ -620,8 +764,12 @@ export function openFileLimit(): number | undefined {
  *
  * @example
  * ```ts
- * const warning = fileLimitWarning(8192, openFileLimit());
- * if (warning) console.error(`tcp_server: warning: ${warning}`);
+ * import assert from "node:assert/strict";
+ *
+ * assert.match(fileLimitWarning(8192, 1024)!, /^the open-file limit \(ulimit -n\) is 1024, /);
+ * assert.match(fileLimitWarning(8192, 1024)!, /raise it with "ulimit -n 8256"/);
+ * assert.equal(fileLimitWarning(8192, 65536), undefined);
+ * assert.equal(fileLimitWarning(8192, undefined), undefined); // unknown: no warning
  * ```
  */
 export function fileLimitWarning(
@@ -633,14 +781,6 @@ export function fileLimitWarning(
   return `the open-file limit (ulimit -n) is ${limit}, too low for --max-connections ` +
     `${maxConnections}; raise it with "ulimit -n ${needed}" before starting, ` +
     "or lower --max-connections";
-}
-
-/** What {@linkcode createLogLimiter} returns. */
-export interface LogLimiter {
-  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
-  log(kind: string, line: string): void;
-  /** Logs the summaries still due and stops the window timers. */
-  close(): void;
 }
 
 /**
@@ -656,11 +796,16 @@ export interface LogLimiter {
  *
  * @example
  * ```ts
- * const limiter = createLogLimiter(console.error);
+ * import assert from "node:assert/strict";
+ *
+ * const lines: string[] = [];
+ * const limiter = createLogLimiter((line) => lines.push(line));
  * for (let i = 0; i < 1000; i++) limiter.log("reset", "accept failed: reset");
  * limiter.close();
- * // printed: "accept failed: reset", then
- * // "accept failed: reset (and 999 more like it in the last 20 s)"
+ * assert.deepEqual(lines, [
+ *   "accept failed: reset",
+ *   "accept failed: reset (and 999 more like it in the last 20 s)",
+ * ]);
  * ```
  */
 export function createLogLimiter(
@@ -739,17 +884,67 @@ function safeLog(log: (line: string) => void): (line: string) => void {
 function describe(error: unknown): string {
   if (error instanceof Deno.errors.ConnectionReset) return "connection reset by peer";
   if (error instanceof Deno.errors.BrokenPipe) return "peer stopped reading (broken pipe)";
+  // TLS: the peer closed its TCP connection without TLS's own goodbye.
+  if (error instanceof Deno.errors.UnexpectedEof) return "closed by peer (no TLS close_notify)";
   if (error instanceof Deno.errors.Interrupted || error instanceof Deno.errors.BadResource) {
     return "closed";
   }
   return error instanceof Error ? error.message : String(error);
 }
 
-// ---------------------------------------------------------------- command line
+// ----------------------------------------------------------------- 7. the API's types
+
+/** What the server does with the bytes a client sends. */
+export type Mode = "echo" | "chat";
+
+/** Options for {@linkcode startTcpServer}. Sizes are in bytes. */
+export interface TcpServerOptions {
+  /** Address to bind. Default `127.0.0.1` (this machine only). */
+  hostname?: string;
+  /** Port to bind; `0` picks a free one (read it back from `addr`). Default 9000. */
+  port?: number;
+  /** `echo` (default) sends every byte back; `chat` relays lines to everyone. */
+  mode?: Mode;
+  /** Chat: longest line accepted, without its line ending. Default 65536. */
+  maxLine?: number;
+  /** Chat: bytes queued for one client before it is dropped as too slow. Default 2 MiB. */
+  maxQueue?: number;
+  /** Connections served at once; the next one is told the server is full. Default 8192. */
+  maxConnections?: number;
+  /** Seconds without a byte from a client before it is dropped; 0 = never. Default 0 (echo), 300 (chat). */
+  idleTimeout?: number;
+  /** Where connection events go. Default `console.error`; pass `() => {}` for silence. */
+  log?: (line: string) => void;
+  /** TLS: the certificate chain, PEM text (leaf first). With `key`, the server speaks TLS. */
+  cert?: string;
+  /** TLS: the private key of `cert`'s leaf, PEM text. */
+  key?: string;
+}
+
+/** A running server, returned by {@linkcode startTcpServer}. */
+export interface TcpServer extends AsyncDisposable {
+  /** The address actually bound (with the real port when you asked for 0). */
+  readonly addr: Deno.NetAddr;
+  /** Connections open right now. */
+  readonly connections: number;
+  /** Stop accepting, close every connection, and wait until all are gone. */
+  close(): Promise<void>;
+}
+
+/** What {@linkcode createLogLimiter} returns. */
+export interface LogLimiter {
+  /** Logs `line`, or only counts it when a line of the same `kind` was logged in this window. */
+  log(kind: string, line: string): void;
+  /** Logs the summaries still due and stops the window timers. */
+  close(): void;
+}
+
+// -------------------------------------------------------------- 8. the command line
 
 const USAGE = `Usage: tcp_server.ts [options]
 
-A TCP echo (default) or chat server. Prints "listening on tcp://HOST:PORT".
+A TCP echo (default) or chat server. Prints "listening on tcp://HOST:PORT",
+or "listening on tls://HOST:PORT" with --cert and --key.
 
 Options:
   --host HOST             address to bind (default ${DEFAULT_HOSTNAME}; 0.0.0.0 = every interface)
@@ -760,6 +955,9 @@ Options:
   --max-connections N     clients served at once (default ${DEFAULT_MAX_CONNECTIONS})
   --idle-timeout SECONDS  drop clients silent, or not reading, this long; 0 = never
                           (default 0 for echo, ${DEFAULT_CHAT_IDLE_TIMEOUT} for chat)
+  --cert FILE             speak TLS with this certificate chain (PEM, leaf first);
+                          needs --key, and --allow-read for both files
+  --key FILE              the private key of --cert's certificate (PEM)
   --quiet                 no connection log on stderr
   -h, --help              show this help
 
@@ -780,7 +978,14 @@ function parseArgsMessage(error: Error): string {
     : first;
 }
 
-function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; help: boolean } {
+interface CommandLine extends TcpServerOptions {
+  certFile?: string;
+  keyFile?: string;
+  quiet: boolean;
+  help: boolean;
+}
+
+function parseCommandLine(args: string[]): CommandLine {
   let parsed;
   try {
     parsed = parseArgs({
@@ -794,6 +999,8 @@ function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; 
         "max-queue": { type: "string", default: String(DEFAULT_MAX_QUEUE) },
         "max-connections": { type: "string", default: String(DEFAULT_MAX_CONNECTIONS) },
         "idle-timeout": { type: "string" },
+        cert: { type: "string" },
+        key: { type: "string" },
         quiet: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
       },
@@ -805,6 +1012,9 @@ function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; 
   if (mode !== "echo" && mode !== "chat") {
     throw new UsageError(`--mode must be echo or chat, got "${mode}"`);
   }
+  if ((parsed.cert === undefined) !== (parsed.key === undefined)) {
+    throw new UsageError("--cert and --key go together: give both (PEM files), or neither");
+  }
   return {
     hostname: parsed.host,
     port: integerOption("--port", parsed.port, 0, 65535),
@@ -815,6 +1025,8 @@ function parseCommandLine(args: string[]): TcpServerOptions & { quiet: boolean; 
     idleTimeout: parsed["idle-timeout"] === undefined
       ? undefined
       : numberOption("--idle-timeout", parsed["idle-timeout"]),
+    certFile: parsed.cert,
+    keyFile: parsed.key,
     quiet: parsed.quiet,
     help: parsed.help,
   };
@@ -862,16 +1074,21 @@ async function main(args: string[]): Promise<number> {
   const address = `${formatHost(options.hostname!)}:${options.port}`;
   let server: TcpServer;
   try {
+    if (options.certFile !== undefined) {
+      options.cert = readPem("--cert", options.certFile);
+      options.key = readPem("--key", options.keyFile!);
+    }
     server = startTcpServer({ ...options, log: options.quiet ? () => {} : console.error });
   } catch (error) {
     console.error(
-      `tcp_server: cannot listen on ${address}: ${
-        startError(error, options.hostname!, options.port!)
-      }`,
+      error instanceof StartError
+        ? `tcp_server: ${error.message}`
+        : `tcp_server: cannot listen on ${address}: ${startError(error, options)}`,
     );
     return 1;
   }
-  console.log(`listening on tcp://${formatHost(server.addr.hostname)}:${server.addr.port}`);
+  const scheme = options.cert === undefined ? "tcp" : "tls";
+  console.log(`listening on ${scheme}://${formatHost(server.addr.hostname)}:${server.addr.port}`);
   const warning = fileLimitWarning(options.maxConnections!, openFileLimit());
   if (warning) console.error(`tcp_server: warning: ${warning}`);
   const stop = Promise.withResolvers<void>();
@@ -888,7 +1105,37 @@ async function main(args: string[]): Promise<number> {
   return 0;
 }
 
-function startError(error: unknown, hostname: string, port: number): string {
+/** A problem found before listening, such as an unreadable --cert: one line, exit code 1. */
+class StartError extends Error {}
+
+function readPem(flag: string, file: string): string {
+  try {
+    return Deno.readTextFileSync(file);
+  } catch (error) {
+    const why = error instanceof Deno.errors.NotFound
+      ? "no such file"
+      : error instanceof Deno.errors.NotCapable || error instanceof Deno.errors.PermissionDenied
+      ? `permission denied (run with --allow-read=${file})`
+      : error instanceof Error
+      ? error.message
+      : String(error);
+    throw new StartError(`cannot read ${flag} ${file}: ${why}`);
+  }
+}
+
+function startError(error: unknown, options: CommandLine): string {
+  const { hostname, port, certFile, keyFile } = options as Required<CommandLine>;
+  // Deno.listenTls checks the PEM files and that the key fits the certificate.
+  const message = error instanceof Error ? error.message : String(error);
+  if (certFile !== undefined && /No certificates found/.test(message)) {
+    return `--cert ${certFile} holds no PEM certificate ("-----BEGIN CERTIFICATE-----")`;
+  }
+  if (certFile !== undefined && /No keys found/.test(message)) {
+    return `--key ${keyFile} holds no PEM private key`;
+  }
+  if (certFile !== undefined && /KeyMismatch|not be consistent/.test(message)) {
+    return `--key ${keyFile} is not the private key of the certificate in --cert ${certFile}`;
+  }
   if (error instanceof Deno.errors.AddrInUse) {
     return "address already in use (is another server running? try --port 0 for any free port)";
   }

@@ -65,10 +65,15 @@ export function spawnServer(name: string, args: string[]): Promise<ServerProcess
 
 /**
  * A TCP connection to 127.0.0.1 with buffered reads: whole lines, exact
- * lengths, or everything until EOF.
+ * lengths, or everything until EOF. With `tls`, a TLS connection that trusts
+ * `caCerts`.
  */
-export async function connectTcp(port: number) {
-  const conn = await Deno.connect({ hostname: "127.0.0.1", port });
+export async function connectTcp(port: number, tls?: { caCerts: string[] }) {
+  // Typed as a TcpConn for the tests that set TCP options; a TLS test uses
+  // only what both have (read, write, close).
+  const conn = tls
+    ? await connectTls(port, tls.caCerts) as unknown as Deno.TcpConn
+    : await Deno.connect({ hostname: "127.0.0.1", port });
   let buffered = new Uint8Array(0);
   let eof = false;
   async function fill(): Promise<boolean> {
@@ -146,6 +151,17 @@ export async function connectTcp(port: number) {
       this.close();
     },
   };
+}
+
+async function connectTls(port: number, caCerts: string[]): Promise<Deno.TlsConn> {
+  const conn = await Deno.connectTls({ hostname: "127.0.0.1", port, caCerts });
+  try {
+    await conn.handshake();
+  } catch (error) {
+    conn.close();
+    throw error;
+  }
+  return conn;
 }
 
 /** What `connectTcp` returns. */
@@ -249,4 +265,71 @@ export async function joinWsChat(url: string, expected?: string) {
     await client[Symbol.asyncDispose]();
     throw error;
   }
+}
+
+/** PEM files for TLS tests, in a temporary folder: see `opensslCertificates`. */
+export interface TestCertificates extends AsyncDisposable {
+  dir: string;
+  /** File names. `leaf` is signed by `ca`, for localhost and 127.0.0.1; `other` is a self-signed stranger. */
+  files: { ca: string; leaf: string; leafKey: string; otherKey: string };
+  /** The PEM texts of the same files. */
+  ca: string;
+  leaf: string;
+  leafKey: string;
+}
+
+/**
+ * A test CA and a leaf certificate it signed, for localhost and 127.0.0.1,
+ * made with the system's openssl in a temporary folder that disposing of it
+ * removes. A CA and a leaf, not one self-signed certificate: rustls (Deno)
+ * refuses a CA used as its own end entity (CaUsedAsEndEntity).
+ */
+export async function opensslCertificates(): Promise<TestCertificates> {
+  const dir = await Deno.makeTempDir({ prefix: "tls_test_" });
+  const at = (name: string) => `${dir}/${name}`;
+  await Deno.writeTextFile(
+    at("leaf.ext"),
+    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n" +
+      "extendedKeyUsage=serverAuth\n",
+  );
+  const steps = [
+    ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", at("ca.key"), "-out", at("ca.pem")]
+      .concat(["-days", "2", "-subj", "/CN=tcp_server test CA"])
+      .concat(["-addext", "basicConstraints=critical,CA:TRUE"])
+      .concat(["-addext", "keyUsage=critical,keyCertSign"]),
+    ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", at("leaf.key"), "-out", at("leaf.csr")]
+      .concat(["-subj", "/CN=localhost"]),
+    ["x509", "-req", "-in", at("leaf.csr"), "-CA", at("ca.pem"), "-CAkey", at("ca.key")]
+      .concat([
+        "-CAcreateserial",
+        "-out",
+        at("leaf.pem"),
+        "-days",
+        "2",
+        "-extfile",
+        at("leaf.ext"),
+      ]),
+    ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", at("other.key"), "-out"]
+      .concat([at("other.pem"), "-days", "2", "-subj", "/CN=other"]),
+  ];
+  for (const args of steps) {
+    const { success, stderr } = await new Deno.Command("openssl", { args, stdout: "null" })
+      .output();
+    if (!success) throw new Error(`openssl ${args[0]} failed: ${decoder.decode(stderr)}`);
+  }
+  return {
+    dir,
+    files: {
+      ca: at("ca.pem"),
+      leaf: at("leaf.pem"),
+      leafKey: at("leaf.key"),
+      otherKey: at("other.key"),
+    },
+    ca: await Deno.readTextFile(at("ca.pem")),
+    leaf: await Deno.readTextFile(at("leaf.pem")),
+    leafKey: await Deno.readTextFile(at("leaf.key")),
+    async [Symbol.asyncDispose]() {
+      await Deno.remove(dir, { recursive: true });
+    },
+  };
 }

@@ -29,7 +29,7 @@
  */
 
 import assert from "node:assert/strict";
-import { allBytes, randomBytes, scriptPath, within } from "./helpers.ts";
+import { allBytes, opensslCertificates, randomBytes, scriptPath, within } from "./helpers.ts";
 
 const TIMEOUT_MS = 15_000;
 const CI = Deno.env.get("CI") === "true";
@@ -1461,6 +1461,7 @@ Deno.test("readme: the UDP section shows the lines these tests run", async () =>
     assert.ok(section.includes(shown), `the README shows ${name}: ${shown}`);
   }
 });
+
 // ============================================================ bridge.ts
 
 // A terminal, drawn: what nc's window showed, line by line, typed lines
@@ -1655,5 +1656,71 @@ interopTest(
     const { code, stderr } = await server.stop("SIGTERM");
     assert.equal(code, 0, stderr);
     assert.doesNotMatch(stderr, /:0 joined|error/, stderr);
+  },
+);
+
+// ============================================== TLS: openssl s_client
+
+const openssl: Peer = {
+  found: await runs("openssl", ["version"]),
+  install: "openssl (apt-get install openssl)",
+};
+
+/** tcp_server.ts with --cert/--key, started like startServer but on tls://. */
+async function startTlsServer(...args: string[]) {
+  const server = spawn(deno("tcp_server.ts", "--port", "0", ...args));
+  const line = await server.nextLine().catch(() => null);
+  const port = Number(line?.match(/^listening on tls:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
+  if (!port) {
+    const { stderr } = await server.stop("SIGKILL");
+    throw new Error(`tcp_server.ts ${args.join(" ")} did not start: ${line}\n${stderr}`);
+  }
+  return Object.assign(server, { port });
+}
+
+interopTest(
+  "openssl s_client: echo and chat over TLS with tcp_server.ts; without our CA it refuses, and the server logs one line",
+  [
+    openssl,
+  ],
+  async () => {
+    await using certs = await opensslCertificates();
+    const tls = ["--cert", certs.files.leaf, "--key", certs.files.leafKey];
+    const client = (port: number, ...args: string[]) =>
+      spawn(
+        [
+          "openssl",
+          ["s_client", "-quiet", "-no_ign_eof", "-verify_return_error", ...args]
+            .concat(["-connect", `127.0.0.1:${port}`]),
+        ],
+        { stdin: true },
+      );
+    {
+      await using server = await startTlsServer(...tls, "--quiet");
+      await using echo = client(server.port, "-CAfile", certs.files.ca, "-verify_ip", "127.0.0.1");
+      await echo.write("hello over tls\n");
+      assert.equal(await echo.nextLine(), "hello over tls");
+      const { code } = await echo.finish();
+      assert.equal(code, 0);
+    }
+    {
+      await using server = await startTlsServer(...tls, "--mode", "chat", "--quiet");
+      await using chat = client(server.port, "-CAfile", certs.files.ca);
+      await linesUntil(chat, /^\* you are guest-1$/);
+      await chat.write("openssl here\n");
+      assert.equal(await chat.nextLine(), "guest-1: openssl here");
+    }
+    // Not trusting our CA, s_client refuses the certificate: it exits non-zero,
+    // and the server logs the failed handshake as one line, no stack trace.
+    await using server = await startTlsServer(...tls);
+    const refused = await run(
+      ["openssl", ["s_client", "-verify_return_error", "-connect", `127.0.0.1:${server.port}`]],
+      { stdin: "" },
+    );
+    assert.notEqual(refused.code, 0);
+    const { stderr } = await server.stop();
+    const lines = stderr.trim().split("\n");
+    assert.equal(lines.length, 1, stderr);
+    assert.match(lines[0], /^! 127\.0\.0\.1:\d+ TLS handshake failed: the client refused it/);
   },
 );

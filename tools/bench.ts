@@ -117,6 +117,8 @@ const MEANING = [
   "And raw TCP has no messages at all: its chat server must cut the byte stream into lines itself.",
   "Memory is how much the server's resident set grew while the idle connections were open,",
   "divided by their number; a garbage collection in between can move it by a few KiB either way.",
+  "Expect about 10 KiB for TCP (tcp_server.ts reads into 1 KiB until reads fill it; Deno's own",
+  "floor is 7-8 KiB) and about 20 KiB for WebSocket: the protocol costs memory, not TCP.",
 ];
 
 /**
