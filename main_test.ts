@@ -3109,3 +3109,48 @@ Deno.test("wire faults: the same --seed gives the same fault events twice", asyn
   assert.deepEqual(runs[1], runs[0]);
   assert.notDeepEqual(runs[2], runs[0], "another seed, other choices");
 });
+
+Deno.test("wire faults: --close-with after one message: ws_client reports our code, the server got 1000", async () => {
+  await using server = await spawnServer("ws_server.ts", []);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--close-with",
+    "4000:maintenance",
+    "--close-after-messages",
+    "1",
+  ]);
+  const client = await within(
+    runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wire.port}/`, "one", "two"]),
+    "ws_client behind --close-with",
+  );
+  assert.equal(client.stdout.split("\n")[0], "one");
+  assert.match(client.stderr, /code 4000 \(maintenance\)/);
+  assertNoStackTrace(client.stderr);
+  const [closeWith] = wire.events.filter((e) => e.type === "fault");
+  assert.deepEqual([closeWith?.name, closeWith?.code, closeWith?.reason], [
+    "close-with",
+    4000,
+    "maintenance",
+  ]);
+  await wire.waitFor((e) => e.type === "close", "the close");
+  const { stdout, stderr } = await server.stop();
+  assert.match(stdout + stderr, /disconnected: code 1000/);
+});
+
+Deno.test("wire faults: a bad fault flag is one line and exit code 2", async () => {
+  for (
+    const [args, message] of [
+      [["--close-with", "1006"], /--close-with needs a code a close frame may carry/],
+      [["--slice-delay", "5"], /--slice-delay needs --slice/],
+      [["--faults-to", "nobody", "--slice", "1"], /--faults-to must be client, server or both/],
+      [["--seed", "1"], /need a fault to act on/],
+      [["--fragment", "0"], /--fragment must be an integer from 1/],
+    ] as const
+  ) {
+    const { code, stderr } = await runScript("wire.ts", ["--to", "127.0.0.1:1", ...args]);
+    assert.equal(code, 2, args.join(" "));
+    assert.match(stderr.split("\n")[0], message);
+    assertNoStackTrace(stderr);
+  }
+});
