@@ -2948,6 +2948,8 @@ Deno.test("wire faults: tcp_client and ws_client print the same lines through --
     assert.equal(sliced[kind].code, 0, sliced[kind].stderr);
     assert.equal(sliced[kind].stdout, direct[kind].stdout, kind);
   }
+  await tcpWire.waitFor((e) => e.type === "close", "the TCP proxy's close");
+  await wsWire.waitFor((e) => e.type === "close", "the WebSocket proxy's close");
   // The echo really came back a byte per write: one slice event per chunk, every piece 1 byte.
   const slices = tcpWire.events.filter((e) => e.type === "fault" && e.name === "slice");
   assert.ok(slices.some((e) => e.dir === "s2c" && Number(e.pieces) > 1), JSON.stringify(slices));
@@ -3018,7 +3020,10 @@ Deno.test("wire faults: --drop-close before a server that closes first (1009): w
   assert.equal(client.code, 1);
   assert.match(client.stderr, /connection lost: it closed without a close frame/);
   assertNoStackTrace(client.stderr);
-  const [dropped] = wire.events.filter((e) => e.type === "fault" && e.name === "drop-close");
+  const dropped = await wire.waitFor(
+    (e) => e.type === "fault" && e.name === "drop-close",
+    "the drop-close event",
+  );
   assert.equal(dropped?.dir, "s2c");
   assert.equal(dropped?.code, 1009);
 });
@@ -3073,7 +3078,8 @@ Deno.test("wire faults: ws_client through --reset-after mid-message says connect
   assert.equal(client.code, 1);
   assert.match(client.stderr, /connection lost|reset/);
   assertNoStackTrace(client.stderr);
-  const [reset] = wire.events.filter((e) => e.type === "fault");
+  // The proxy's log may trail the client's exit: wait for the event.
+  const reset = await wire.waitFor((e) => e.type === "fault", "the fault event");
   assert.deepEqual([reset?.dir, reset?.name, reset?.bytes], ["s2c", "reset-after", 300]);
 });
 
@@ -3127,7 +3133,7 @@ Deno.test("wire faults: --close-with after one message: ws_client reports our co
   assert.equal(client.stdout.split("\n")[0], "one");
   assert.match(client.stderr, /code 4000 \(maintenance\)/);
   assertNoStackTrace(client.stderr);
-  const [closeWith] = wire.events.filter((e) => e.type === "fault");
+  const closeWith = await wire.waitFor((e) => e.type === "fault", "the close-with event");
   assert.deepEqual([closeWith?.name, closeWith?.code, closeWith?.reason], [
     "close-with",
     4000,
