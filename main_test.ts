@@ -3428,3 +3428,258 @@ Deno.test({
     }
   },
 });
+
+// ----------------------------------------------------------- wire.ts faults
+//
+// Each fault against our own clients and servers: the client copes, or fails
+// the documented way, and the proxy's log says exactly what was done.
+
+/** The fault events of a log, without the clock, for comparing runs. */
+function faultEvents(events: WireEvent[]): Record<string, unknown>[] {
+  return events.filter((e) => e.type === "fault").map(({ t_ms: _, ...rest }) => rest);
+}
+
+Deno.test("wire faults: tcp_client and ws_client print the same lines through --slice 1 as direct", async () => {
+  await using tcpServer = await spawnServer("tcp_server.ts", ["--quiet"]);
+  await using wsServer = await spawnServer("ws_server.ts", ["--quiet"]);
+  const lines = ["hello", "two words", "ünïcödé ✓"];
+  const direct = {
+    tcp: await within(
+      runScript("tcp_client.ts", ["--port", String(tcpServer.port), ...lines]),
+      "tcp direct",
+    ),
+    ws: await within(
+      runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wsServer.port}/`, ...lines]),
+      "ws direct",
+    ),
+  };
+  await using tcpWire = await spawnWire(["--to", `127.0.0.1:${tcpServer.port}`, "--slice", "1"]);
+  await using wsWire = await spawnWire(["--to", `127.0.0.1:${wsServer.port}`, "--slice", "1"]);
+  const sliced = {
+    tcp: await within(
+      runScript("tcp_client.ts", ["--port", String(tcpWire.port), ...lines]),
+      "tcp sliced",
+    ),
+    ws: await within(
+      runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wsWire.port}/`, ...lines]),
+      "ws sliced",
+    ),
+  };
+  for (const kind of ["tcp", "ws"] as const) {
+    assert.equal(direct[kind].code, 0, direct[kind].stderr);
+    assert.equal(direct[kind].stdout, lines.join("\n") + "\n");
+    assert.equal(sliced[kind].code, 0, sliced[kind].stderr);
+    assert.equal(sliced[kind].stdout, direct[kind].stdout, kind);
+  }
+  await tcpWire.waitFor((e) => e.type === "close", "the TCP proxy's close");
+  await wsWire.waitFor((e) => e.type === "close", "the WebSocket proxy's close");
+  // The echo really came back a byte per write: one slice event per chunk, every piece 1 byte.
+  const slices = tcpWire.events.filter((e) => e.type === "fault" && e.name === "slice");
+  assert.ok(slices.some((e) => e.dir === "s2c" && Number(e.pieces) > 1), JSON.stringify(slices));
+  for (const e of slices) assert.equal(e.pieces, e.bytes);
+  assertDocumentedFields([...tcpWire.events, ...wsWire.events]);
+});
+
+Deno.test("wire faults: ws_client through --fragment 3 receives whole messages", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+  await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`, "--fragment", "3"]);
+  const messages = ["hello", "a longer message, cut into many frames", "x"];
+  const client = await within(
+    runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wire.port}/`, ...messages]),
+    "ws_client.ts through --fragment 3",
+  );
+  assert.equal(client.code, 0, client.stderr);
+  assert.equal(client.stdout, messages.join("\n") + "\n");
+  await wire.waitFor((e) => e.type === "close", "the close");
+  const fragments = wire.events.filter((e) => e.type === "fault" && e.name === "fragment");
+  // Both ways, every message past 3 bytes: ceil(length / 3) frames each.
+  for (const dir of ["c2s", "s2c"]) {
+    assert.deepEqual(
+      fragments.filter((e) => e.dir === dir).map((e) => [e.bytes, e.frames]),
+      [[5, 2], [38, 13]],
+      dir,
+    );
+  }
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire faults: ws_server drops a peer behind --drop-pongs within its idle timeout", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet", "--idle-timeout", "1"]);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--drop-pongs",
+    "--faults-to",
+    "server",
+  ]);
+  // Deno's WebSocket answers every ping; the proxy swallows the answers.
+  await using client = await openWs(`ws://127.0.0.1:${wire.port}/`);
+  const closed = await within(client.closed, "the server dropping the silent peer");
+  await wire.waitFor((e) => e.type === "close", "the proxy's close");
+  const dropped = wire.events.filter((e) => e.type === "fault" && e.name === "drop-pongs");
+  assert.ok(dropped.length >= 1, "at least one pong swallowed");
+  assert.ok(dropped.every((e) => e.dir === "c2s"));
+  assert.notEqual(closed.code, 1000, `closed with ${closed.code}`);
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire faults: --drop-close before a server that closes first (1009): ws_client says connection lost", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet", "--max-message", "4"]);
+  const args = ["--url", "", "this message is too big"];
+  // Direct, the 1009 arrives and is reported as the server's close.
+  args[1] = `ws://127.0.0.1:${server.port}/`;
+  const direct = await within(runScript("ws_client.ts", args), "ws_client direct");
+  assert.match(direct.stderr, /1009/);
+  assert.doesNotMatch(direct.stderr, /connection lost/);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--drop-close",
+    "--faults-to",
+    "client",
+  ]);
+  args[1] = `ws://127.0.0.1:${wire.port}/`;
+  const client = await within(runScript("ws_client.ts", args), "ws_client behind --drop-close");
+  assert.equal(client.code, 1);
+  assert.match(client.stderr, /connection lost: it closed without a close frame/);
+  assertNoStackTrace(client.stderr);
+  const dropped = await wire.waitFor(
+    (e) => e.type === "fault" && e.name === "drop-close",
+    "the drop-close event",
+  );
+  assert.equal(dropped?.dir, "s2c");
+  assert.equal(dropped?.code, 1009);
+});
+
+Deno.test("wire faults: --reset-after sends a real TCP reset mid-message", async () => {
+  await using server = startTcpServer({ port: 0, log: quiet });
+  const log = createEventLog();
+  await using wire = startWire({
+    port: 0,
+    to: server.addr,
+    onEvent: log.onEvent,
+    faults: { resetAfter: 5, to: "client" },
+  });
+  await wire.ready;
+  using conn = await Deno.connect({ hostname: "127.0.0.1", port: wire.addr.port });
+  await conn.write(encoder.encode("hello world\n"));
+  const received: number[] = [];
+  const buffer = new Uint8Array(64);
+  const failure = await within(
+    (async () => {
+      for (;;) {
+        const n = await conn.read(buffer);
+        if (n === null) return new Error("a clean end of stream, not a reset");
+        received.push(...buffer.subarray(0, n));
+      }
+    })().catch((error) => error),
+    "the reset",
+  );
+  assert.ok(failure instanceof Deno.errors.ConnectionReset, String(failure));
+  // Exactly the first 5 bytes of the echo came, then the RST: mid-line.
+  assert.equal(decoder.decode(Uint8Array.from(received)), "hello");
+  const fault = await log.waitFor((e) => e.type === "fault", "the fault event");
+  assert.deepEqual([fault.dir, fault.name, fault.bytes], ["s2c", "reset-after", 5]);
+  await log.waitFor((e) => e.type === "close", "the close");
+});
+
+Deno.test("wire faults: ws_client through --reset-after mid-message says connection lost", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+  // The 101 is under 300 bytes; the reset comes inside the 1000-byte echo.
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--reset-after",
+    "300",
+    "--faults-to",
+    "client",
+  ]);
+  const client = await within(
+    runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wire.port}/`, "x".repeat(1000)]),
+    "ws_client behind --reset-after",
+  );
+  assert.equal(client.code, 1);
+  assert.match(client.stderr, /connection lost|reset/);
+  assertNoStackTrace(client.stderr);
+  // The proxy's log may trail the client's exit: wait for the event.
+  const reset = await wire.waitFor((e) => e.type === "fault", "the fault event");
+  assert.deepEqual([reset?.dir, reset?.name, reset?.bytes], ["s2c", "reset-after", 300]);
+});
+
+Deno.test("wire faults: the same --seed gives the same fault events twice", async () => {
+  await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+  const runs: Record<string, unknown>[][] = [];
+  for (const seed of ["42", "42", "43"]) {
+    await using wire = await spawnWire([
+      "--to",
+      `127.0.0.1:${server.port}`,
+      "--latency",
+      "1",
+      "--jitter",
+      "40",
+      "--faults-every",
+      "2",
+      "--seed",
+      seed,
+    ]);
+    for (let i = 0; i < 4; i++) {
+      const client = await within(
+        runScript("tcp_client.ts", ["--port", String(wire.port), "one", "two"]),
+        "tcp_client",
+      );
+      assert.equal(client.stdout, "one\ntwo\n");
+      await wire.waitFor((e) => e.conn === i + 1 && e.type === "close", `close ${i + 1}`);
+    }
+    runs.push(faultEvents(wire.events));
+  }
+  assert.ok(runs[0].length > 0);
+  // Two of the four connections were chosen, one in each pair.
+  assert.equal(runs[0].filter((e) => e.name === "faults-every").length, 2);
+  assert.deepEqual(runs[1], runs[0]);
+  assert.notDeepEqual(runs[2], runs[0], "another seed, other choices");
+});
+
+Deno.test("wire faults: --close-with after one message: ws_client reports our code, the server got 1000", async () => {
+  await using server = await spawnServer("ws_server.ts", []);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--close-with",
+    "4000:maintenance",
+    "--close-after-messages",
+    "1",
+  ]);
+  const client = await within(
+    runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wire.port}/`, "one", "two"]),
+    "ws_client behind --close-with",
+  );
+  assert.equal(client.stdout.split("\n")[0], "one");
+  assert.match(client.stderr, /code 4000 \(maintenance\)/);
+  assertNoStackTrace(client.stderr);
+  const closeWith = await wire.waitFor((e) => e.type === "fault", "the close-with event");
+  assert.deepEqual([closeWith?.name, closeWith?.code, closeWith?.reason], [
+    "close-with",
+    4000,
+    "maintenance",
+  ]);
+  await wire.waitFor((e) => e.type === "close", "the close");
+  const { stdout, stderr } = await server.stop();
+  assert.match(stdout + stderr, /disconnected: code 1000/);
+});
+
+Deno.test("wire faults: a bad fault flag is one line and exit code 2", async () => {
+  for (
+    const [args, message] of [
+      [["--close-with", "1006"], /--close-with needs a code a close frame may carry/],
+      [["--slice-delay", "5"], /--slice-delay needs --slice/],
+      [["--faults-to", "nobody", "--slice", "1"], /--faults-to must be client, server or both/],
+      [["--seed", "1"], /need a fault to act on/],
+      [["--fragment", "0"], /--fragment must be an integer from 1/],
+    ] as const
+  ) {
+    const { code, stderr } = await runScript("wire.ts", ["--to", "127.0.0.1:1", ...args]);
+    assert.equal(code, 2, args.join(" "));
+    assert.match(stderr.split("\n")[0], message);
+    assertNoStackTrace(stderr);
+  }
+});

@@ -23,6 +23,8 @@
  *   3. HTTP heads and the upgrade, with the Sec-WebSocket-Accept check
  *   4. the frame decoder (RFC 6455 section 5.2), incremental, bounded
  *   5. close codes and what they mean
+ *   6. faults, on purpose: delays, slices, resets, stalls, re-framing,
+ *      dropped pongs and closes (for testing clients; off unless asked)
  *   then the output (human and --json), limits and bookkeeping, the exported
  *   API (`startWire`, `createFrameDecoder`, `EVENT_FIELDS`), the command line.
  *
@@ -46,6 +48,7 @@
 
 import { parseArgs } from "node:util";
 import { createHash } from "node:crypto";
+import net from "node:net";
 
 const DEFAULT_HOSTNAME = "127.0.0.1";
 const DEFAULT_PORT = 9001;
@@ -119,6 +122,19 @@ export const EVENT_FIELDS = {
     "errors",
   ],
   tls: ["version"],
+  fault: [
+    "name",
+    "delay_ms",
+    "jitter_ms",
+    "bytes",
+    "pieces",
+    "frames",
+    "code",
+    "reason",
+    "text",
+    "pick",
+    "every",
+  ],
   fin: [],
   reset: ["side"],
   error: ["message"],
@@ -164,9 +180,9 @@ export interface WireEvent {
 // A reset on one side cannot be passed on as a reset (Deno's sockets cannot
 // send one), so the other side is closed.
 //
-// Each direction writes through a Sink: the socket itself here, and the one
-// place a later stage that delays, slices or rewrites traffic (issue #14)
-// goes, in front of both the bytes and the FIN, so their order holds.
+// Each direction writes through a Sink: the socket itself here, or the fault
+// stages of section 6 in front of it, which see both the bytes and the FIN,
+// so their order holds.
 
 interface DirectionState {
   dir: Direction;
@@ -188,11 +204,27 @@ interface DirectionState {
   payloadBytes: number;
 }
 
+/**
+ * What the forwarding loops need of a socket: a Deno.TcpConn, or (when a
+ * fault must send a real reset, section 6) a node:net socket made to look
+ * like one.
+ */
+interface ProxySocket {
+  read(buffer: Uint8Array): Promise<number | null>;
+  write(bytes: Uint8Array): Promise<number>;
+  closeWrite(): Promise<void>;
+  close(): void;
+  setNoDelay(noDelay?: boolean): void;
+  readonly remoteAddr: Deno.Addr;
+  /** Sends a TCP reset (RST) and closes; only node:net sockets can. */
+  reset?(): void;
+}
+
 interface Connection {
   id: number;
   start: number;
-  client: Deno.TcpConn;
-  server?: Deno.TcpConn;
+  client: ProxySocket;
+  server?: ProxySocket;
   /** While the connection to the target is being made: aborts it. */
   connecting?: AbortController;
   clientAddress: string;
@@ -208,6 +240,8 @@ interface Connection {
   /** HTTP request methods still waiting for their response (HEAD has no body). */
   methods: string[];
   websocket: boolean;
+  /** The faults applied to this connection (section 6), if any. */
+  faults?: ConnectionFaults;
 }
 
 interface WireState {
@@ -216,13 +250,14 @@ interface WireState {
   hex: boolean;
   onEvent?: (event: WireEvent) => void;
   waitForOutput?: () => Promise<void> | undefined;
+  faults?: FaultState;
   connections: Set<Connection>;
   tasks: Set<Promise<void>>;
   count: number;
   closing: boolean;
 }
 
-async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<void> {
+async function serveConnection(state: WireState, client: ProxySocket): Promise<void> {
   const conn = newConnection(state, client);
   state.connections.add(conn);
   const target = `${formatHost(state.target.hostname)}:${state.target.port}`;
@@ -230,11 +265,9 @@ async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<
   // An unreachable target can take minutes to give up on; close() aborts it.
   conn.connecting = new AbortController();
   try {
-    conn.server = await Deno.connect({
-      ...state.target,
-      transport: "tcp",
-      signal: conn.connecting.signal,
-    });
+    conn.server = state.faults?.options.resetAfter !== undefined
+      ? await connectNode(state.target, conn.connecting.signal)
+      : await Deno.connect({ ...state.target, transport: "tcp", signal: conn.connecting.signal });
   } catch (error) {
     if (conn.closing) {
       finishConnection(state, conn);
@@ -255,10 +288,12 @@ async function serveConnection(state: WireState, client: Deno.TcpConn): Promise<
   // merge small writes the peer chose to send apart, which is what we show.
   setNoDelay(client);
   setNoDelay(conn.server);
+  let toServer = socketSink(conn.server), toClient = socketSink(client);
+  if (state.faults) [toServer, toClient] = faultySinks(state, conn, toServer, toClient);
   try {
     await Promise.all([
-      pump(state, conn, conn.c2s, client, socketSink(conn.server)),
-      pump(state, conn, conn.s2c, conn.server, socketSink(client)),
+      pump(state, conn, conn.c2s, client, toServer),
+      pump(state, conn, conn.s2c, conn.server, toClient),
     ]);
   } finally {
     finishConnection(state, conn);
@@ -276,7 +311,7 @@ interface Sink {
   closeWrite(): Promise<void>;
 }
 
-function socketSink(to: Deno.TcpConn): Sink {
+function socketSink(to: ProxySocket): Sink {
   return { write: (bytes) => writeAll(to, bytes), closeWrite: () => to.closeWrite() };
 }
 
@@ -284,7 +319,7 @@ async function pump(
   state: WireState,
   conn: Connection,
   direction: DirectionState,
-  from: Deno.TcpConn,
+  from: ProxySocket,
   to: Sink,
 ): Promise<void> {
   const buffer = new Uint8Array(READ_BUFFER_SIZE);
@@ -325,7 +360,7 @@ async function pump(
 // Deno's read ends with null after a reset just as after a FIN (Python's
 // recv raises ECONNRESET). Writing nothing tells them apart: it fails only
 // on a connection that was reset.
-async function wasReset(conn: Deno.TcpConn): Promise<boolean> {
+async function wasReset(conn: ProxySocket): Promise<boolean> {
   try {
     await conn.write(NOTHING);
     return false;
@@ -334,7 +369,7 @@ async function wasReset(conn: Deno.TcpConn): Promise<boolean> {
   }
 }
 
-async function writeAll(to: Deno.TcpConn, bytes: Uint8Array): Promise<void> {
+async function writeAll(to: ProxySocket, bytes: Uint8Array): Promise<void> {
   // A write may take only part of the bytes: a partial write is normal.
   let done = await to.write(bytes);
   while (done < bytes.length) done += await to.write(bytes.subarray(done));
@@ -383,6 +418,7 @@ function sideFailed(
 
 function abortConnection(conn: Connection): void {
   conn.closing = true;
+  conn.faults?.stop();
   conn.connecting?.abort();
   conn.connecting = undefined;
   closeQuietly(conn.client);
@@ -1280,6 +1316,859 @@ function closeCodeMaySend(code: number): boolean {
     (code >= 3000 && code <= 4999);
 }
 
+// ---------------------------------------------------------------- 6. faults
+//
+// Everything above forwards faithfully. The stages here misbehave on purpose,
+// so that a client can be tested against what a polite loopback never does:
+// a line in five pieces, a message in many frames, a slow link, a peer that
+// vanishes or hangs, a server whose pongs never come. Each stage is a Sink in
+// front of the socket (section 1), per direction: `--faults-to client` acts
+// on what travels to the client (s2c), `server` on what travels to the
+// server (c2s). Every time a fault acts it is reported as a `fault` event.
+//
+// Nothing is corrupted silently: TCP-level stages forward the same bytes in
+// the same order (later, slower, in pieces, or not at all); WebSocket-level
+// stages re-frame, which RFC 6455 section 5.4 allows any intermediary: the
+// same messages in the same order, control frames never split, and every
+// client frame masked with a fresh key. Memory stays bounded: a delayed
+// direction holds at most DELAY_LINE_LIMIT bytes, a fragmenting one one
+// fragment, and a stalled one nothing (its sender waits, backpressure).
+
+/** The faults `startWire` applies; each field is the flag of the same name. */
+export interface FaultOptions {
+  /** Which direction the faults act on: what travels to the client, to the server, or both. Default both. */
+  to?: "client" | "server" | "both";
+  /** Each chunk is held this long, order kept. */
+  latency?: number;
+  /** A random 0..jitter ms added to each delay. */
+  jitter?: number;
+  /** At most this many bytes per second. */
+  bandwidth?: number;
+  /** Forward in pieces of at most this many bytes, each its own write. */
+  slice?: number;
+  /** Milliseconds between the pieces of a slice. */
+  sliceDelay?: number;
+  /** Send a TCP reset (RST) once this many bytes have been forwarded. */
+  resetAfter?: number;
+  /** Close cleanly (FIN) once this many bytes have been forwarded. */
+  closeAfter?: number;
+  /** Stop forwarding, connection kept open, once this many bytes have been forwarded. */
+  stallAfter?: number;
+  /** Re-frame each WebSocket data message into frames of at most this many payload bytes. */
+  fragment?: number;
+  /** Swallow pong frames. */
+  dropPongs?: boolean;
+  /** Send a ping to the client this often, swallowing the pongs it causes. */
+  pingEvery?: number;
+  /** Close the client with this code (and reason) after `closeAfterMessages` messages to it. */
+  closeWith?: { code: number; reason: string };
+  /** Messages to the client before `closeWith` acts. Default 0. */
+  closeAfterMessages?: number;
+  /** Swallow a close frame and drop the connection instead. */
+  dropClose?: boolean;
+  /** Seed for every random choice (jitter, which connection). Default: random. */
+  seed?: number;
+  /** Apply the faults to one connection, picked at random, in every this many. Default 1 (all). */
+  every?: number;
+}
+
+interface FaultState {
+  options: FaultOptions;
+  seed: number;
+  /** Picks which connection of each block of `every` is faulted. */
+  pick: () => number;
+  block: number;
+  chosen: number;
+}
+
+/** The faults on one connection: stopped, with every timer, when it closes. */
+interface ConnectionFaults {
+  stop(): void;
+  stopped: Promise<void>;
+  random: () => number;
+  /** The 101 has passed: both directions carry frames from here. */
+  upgraded: boolean;
+  toClient?: WebSocketStage;
+  toServer?: WebSocketStage;
+  /** Payloads of our own pings still waiting for their pong. */
+  pings: string[];
+  closeSent: boolean;
+  messagesToClient: number;
+}
+
+// A delayed direction keeps at most this many bytes; past it the sender waits.
+const DELAY_LINE_LIMIT = 1024 * 1024;
+/** The largest --fragment: one fragment is what a fragmenting direction holds. */
+export const MAX_FRAGMENT = 1024 * 1024;
+// Our pings carry this text and a number, so their pongs are recognised.
+const PING_PREFIX = "wire.ts ping ";
+
+function newFaultState(options: FaultOptions): FaultState {
+  const seed = options.seed ?? crypto.getRandomValues(new Uint32Array(1))[0];
+  return { options, seed, pick: seededRandom(seed), block: -1, chosen: 0 };
+}
+
+// mulberry32: a small PRNG whose sequence depends only on its seed, so a run
+// with the same --seed makes the same choices.
+function seededRandom(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let t = a;
+    t = Math.imul(t ^ (t >>> 15), t | 1);
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function fault(
+  state: WireState,
+  conn: Connection,
+  dir: Direction,
+  name: string,
+  fields: Record<string, unknown> = {},
+): void {
+  emit(state, conn, dir, "fault", { name, ...fields });
+}
+
+// One connection in every K, a different one in each block of K, chosen by
+// the seeded generator in the order connections arrive.
+function connectionIsFaulted(state: WireState, faults: FaultState, conn: Connection): boolean {
+  const every = faults.options.every ?? 1;
+  if (every <= 1) return true;
+  const block = Math.floor((conn.id - 1) / every);
+  if (block !== faults.block) {
+    faults.block = block;
+    faults.chosen = Math.floor(faults.pick() * every);
+  }
+  if ((conn.id - 1) % every !== faults.chosen) return false;
+  emit(state, conn, undefined, "fault", {
+    name: "faults-every",
+    every,
+    pick: faults.chosen + 1,
+  });
+  return true;
+}
+
+function faultySinks(
+  state: WireState,
+  conn: Connection,
+  toServer: Sink,
+  toClient: Sink,
+): [Sink, Sink] {
+  const faults = state.faults!;
+  if (!connectionIsFaulted(state, faults, conn)) return [toServer, toClient];
+  const { options } = faults;
+  const stop = Promise.withResolvers<void>();
+  let stopped = false;
+  conn.faults = {
+    stop: () => {
+      if (!stopped) stop.resolve();
+      stopped = true;
+    },
+    stopped: stop.promise,
+    // Each connection its own sequence: concurrent connections cannot
+    // change each other's choices.
+    random: seededRandom(faults.seed ^ Math.imul(conn.id, 0x9e3779b9)),
+    upgraded: false,
+    pings: [],
+    closeSent: false,
+    messagesToClient: 0,
+  };
+  const to = options.to ?? "both";
+  const server = to !== "client", client = to !== "server";
+  if (server) toServer = tcpFaultStage(state, conn, "c2s", toServer);
+  if (client) toClient = tcpFaultStage(state, conn, "s2c", toClient);
+  // Pings and the close act on both directions, whatever --faults-to says.
+  const both = options.pingEvery !== undefined || options.closeWith !== undefined;
+  const frameFaults = options.fragment !== undefined || options.dropPongs || options.dropClose;
+  if (both || (server && frameFaults)) {
+    conn.faults.toServer = webSocketStage(state, conn, "c2s", toServer, server);
+    toServer = conn.faults.toServer.sink;
+  }
+  // The direction to the client is where the 101 is seen, so it is always
+  // watched once any frame fault is on, faulted or not.
+  if (both || frameFaults) {
+    conn.faults.toClient = webSocketStage(state, conn, "s2c", toClient, client);
+    toClient = conn.faults.toClient.sink;
+  }
+  return [toServer, toClient];
+}
+
+function sleep(ms: number, faults: ConnectionFaults): Promise<void> {
+  if (ms <= 0) return Promise.resolve();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  return Promise.race([
+    new Promise<void>((resolve) => timer = setTimeout(resolve, ms)),
+    faults.stopped,
+  ]).finally(() => clearTimeout(timer));
+}
+
+// ------------------------------------------------ 6a. TCP-level faults
+//
+// Bytes pass in order through: the delay line (--latency, --jitter), then the
+// byte counter (--reset-after, --close-after, --stall-after), then the pacer
+// (--bandwidth, --slice). Counts are bytes forwarded in this direction.
+
+function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: Sink): Sink {
+  const options = state.faults!.options;
+  const faults = conn.faults!;
+  const limits = [
+    ["reset-after", options.resetAfter],
+    ["close-after", options.closeAfter],
+    ["stall-after", options.stallAfter],
+  ].filter(([, after]) => after !== undefined) as [string, number][];
+  const paced = options.bandwidth !== undefined || options.slice !== undefined;
+  if (!limits.length && !paced && !options.latency && !options.jitter) return to;
+  let forwarded = 0;
+  let tripped = false;
+  let nextFree = 0;
+
+  async function pace(bytes: Uint8Array): Promise<void> {
+    if (!paced) return to.write(bytes);
+    const perTenth = options.bandwidth !== undefined
+      ? Math.max(1, Math.floor(options.bandwidth / 10))
+      : Infinity;
+    const size = Math.min(options.slice ?? Infinity, perTenth);
+    const pieces = Math.ceil(bytes.length / size);
+    if (options.slice !== undefined && pieces > 1) {
+      fault(state, conn, dir, "slice", { bytes: bytes.length, pieces });
+    }
+    if (options.bandwidth !== undefined) {
+      fault(state, conn, dir, "bandwidth", { bytes: bytes.length, pieces });
+    }
+    for (let offset = 0; offset < bytes.length; offset += size) {
+      if (offset > 0 && options.sliceDelay) await sleep(options.sliceDelay, faults);
+      if (conn.closing) return;
+      const piece = bytes.subarray(offset, offset + size);
+      if (options.bandwidth !== undefined) {
+        await sleep(nextFree - performance.now(), faults);
+        nextFree = Math.max(nextFree, performance.now()) + piece.length * 1000 / options.bandwidth;
+      }
+      await to.write(piece);
+    }
+  }
+
+  async function count(bytes: Uint8Array): Promise<void> {
+    if (tripped) return faults.stopped;
+    const hit = limits.filter(([, after]) => forwarded + bytes.length >= after)
+      .sort((a, b) => a[1] - b[1])[0];
+    if (!hit) {
+      forwarded += bytes.length;
+      return pace(bytes);
+    }
+    const [name, after] = hit;
+    if (after > forwarded) await pace(bytes.subarray(0, after - forwarded));
+    forwarded = after;
+    tripped = true;
+    fault(state, conn, dir, name, { bytes: after });
+    endByFault(conn, dir, name);
+    if (name === "stall-after") return faults.stopped;
+  }
+
+  const delayed = options.latency || options.jitter;
+  if (!delayed) {
+    return {
+      write: count,
+      closeWrite: () => tripped ? faults.stopped : to.closeWrite(),
+    };
+  }
+  return delayLine(state, conn, dir, { write: count, closeWrite: () => to.closeWrite() });
+}
+
+// --reset-after sends the receiver a RST (and closes the sender's side);
+// --close-after a FIN to the receiver, then closes; --stall-after nothing.
+function endByFault(conn: Connection, dir: Direction, name: string): void {
+  if (name === "stall-after") return;
+  const receiver = dir === "c2s" ? conn.server! : conn.client;
+  if (name === "reset-after") receiver.reset?.();
+  else receiver.closeWrite().catch(() => {});
+  abortConnection(conn);
+}
+
+// Each chunk is copied (the read buffer is reused) and written once its time
+// comes; a FIN waits its turn behind the bytes. Delays never reorder: a
+// chunk's time is never before the one ahead of it.
+function delayLine(state: WireState, conn: Connection, dir: Direction, to: Sink): Sink {
+  const options = state.faults!.options;
+  const faults = conn.faults!;
+  const queue: { bytes?: Uint8Array; due: number }[] = [];
+  let queued = 0;
+  let lastDue = 0;
+  let running: Promise<void> | undefined;
+  let roomFor: PromiseWithResolvers<void> | undefined;
+
+  async function run(): Promise<void> {
+    try {
+      while (queue.length && !conn.closing) {
+        const item = queue[0];
+        await sleep(item.due - performance.now(), faults);
+        if (conn.closing) break;
+        if (item.bytes) await to.write(item.bytes);
+        else await to.closeWrite();
+        queue.shift();
+        queued -= item.bytes?.length ?? 0;
+        if (queued <= DELAY_LINE_LIMIT) roomFor?.resolve();
+      }
+    } catch (error) {
+      sideFailed(state, conn, dir, dir === "c2s" ? "server" : "client", error);
+    } finally {
+      running = undefined;
+      roomFor?.resolve();
+    }
+  }
+
+  function enqueue(bytes?: Uint8Array): void {
+    const jitter = options.jitter ? Math.floor(conn.faults!.random() * (options.jitter + 1)) : 0;
+    const delay = (options.latency ?? 0) + jitter;
+    lastDue = Math.max(performance.now() + delay, lastDue);
+    queue.push({ bytes, due: lastDue });
+    fault(state, conn, dir, "latency", {
+      delay_ms: delay,
+      ...(options.jitter ? { jitter_ms: jitter } : {}),
+      ...(bytes ? { bytes: bytes.length } : {}),
+    });
+    running ??= run();
+  }
+
+  return {
+    async write(bytes) {
+      queued += bytes.length;
+      enqueue(bytes.slice());
+      while (queued > DELAY_LINE_LIMIT && running && !conn.closing) {
+        roomFor = Promise.withResolvers();
+        await roomFor.promise;
+      }
+    },
+    async closeWrite() {
+      enqueue();
+      await running;
+    },
+  };
+}
+
+// ------------------------------------------ 6b. WebSocket-level faults
+//
+// After the 101, each direction is parsed into frames a second time, on the
+// forwarding side (section 4's decoder only watches). A frame is passed on
+// as it arrives unless a fault wants it: a control frame (at most 125 bytes)
+// is held whole, so it can be dropped; a data frame under --fragment is
+// unmasked and cut into frames of at most that many payload bytes (the first
+// keeps the opcode and RSV bits, the rest are continuations, FIN only on the
+// last). Our own frames (pings, closes) go in only between whole frames.
+
+interface WebSocketStage {
+  sink: Sink;
+  /** Sends a frame of our own, between the frames that pass. */
+  inject(frame: Uint8Array): void;
+  /** The other direction saw the 101: frames from here. */
+  upgraded(): void;
+  /** Swallow every frame from the next one on (after our close). */
+  drop(): void;
+}
+
+function webSocketStage(
+  state: WireState,
+  conn: Connection,
+  dir: Direction,
+  to: Sink,
+  faulted: boolean,
+): WebSocketStage {
+  const options = state.faults!.options;
+  const faults = conn.faults!;
+  const fromClient = dir === "c2s";
+  // s2c: the response head, scanned for a 101; c2s: bytes before the 101.
+  let phase: "head" | "frames" | "pass" = "head";
+  const head = new Uint8Array(MAX_HTTP_HEAD);
+  let headLength = 0;
+  const header = new Uint8Array(14);
+  let headerFill = 0, headerNeed = 2;
+  let inFrame = false;
+  let remaining = 0, position = 0;
+  let action: "pass" | "hold" | "fragment" | "drop" = "pass";
+  let opcode = 0, fin = true, rsv = 0;
+  const mask = new Uint8Array(4);
+  let masked = false;
+  let held: Uint8Array | undefined;
+  let heldFill = 0;
+  let piece: Uint8Array | undefined;
+  let pieceFill = 0, pieces = 0;
+  let firstPiece = true;
+  let dropping = false;
+  let outputs: Uint8Array[] = [];
+  let pending: Uint8Array[] = [];
+  let chain = Promise.resolve();
+
+  function send(bytes: Uint8Array[]): Promise<void> {
+    for (const b of bytes) chain = chain.then(() => conn.closing ? undefined : to.write(b));
+    const done = chain;
+    chain = chain.catch(() => {});
+    return done;
+  }
+
+  function atBoundary(): boolean {
+    return phase !== "frames" || !inFrame || action !== "pass";
+  }
+
+  function flushPending(): void {
+    if (pending.length && (phase !== "frames" || !inFrame || action !== "pass")) {
+      outputs.push(...pending);
+      pending = [];
+    }
+  }
+
+  function startFrame(): void {
+    fin = (header[0] & 0x80) !== 0;
+    rsv = (header[0] >> 4) & 7;
+    opcode = header[0] & 0x0f;
+    masked = (header[1] & 0x80) !== 0;
+    const length7 = header[1] & 0x7f;
+    remaining = length7 === 126
+      ? (header[2] << 8) | header[3]
+      : length7 === 127
+      ? (((header[6] << 24) >>> 0) + (header[7] << 16) + (header[8] << 8) + header[9]) +
+        Math.min(
+            ((header[2] << 24) >>> 0) + (header[3] << 16) + (header[4] << 8) + header[5],
+            0x1fffff,
+          ) * 2 ** 32
+      : length7;
+    if (masked) mask.set(header.subarray(headerNeed - 4, headerNeed));
+    else mask.fill(0);
+    position = 0;
+    inFrame = true;
+    const control = opcode >= 8;
+    if (dropping) action = "drop";
+    else if (control && remaining <= MAX_CONTROL_PAYLOAD) {
+      action = "hold";
+      held = new Uint8Array(headerNeed + remaining);
+      held.set(header.subarray(0, headerNeed));
+      heldFill = headerNeed;
+    } else if (!control && opcode <= 2 && faulted && options.fragment !== undefined) {
+      action = "fragment";
+      if (opcode !== 0) firstPiece = true;
+      piece ??= new Uint8Array(options.fragment);
+      pieceFill = 0;
+      pieces = 0;
+      fragmentStart = true;
+    } else {
+      action = "pass";
+      outputs.push(header.slice(0, headerNeed));
+    }
+  }
+
+  let fragmentStart = true;
+  function emitPiece(last: boolean): void {
+    const payload = piece!.slice(0, pieceFill);
+    const pieceOpcode = fragmentStart && firstPiece ? opcode : 0;
+    const pieceRsv = fragmentStart && firstPiece ? rsv : 0;
+    outputs.push(encodeFrame({
+      fin: last && fin,
+      rsv: pieceRsv,
+      opcode: pieceOpcode,
+      payload,
+      masked: fromClient,
+    }));
+    if (fragmentStart && firstPiece) firstPiece = false;
+    fragmentStart = false;
+    pieceFill = 0;
+    pieces++;
+  }
+
+  function payload(bytes: Uint8Array, from: number, count: number): void {
+    if (action === "pass") outputs.push(bytes.subarray(from, from + count));
+    else if (action === "hold") {
+      held!.set(bytes.subarray(from, from + count), heldFill);
+      heldFill += count;
+    } else if (action === "fragment") {
+      const size = piece!.length;
+      for (let i = 0; i < count;) {
+        const n = Math.min(count - i, size - pieceFill);
+        for (let k = 0; k < n; k++) {
+          piece![pieceFill + k] = bytes[from + i + k] ^ mask[(position + i + k) & 3];
+        }
+        pieceFill += n;
+        i += n;
+        // More of this frame to come (here or in a later chunk): not its last piece.
+        if (pieceFill === size && count - i + remaining > 0) emitPiece(false);
+      }
+    }
+    position += count;
+  }
+
+  function endFrame(): void {
+    inFrame = false;
+    headerFill = 0;
+    headerNeed = 2;
+    if (action === "fragment") {
+      emitPiece(true);
+      if (pieces > 1) {
+        fault(state, conn, dir, "fragment", { bytes: position, frames: pieces });
+      }
+    } else if (action === "hold") heldFrame(held!);
+    held = undefined;
+    if (!dropping && opcode <= 2 && fin && dir === "s2c") messageToClient();
+    flushPending();
+  }
+
+  // A whole control frame: passed on, or swallowed by a fault.
+  function heldFrame(frame: Uint8Array): void {
+    const body = frame.subarray(frame.length - position);
+    const unmasked = body.map((byte, i) => byte ^ mask[i & 3]);
+    if (opcode === 10 && fromClient && answersOurPing(unmasked)) {
+      fault(state, conn, dir, "ping-every", { text: lenientDecoder.decode(unmasked) });
+      return;
+    }
+    if (opcode === 10 && faulted && options.dropPongs) {
+      fault(state, conn, dir, "drop-pongs", { bytes: unmasked.length });
+      return;
+    }
+    if (opcode === 8 && faulted && options.dropClose) {
+      const fields: Record<string, unknown> = {};
+      if (unmasked.length >= 2) fields.code = (unmasked[0] << 8) | unmasked[1];
+      fault(state, conn, dir, "drop-close", fields);
+      dropping = true;
+      queueMicrotask(() => abortConnection(conn));
+      return;
+    }
+    outputs.push(frame);
+  }
+
+  function answersOurPing(payload: Uint8Array): boolean {
+    const text = lenientDecoder.decode(payload);
+    const at = faults.pings.indexOf(text);
+    if (at === -1) return false;
+    faults.pings.splice(at, 1);
+    return true;
+  }
+
+  function messageToClient(): void {
+    if (options.closeWith === undefined || faults.closeSent) return;
+    faults.messagesToClient++;
+    if (faults.messagesToClient >= (options.closeAfterMessages ?? 0)) {
+      queueMicrotask(() => sendCloses(state, conn));
+    }
+  }
+
+  function frames(bytes: Uint8Array, from: number): void {
+    let i = from;
+    while (i < bytes.length) {
+      if (!inFrame) {
+        header[headerFill++] = bytes[i++];
+        if (headerFill === 2) {
+          const length7 = header[1] & 0x7f;
+          headerNeed = 2 + (length7 === 126 ? 2 : length7 === 127 ? 8 : 0) +
+            ((header[1] & 0x80) !== 0 ? 4 : 0);
+        }
+        if (headerFill === headerNeed) {
+          startFrame();
+          if (remaining === 0) endFrame();
+        }
+        continue;
+      }
+      const n = Math.min(remaining, bytes.length - i);
+      remaining -= n;
+      payload(bytes, i, n);
+      i += n;
+      if (remaining === 0) endFrame();
+    }
+    // A header cut by the chunk's end is held back; nothing else is.
+  }
+
+  // s2c: the response head passes as it comes; after a 101 for a WebSocket,
+  // what follows it is frames. Any other answer: this stage steps aside.
+  function scanHead(bytes: Uint8Array): number {
+    const taken = Math.min(bytes.length, head.length - headLength);
+    head.set(bytes.subarray(0, taken), headLength);
+    const before = headLength;
+    headLength += taken;
+    const end = indexOfBlankLine(head, Math.max(0, before - 3), headLength);
+    if (end === -1) {
+      if (headLength === head.length) phase = "pass";
+      return bytes.length;
+    }
+    const text = lenientDecoder.decode(head.subarray(0, end));
+    if (/^HTTP\/1\.1 101 /.test(text) && /\r\nupgrade:\s*websocket/i.test(text)) {
+      phase = "frames";
+      faults.upgraded = true;
+      if (conn.faults!.toServer) conn.faults!.toServer.upgraded();
+      upgradedHere();
+    } else {
+      phase = "pass";
+    }
+    return end + 4 - before;
+  }
+
+  let pingTimer: ReturnType<typeof setInterval> | undefined;
+  let pingCount = 0;
+  function upgradedHere(): void {
+    if (dir !== "s2c") return;
+    if (options.pingEvery !== undefined) {
+      pingTimer = setInterval(() => {
+        const text = `${PING_PREFIX}${++pingCount}`;
+        if (faults.pings.length >= 16) faults.pings.shift();
+        faults.pings.push(text);
+        fault(state, conn, dir, "ping-every", { text });
+        inject(
+          encodeFrame({
+            fin: true,
+            rsv: 0,
+            opcode: 9,
+            payload: encoder.encode(text),
+            masked: false,
+          }),
+        );
+      }, options.pingEvery);
+      faults.stopped.then(() => clearInterval(pingTimer));
+    }
+    if (options.closeWith !== undefined && (options.closeAfterMessages ?? 0) === 0) {
+      queueMicrotask(() => sendCloses(state, conn));
+    }
+  }
+
+  function inject(frame: Uint8Array): void {
+    if (conn.closing) return;
+    if (atBoundary()) send([frame]).catch(() => {});
+    else pending.push(frame);
+  }
+
+  const sink: Sink = {
+    write(bytes) {
+      outputs = [];
+      if (phase === "head" && dir === "c2s") {
+        if (faults.upgraded) phase = "frames";
+        else return to.write(bytes);
+      }
+      if (phase === "head") {
+        const used = scanHead(bytes);
+        outputs.push(bytes.subarray(0, used));
+        if (faults.upgraded) frames(bytes, used);
+        else if (used < bytes.length) outputs.push(bytes.subarray(used));
+      } else if (phase === "frames") {
+        frames(bytes, 0);
+      } else {
+        outputs.push(bytes);
+      }
+      return send(outputs);
+    },
+    closeWrite: () => chain.then(() => to.closeWrite()),
+  };
+  return {
+    sink,
+    inject,
+    upgraded: () => {
+      if (phase === "head") phase = "frames";
+    },
+    drop: () => {
+      dropping = true;
+      if (inFrame && action === "fragment") action = "drop";
+    },
+  };
+}
+
+// --close-with: the client gets our close as if the server sent it, the
+// server a close 1000 from us; what either sends after that is swallowed,
+// and the server's FIN ends the connection as usual.
+function sendCloses(state: WireState, conn: Connection): void {
+  const faults = conn.faults!;
+  const closeWith = state.faults!.options.closeWith!;
+  if (faults.closeSent || conn.closing) return;
+  faults.closeSent = true;
+  fault(state, conn, "s2c", "close-with", { code: closeWith.code, reason: closeWith.reason });
+  faults.toClient!.inject(closePayloadFrame(closeWith.code, closeWith.reason, false));
+  faults.toServer!.inject(closePayloadFrame(1000, "", true));
+  faults.toClient!.drop();
+  faults.toServer!.drop();
+}
+
+function closePayloadFrame(code: number, reason: string, masked: boolean): Uint8Array {
+  const text = encoder.encode(reason);
+  const payload = new Uint8Array(2 + text.length);
+  payload[0] = code >> 8;
+  payload[1] = code & 0xff;
+  payload.set(text, 2);
+  return encodeFrame({ fin: true, rsv: 0, opcode: 8, payload, masked });
+}
+
+/** One frame's bytes; a masked one gets a fresh random key (RFC 6455 section 5.3). */
+function encodeFrame(
+  frame: { fin: boolean; rsv: number; opcode: number; payload: Uint8Array; masked: boolean },
+): Uint8Array {
+  const { payload } = frame;
+  const length = payload.length;
+  const extended = length < 126 ? 0 : length < 65536 ? 2 : 8;
+  const headerLength = 2 + extended + (frame.masked ? 4 : 0);
+  const bytes = new Uint8Array(headerLength + length);
+  bytes[0] = (frame.fin ? 0x80 : 0) | (frame.rsv << 4) | frame.opcode;
+  const maskBit = frame.masked ? 0x80 : 0;
+  if (extended === 0) bytes[1] = maskBit | length;
+  else if (extended === 2) {
+    bytes[1] = maskBit | 126;
+    bytes[2] = length >> 8;
+    bytes[3] = length & 0xff;
+  } else {
+    bytes[1] = maskBit | 127;
+    new DataView(bytes.buffer).setBigUint64(2, BigInt(length));
+  }
+  if (!frame.masked) {
+    bytes.set(payload, headerLength);
+    return bytes;
+  }
+  const key = crypto.getRandomValues(new Uint8Array(4));
+  bytes.set(key, headerLength - 4);
+  for (let i = 0; i < length; i++) bytes[headerLength + i] = payload[i] ^ key[i & 3];
+  return bytes;
+}
+
+// ---------------------------------------------- 6c. sockets that can reset
+//
+// A TCP reset is an RST segment: the peer's next read fails with
+// ECONNRESET instead of ending cleanly. Deno.TcpConn cannot send one (no
+// SO_LINGER); node:net's socket.resetAndDestroy() can, on Deno 2.9.6. So with
+// --reset-after, the proxy's sockets are node:net sockets, behind the same
+// small interface the forwarding loops use.
+
+function nodeError(error: Error & { code?: string }): Error {
+  if (error.code === "ECONNRESET") return new Deno.errors.ConnectionReset(error.message);
+  if (error.code === "EPIPE") return new Deno.errors.BrokenPipe(error.message);
+  if (error.code === "ECONNREFUSED") return new Deno.errors.ConnectionRefused(error.message);
+  return error;
+}
+
+// Reads take one node chunk at a time, the socket paused in between: the
+// same backpressure as Deno's read loop, at most one chunk in memory.
+function nodeSocket(socket: net.Socket): ProxySocket {
+  let chunk: Uint8Array | undefined;
+  let offset = 0;
+  let ended = false;
+  let failure: Error | undefined;
+  let wake: (() => void) | undefined;
+  socket.pause();
+  socket.on("data", (data: Uint8Array) => {
+    chunk = data;
+    offset = 0;
+    socket.pause();
+    wake?.();
+  });
+  socket.on("end", () => {
+    ended = true;
+    wake?.();
+  });
+  socket.on("error", (error) => {
+    failure = nodeError(error);
+    wake?.();
+  });
+  socket.on("close", () => {
+    ended = true;
+    wake?.();
+  });
+  return {
+    async read(buffer) {
+      while (!chunk) {
+        if (failure) throw failure;
+        if (ended) return null;
+        socket.resume();
+        await new Promise<void>((resolve) => wake = resolve);
+        wake = undefined;
+      }
+      const n = Math.min(buffer.length, chunk.length - offset);
+      buffer.set(chunk.subarray(offset, offset + n));
+      offset += n;
+      if (offset === chunk.length) chunk = undefined;
+      return n;
+    },
+    write(bytes) {
+      return new Promise((resolve, reject) => {
+        if (failure) return reject(failure);
+        if (socket.destroyed || !socket.writable) {
+          return reject(new Deno.errors.BrokenPipe("socket closed"));
+        }
+        if (bytes.length === 0) return resolve(0);
+        socket.write(bytes, (error) => error ? reject(nodeError(error)) : resolve(bytes.length));
+      });
+    },
+    closeWrite() {
+      socket.end();
+      return Promise.resolve();
+    },
+    close: () => socket.destroy(),
+    setNoDelay: () => socket.setNoDelay(true),
+    get remoteAddr(): Deno.NetAddr {
+      return {
+        transport: "tcp",
+        hostname: socket.remoteAddress ?? "",
+        port: socket.remotePort ?? 0,
+      };
+    },
+    reset: () => socket.resetAndDestroy(),
+  };
+}
+
+function connectNode(
+  target: { hostname: string; port: number },
+  signal: AbortSignal,
+): Promise<ProxySocket> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ host: target.hostname, port: target.port, allowHalfOpen: true });
+    const abort = () => {
+      socket.destroy();
+      reject(new Deno.errors.Interrupted("aborted"));
+    };
+    signal.addEventListener("abort", abort, { once: true });
+    socket.once("connect", () => {
+      signal.removeEventListener("abort", abort);
+      resolve(nodeSocket(socket));
+    });
+    socket.once("error", (error) => {
+      signal.removeEventListener("abort", abort);
+      reject(nodeError(error));
+    });
+  });
+}
+
+/** What the accept loop needs of a listener. */
+interface ProxyListener {
+  accept(): Promise<ProxySocket>;
+  close(): void;
+}
+
+function listenNode(
+  hostname: string,
+  port: number,
+): { listener: ProxyListener; ready: Promise<Deno.NetAddr> } {
+  const waiting: net.Socket[] = [];
+  let wake: (() => void) | undefined;
+  let closed = false;
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    waiting.push(socket);
+    wake?.();
+  });
+  const ready = new Promise<Deno.NetAddr>((resolve, reject) => {
+    server.once("error", (error) => reject(nodeError(error)));
+    server.listen(port, hostname, () => {
+      const address = server.address() as net.AddressInfo;
+      resolve({ transport: "tcp", hostname: address.address, port: address.port });
+    });
+  });
+  return {
+    ready,
+    listener: {
+      async accept() {
+        while (!waiting.length) {
+          if (closed) throw new Deno.errors.BadResource("listener closed");
+          await new Promise<void>((resolve) => wake = resolve);
+        }
+        return nodeSocket(waiting.shift()!);
+      },
+      close() {
+        closed = true;
+        server.close();
+        for (const socket of waiting.splice(0)) socket.destroy();
+        wake?.();
+      },
+    },
+  };
+}
+
 // ------------------------------------------------------------------ output
 //
 // Every event goes through emit(); the CLI turns it into a human line or a
@@ -1410,6 +2299,8 @@ function describe(
           e.version ? ` (record version ${e.version})` : ""
         }: the rest is encrypted, shown as byte counts`,
       ];
+    case "fault":
+      return [paint("error", `${tag("fault")} ${describeFault(e)}`)];
     case "fin":
       return [
         `${tag("fin")} ${
@@ -1433,6 +2324,42 @@ function describe(
       }
       return [line];
     }
+  }
+}
+
+// What a fault did, in words, with the choices it made.
+function describeFault(e: Record<string, unknown>): string {
+  switch (e.name) {
+    case "latency":
+      return `held ${e.bytes === undefined ? "the FIN" : `${e.bytes} B`} for ${e.delay_ms} ms${
+        e.jitter_ms !== undefined ? ` (${e.jitter_ms} ms of it jitter)` : ""
+      }`;
+    case "slice":
+      return `${e.bytes} B sent as ${e.pieces} separate writes`;
+    case "bandwidth":
+      return `${e.bytes} B paced to the bandwidth limit, in ${e.pieces} writes`;
+    case "reset-after":
+      return `${e.bytes} B forwarded: reset (RST) sent, connection dropped`;
+    case "close-after":
+      return `${e.bytes} B forwarded: closed (FIN)`;
+    case "stall-after":
+      return `${e.bytes} B forwarded: stalled, nothing more passes this way`;
+    case "fragment":
+      return `a ${e.bytes}-byte frame re-framed as ${e.frames} frames`;
+    case "drop-pongs":
+      return `a pong (${e.bytes} B) swallowed`;
+    case "ping-every":
+      return `ping "${escapeControls(String(e.text))}" (ours; its pong is swallowed)`;
+    case "close-with":
+      return `close ${e.code} "${escapeControls(String(e.reason))}" sent to the client, ` +
+        `close 1000 to the server`;
+    case "drop-close":
+      return `a close frame${e.code !== undefined ? ` (code ${e.code})` : ""} swallowed; ` +
+        `connection dropped instead`;
+    case "faults-every":
+      return `this connection gets the faults (number ${e.pick} of every ${e.every})`;
+    default:
+      return String(e.name);
   }
 }
 
@@ -1485,8 +2412,8 @@ function newDirection(dir: Direction): DirectionState {
   };
 }
 
-function newConnection(state: WireState, client: Deno.TcpConn): Connection {
-  const remote = client.remoteAddr;
+function newConnection(state: WireState, client: ProxySocket): Connection {
+  const remote = client.remoteAddr as Deno.NetAddr;
   return {
     id: ++state.count,
     start: performance.now(),
@@ -1502,7 +2429,7 @@ function newConnection(state: WireState, client: Deno.TcpConn): Connection {
   };
 }
 
-function setNoDelay(conn: Deno.TcpConn): void {
+function setNoDelay(conn: ProxySocket): void {
   try {
     conn.setNoDelay(true);
   } catch {
@@ -1510,7 +2437,7 @@ function setNoDelay(conn: Deno.TcpConn): void {
   }
 }
 
-function closeQuietly(conn: Deno.TcpConn): void {
+function closeQuietly(conn: ProxySocket): void {
   try {
     conn.close();
   } catch {
@@ -1558,12 +2485,16 @@ export interface WireOptions {
   onEvent?: (event: WireEvent) => void;
   /** Returns a promise while the output is backlogged: forwarding waits for it. */
   waitForOutput?: () => Promise<void> | undefined;
+  /** Faults to apply on purpose (section 6). Default none: every byte forwarded unchanged. */
+  faults?: FaultOptions;
 }
 
 /** A running proxy, returned by {@linkcode startWire}. */
 export interface Wire extends AsyncDisposable {
-  /** The address actually bound (with the real port when you asked for 0). */
+  /** The address actually bound (with the real port when you asked for 0); read it after `ready`. */
   readonly addr: Deno.NetAddr;
+  /** Resolves once listening: at once, or (with `faults.resetAfter`, node:net sockets) a moment later. */
+  readonly ready: Promise<void>;
   /** Connections open right now. */
   readonly connections: number;
   /** Stop accepting, close every connection (each gets its `close` event), and wait until all are gone. */
@@ -1597,16 +2528,26 @@ export function startWire(options: WireOptions): Wire {
     hex: options.hex ?? false,
     onEvent: options.onEvent,
     waitForOutput: options.waitForOutput,
+    faults: options.faults ? newFaultState(options.faults) : undefined,
     connections: new Set(),
     tasks: new Set(),
     count: 0,
     closing: false,
   };
-  const listener = Deno.listen({
-    hostname: options.hostname ?? DEFAULT_HOSTNAME,
-    port: options.port ?? DEFAULT_PORT,
-    transport: "tcp",
-  });
+  const hostname = options.hostname ?? DEFAULT_HOSTNAME;
+  const port = options.port ?? DEFAULT_PORT;
+  let listener: ProxyListener, addr: Deno.NetAddr, ready: Promise<void>;
+  if (options.faults?.resetAfter !== undefined) {
+    const node = listenNode(hostname, port);
+    listener = node.listener;
+    addr = { transport: "tcp", hostname, port };
+    ready = node.ready.then((bound) => void (addr = bound));
+  } else {
+    const deno = Deno.listen({ hostname, port, transport: "tcp" });
+    listener = deno;
+    addr = deno.addr;
+    ready = Promise.resolve();
+  }
   const accepting = acceptLoop(state, listener);
   let closed: Promise<void> | undefined;
   async function close() {
@@ -1621,7 +2562,10 @@ export function startWire(options: WireOptions): Wire {
     await Promise.all(state.tasks);
   }
   return {
-    addr: listener.addr,
+    get addr() {
+      return addr;
+    },
+    ready,
     get connections() {
       return state.connections.size;
     },
@@ -1630,9 +2574,9 @@ export function startWire(options: WireOptions): Wire {
   };
 }
 
-async function acceptLoop(state: WireState, listener: Deno.TcpListener): Promise<void> {
+async function acceptLoop(state: WireState, listener: ProxyListener): Promise<void> {
   for (;;) {
-    let client: Deno.TcpConn;
+    let client: ProxySocket;
     try {
       client = await listener.accept();
     } catch (error) {
@@ -1669,7 +2613,28 @@ Options:
   --hex              show payloads as hex, even when they are text
   --preview BYTES    payload bytes shown per event, 0 to ${MAX_PREVIEW} (default ${DEFAULT_PREVIEW})
   --quiet            forward and decode, print nothing after the listening line
-  -h, --help         show this help`;
+  -h, --help         show this help
+
+Faults, on purpose, each reported as a "fault" event (see "Test your own client"):
+  --faults-to WHO        client, server or both (default both): which way the faults act
+  --latency MS           hold each chunk this long, order kept
+  --jitter MS            add a random 0..MS to each delay
+  --bandwidth BYTES_PER_S  forward at most this many bytes per second
+  --slice BYTES          forward in pieces of at most BYTES, each its own write
+  --slice-delay MS       wait this long between the pieces of a slice
+  --reset-after BYTES    send a TCP reset (RST) once BYTES have been forwarded
+  --close-after BYTES    close cleanly (FIN) once BYTES have been forwarded
+  --stall-after BYTES    stop forwarding, connection kept open, after BYTES
+  --fragment BYTES       WebSocket: re-frame data messages into frames of at most
+                         BYTES payload (1 to ${MAX_FRAGMENT}), control frames whole
+  --drop-pongs           WebSocket: swallow pong frames
+  --ping-every MS        WebSocket: ping the client this often, swallow its pongs
+  --close-with CODE[:REASON]  WebSocket: close the client with this code (the
+                         server gets a close 1000) after --close-after-messages
+  --close-after-messages N  messages to the client before --close-with (default 0)
+  --drop-close           WebSocket: swallow a close frame, drop the connection instead
+  --seed N               seed for every random choice (jitter, which connection)
+  --faults-every K       apply the faults to one connection in every K (default 1)`;
 
 /** A command-line mistake: reported as one line plus the usage, exit code 2. */
 class UsageError extends Error {}
@@ -1685,6 +2650,7 @@ function parseArgsMessage(error: Error): string {
 }
 
 interface CommandLine {
+  faults?: FaultOptions;
   hostname: string;
   port: number;
   to: { hostname: string; port: number };
@@ -1710,6 +2676,23 @@ function parseCommandLine(args: string[]): CommandLine {
         preview: { type: "string", default: String(DEFAULT_PREVIEW) },
         quiet: { type: "boolean", default: false },
         help: { type: "boolean", short: "h", default: false },
+        "faults-to": { type: "string" },
+        latency: { type: "string" },
+        jitter: { type: "string" },
+        bandwidth: { type: "string" },
+        slice: { type: "string" },
+        "slice-delay": { type: "string" },
+        "reset-after": { type: "string" },
+        "close-after": { type: "string" },
+        "stall-after": { type: "string" },
+        fragment: { type: "string" },
+        "drop-pongs": { type: "boolean", default: false },
+        "ping-every": { type: "string" },
+        "close-with": { type: "string" },
+        "close-after-messages": { type: "string" },
+        "drop-close": { type: "boolean", default: false },
+        seed: { type: "string" },
+        "faults-every": { type: "string" },
       },
     }).values;
   } catch (error) {
@@ -1726,11 +2709,83 @@ function parseCommandLine(args: string[]): CommandLine {
     help: parsed.help,
   };
   if (options.help) return options;
+  const faults = faultOptions(parsed);
+  if (faults) Object.assign(options, { faults });
   if (parsed.to === undefined) {
     throw new UsageError("--to HOST:PORT is required: the server to forward to");
   }
   options.to = targetOption(parsed.to);
   return options;
+}
+
+function faultOptions(
+  parsed: Record<string, string | boolean | undefined>,
+): FaultOptions | undefined {
+  const number = (name: string, min: number, max?: number) => {
+    const text = parsed[name];
+    return typeof text === "string" ? integerOption(`--${name}`, text, min, max) : undefined;
+  };
+  const who = parsed["faults-to"];
+  if (who !== undefined && who !== "client" && who !== "server" && who !== "both") {
+    throw new UsageError(`--faults-to must be client, server or both, got "${who}"`);
+  }
+  const faults: FaultOptions = {
+    to: who as FaultOptions["to"],
+    latency: number("latency", 0),
+    jitter: number("jitter", 0),
+    bandwidth: number("bandwidth", 1),
+    slice: number("slice", 1),
+    sliceDelay: number("slice-delay", 0),
+    resetAfter: number("reset-after", 0),
+    closeAfter: number("close-after", 0),
+    stallAfter: number("stall-after", 0),
+    fragment: number("fragment", 1, MAX_FRAGMENT),
+    dropPongs: parsed["drop-pongs"] === true,
+    pingEvery: number("ping-every", 1),
+    closeWith: typeof parsed["close-with"] === "string"
+      ? closeWithOption(parsed["close-with"])
+      : undefined,
+    closeAfterMessages: number("close-after-messages", 0),
+    dropClose: parsed["drop-close"] === true,
+    seed: number("seed", 0, 0xffffffff),
+    every: number("faults-every", 1),
+  };
+  if (faults.sliceDelay !== undefined && faults.slice === undefined) {
+    throw new UsageError("--slice-delay needs --slice BYTES: the pieces to wait between");
+  }
+  if (faults.closeAfterMessages !== undefined && faults.closeWith === undefined) {
+    throw new UsageError("--close-after-messages needs --close-with CODE[:REASON]");
+  }
+  const acting = Object.entries(faults).some(([key, value]) =>
+    key !== "to" && key !== "seed" && key !== "every" && value !== undefined && value !== false
+  );
+  if (!acting) {
+    if (who !== undefined || faults.seed !== undefined || faults.every !== undefined) {
+      throw new UsageError(
+        "--faults-to, --seed and --faults-every need a fault to act on (--latency, --slice, ...)",
+      );
+    }
+    return undefined;
+  }
+  return faults;
+}
+
+function closeWithOption(text: string): { code: number; reason: string } {
+  const colon = text.indexOf(":");
+  const codeText = colon === -1 ? text : text.slice(0, colon);
+  const reason = colon === -1 ? "" : text.slice(colon + 1);
+  const code = Number(codeText);
+  if (!/^\d{4}$/.test(codeText) || !closeCodeMaySend(code)) {
+    throw new UsageError(
+      `--close-with needs a code a close frame may carry (1000-1003, 1007-1014, 3000-4999), got "${codeText}"`,
+    );
+  }
+  if (encoder.encode(reason).length > MAX_CONTROL_PAYLOAD - 2) {
+    throw new UsageError(
+      "--close-with's reason must fit a close frame: at most 123 bytes of UTF-8",
+    );
+  }
+  return { code, reason };
 }
 
 function targetOption(text: string): { hostname: string; port: number } {
@@ -1822,6 +2877,14 @@ async function main(args: string[]): Promise<number> {
       onEvent: options.quiet ? undefined : output.event,
       waitForOutput: options.quiet ? undefined : output.waitForOutput,
     });
+  } catch (error) {
+    console.error(
+      `wire: cannot listen on ${address}: ${startError(error, options.hostname, options.port)}`,
+    );
+    return 1;
+  }
+  try {
+    await wire.ready;
   } catch (error) {
     console.error(
       `wire: cannot listen on ${address}: ${startError(error, options.hostname, options.port)}`,

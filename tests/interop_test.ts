@@ -1617,6 +1617,7 @@ interopTest("chromium + netcat: the page bridge.ts serves joins a tcp_server.ts 
   assert.match(stderr, /- 127\.0\.0\.1:\d+ disconnected: close 1000 bye → FIN; /);
   assert.equal((await nc.finish()).code, 0);
 });
+
 // A raw socket writes its own IP and UDP headers, source address included;
 // Linux allows one to root (or CAP_NET_RAW), as under .ci/run.
 const rawSockets: Peer = {
@@ -1724,3 +1725,23 @@ interopTest(
     assert.match(lines[0], /^! 127\.0\.0\.1:\d+ TLS handshake failed: the client refused it/);
   },
 );
+
+// ======================================================= wire.ts faults
+
+// Any intermediary may re-frame messages (RFC 6455 section 5.4), and TCP may
+// deliver any byte stream in any pieces: other stacks' clients must still get
+// whole, correct messages through wire.ts's --fragment 1 and --slice 1.
+for (const fault of [["--fragment", "1"], ["--slice", "1"]]) {
+  interopTest(
+    `wire.ts ${fault.join(" ")}: ws and python-websockets clients still receive whole messages`,
+    [nodeWs, pythonWebsockets],
+    async () => {
+      await using server = await startServer(deno("ws_server.ts", "--port", "0", "--quiet"));
+      await using wire = await startServer(
+        deno("wire.ts", "--port", "0", "--quiet", "--to", `127.0.0.1:${server.port}`, ...fault),
+      );
+      await assertPeerWsClientEchoed("node", "ws_client.mjs", wire.url, 4096);
+      await assertPeerWsClientEchoed(PYTHON_WITH_WEBSOCKETS!, "ws_client.py", wire.url, 4096);
+    },
+  );
+}
