@@ -3683,3 +3683,31 @@ Deno.test("wire faults: a bad fault flag is one line and exit code 2", async () 
     assertNoStackTrace(stderr);
   }
 });
+
+Deno.test("tls end to end: ws_client --ca echoes through ws_server --cert/--key; without --ca, one certificate line and exit 1", async () => {
+  await using certs = await testCertificates();
+  const { cert, key, ca } = certs.files;
+  await using server = await spawnServer("ws_server.ts", ["--cert", cert, "--key", key]);
+  // The certificate is for localhost and 127.0.0.1: both names are trusted.
+  for (const host of ["127.0.0.1", "localhost"]) {
+    const url = `wss://${host}:${server.port}/`;
+    const trusted = await runScript("ws_client.ts", ["--url", url, "--ca", ca, "hello", "ü ✓"]);
+    assert.deepEqual(trusted, { code: 0, stdout: "hello\nü ✓\n", stderr: "" }, host);
+  }
+  const url = `wss://127.0.0.1:${server.port}/`;
+  const untrusted = await runScript("ws_client.ts", ["--url", url, "hello"]);
+  assert.equal(untrusted.code, 1);
+  assert.equal(untrusted.stdout, "");
+  assert.match(
+    untrusted.stderr,
+    new RegExp(
+      `^ws_client: ${url}: certificate refused: unknown issuer, .*trust its CA with --ca FILE.*\n$`,
+    ),
+  );
+  assertNoStackTrace(untrusted.stderr);
+  const exit = await server.stop();
+  assert.equal(exit.code, 0);
+  // Two connections echoed and closed with 1000; the refused one never got
+  // as far as a WebSocket to log.
+  assert.equal(exit.stderr.match(/disconnected: code 1000$/gm)?.length, 2, exit.stderr);
+});

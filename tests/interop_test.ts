@@ -3,7 +3,8 @@
  * wrote: Python's `socket` module, Node.js's `net`, OpenBSD netcat, the `ws`
  * package, python-websockets, and a real Chromium using the page that
  * ws_server.ts serves. Each peer talks to our servers and, where that makes
- * sense, our clients talk to a server built on it.
+ * sense, our clients talk to a server built on it. The WebSocket peers do it
+ * over TLS too (wss://, with a test CA from tools/cert.ts; openssl needed).
  *
  *     npm ci --prefix tests/interop             # the ws package, once
  *     deno test -A tests/interop_test.ts        # or: deno task test:interop
@@ -30,6 +31,7 @@
 
 import assert from "node:assert/strict";
 import { allBytes, opensslCertificates, randomBytes, scriptPath, within } from "./helpers.ts";
+import { type CertificateFiles, makeCertificates } from "../tools/cert.ts";
 
 const TIMEOUT_MS = 15_000;
 const CI = Deno.env.get("CI") === "true";
@@ -404,17 +406,19 @@ async function assertWsClientAgainstEchoServer(program: [string, string[]]) {
 /**
  * A peer's WebSocket client (`command`, running `script` from tests/interop/)
  * sends two texts and binary messages of 256 and `largeSize` bytes to the
- * echo server at `url`: it must print every echo, then a clean close.
+ * echo server at `url` (with `options` before them: a --ca, say): it must
+ * print every echo, then a clean close.
  */
 async function assertPeerWsClientEchoed(
   command: string,
   script: string,
   url: string,
   largeSize: number,
+  options: string[] = [],
 ) {
   const client = await run([
     command,
-    [peer(script), url, "hello", "ünïcödé ✓", "binary:256", `binary:${largeSize}`],
+    [peer(script), url, ...options, "hello", "ünïcödé ✓", "binary:256", `binary:${largeSize}`],
   ]);
   assert.equal(client.code, 0, client.stderr);
   assert.deepEqual(client.stdout.split("\n"), [
@@ -774,12 +778,16 @@ async function connectCdp(url: string) {
 
 type Cdp = Awaited<ReturnType<typeof connectCdp>>;
 
-/** Starts Chromium on a fresh profile with its DevTools on a free port. */
-async function launchChromium() {
+/**
+ * Starts Chromium on a fresh profile with its DevTools on a free port;
+ * `extraFlags` go after the usual ones.
+ */
+async function launchChromium(extraFlags: string[] = []) {
   const profile = await Deno.makeTempDir({ prefix: "interop-chromium-" });
   const child = new Deno.Command(CHROMIUM, {
     args: [
       ...CHROMIUM_FLAGS,
+      ...extraFlags,
       `--user-data-dir=${profile}`,
       "--remote-debugging-port=0",
       "about:blank",
@@ -1745,3 +1753,139 @@ for (const fault of [["--fragment", "1"], ["--slice", "1"]]) {
     },
   );
 }
+
+// ======================================================= TLS: wss:// peers
+
+// The same servers with --cert and --key: TLS under the WebSocket, and each
+// peer trusting our test CA (tools/cert.ts) its own way.
+
+/** A CA and a localhost/127.0.0.1 leaf it signed (tools/cert.ts), in a temporary folder. */
+async function testCertificates(): Promise<CertificateFiles & AsyncDisposable> {
+  const out = await Deno.makeTempDir({ prefix: "interop-tls-" });
+  const files = await makeCertificates({ out });
+  return {
+    ...files,
+    async [Symbol.asyncDispose]() {
+      await Deno.remove(out, { recursive: true });
+    },
+  };
+}
+
+/** ws_server.ts with the test certificate: it prints "listening on wss://127.0.0.1:PORT/". */
+async function startWssServer(certs: CertificateFiles, ...args: string[]) {
+  const tls = ["--cert", certs.cert, "--key", certs.key];
+  const server = spawn(deno("ws_server.ts", "--port", "0", ...tls, ...args));
+  const line = await server.nextLine().catch(() => null);
+  const port = Number(line?.match(/^listening on wss:\/\/127\.0\.0\.1:(\d+)\/$/)?.[1]);
+  if (!port) {
+    const { stderr } = await server.stop("SIGKILL");
+    throw new Error(`ws_server.ts --cert --key did not start: ${line}\n${stderr}`);
+  }
+  return Object.assign(server, { port, url: `wss://127.0.0.1:${port}/` });
+}
+
+/**
+ * The base64 SHA-256 of a certificate's public key (its SPKI), as
+ * Chromium's --ignore-certificate-errors-spki-list wants it; computed by
+ * openssl, as the README tells a reader to.
+ */
+async function spkiHash(certFile: string): Promise<string> {
+  const { code, stdout, stderr } = await run(shell(
+    `openssl x509 -in '${certFile}' -pubkey -noout | openssl pkey -pubin -outform der | ` +
+      "openssl dgst -sha256 -binary | base64",
+  ));
+  assert.equal(code, 0, stderr);
+  const hash = stdout.trim();
+  assert.match(hash, /^[A-Za-z0-9+/]{43}=$/, "a SHA-256 in base64");
+  return hash;
+}
+
+interopTest(
+  "python-websockets over TLS: ws_client.py --ca echoes through ws_server.ts --cert --key",
+  [
+    pythonWebsockets,
+    openssl,
+  ],
+  async () => {
+    await using certs = await testCertificates();
+    await using server = await startWssServer(certs, "--quiet");
+    const client = await run([PYTHON_WITH_WEBSOCKETS!, [
+      peer("ws_client.py"),
+      server.url,
+      "--ca",
+      certs.ca,
+      "hello over wss",
+      "binary:256",
+    ]]);
+    assert.equal(client.code, 0, client.stderr);
+    assert.equal(client.stdout, `hello over wss\n${await binaryLine(256)}\nclosed 1000\n`);
+    // Without our CA, Python's default trust store refuses the certificate.
+    const untrusted = await run([PYTHON_WITH_WEBSOCKETS!, [peer("ws_client.py"), server.url, "x"]]);
+    assert.notEqual(untrusted.code, 0);
+    assert.match(untrusted.stderr, /CERTIFICATE_VERIFY_FAILED/);
+  },
+);
+
+interopTest(
+  "ws (Node.js) over TLS: ws_client.mjs --ca=FILE echoes and chats through ws_server.ts --cert --key",
+  [
+    nodeWs,
+    openssl,
+  ],
+  async () => {
+    await using certs = await testCertificates();
+    const ca = `--ca=${certs.ca}`;
+    {
+      await using echo = await startWssServer(certs, "--quiet");
+      await assertPeerWsClientEchoed("node", "ws_client.mjs", echo.url, 65536, [ca]);
+      // Without our CA, Node's default trust store refuses the certificate.
+      const untrusted = await run(["node", [peer("ws_client.mjs"), echo.url, "x"]]);
+      assert.equal(untrusted.code, 1);
+      assert.match(untrusted.stderr, /^ws_client\.mjs: unable to verify the first certificate$/m);
+    }
+    await using chat = await startWssServer(certs, "--mode", "chat", "--quiet");
+    const denoClient = deno("ws_client.ts", "--url", chat.url, "--ca", certs.ca);
+    await using terminal = spawn(denoClient, { stdin: true });
+    assert.equal(await terminal.nextLine(), "* you are guest-1");
+    const js = await run(["node", [peer("ws_client.mjs"), chat.url, ca, "from ws"]]);
+    assert.equal(js.stdout, "* you are guest-2\nguest-2: from ws\nclosed 1000\n", js.stderr);
+    assert.deepEqual(await nextLines(terminal, 3), [
+      "* guest-2 joined",
+      "guest-2: from ws",
+      "* guest-2 left",
+    ]);
+    assert.equal((await terminal.finish()).code, 0);
+  },
+);
+
+interopTest("chromium over TLS: the page loads over https, connects with wss: and chats", [
+  chromium,
+  openssl,
+], async () => {
+  await using certs = await testCertificates();
+  await using server = await startWssServer(certs, "--mode", "chat", "--quiet");
+  // Trust exactly our leaf's key: Chromium's switch for test servers, short
+  // of installing the CA in its certificate store. Without it the page does
+  // not load (net::ERR_CERT_AUTHORITY_INVALID).
+  const spki = await spkiHash(certs.cert);
+  await using browser = await launchChromium([`--ignore-certificate-errors-spki-list=${spki}`]);
+  const page = await browser.openPage(`https://127.0.0.1:${server.port}/`);
+  assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
+  assert.equal(await waitForYou(page, "guest-1"), "— you are guest-1");
+  assert.equal(await evaluate(page, "location.protocol"), "https:");
+
+  const denoClient = deno("ws_client.ts", "--url", server.url, "--ca", certs.ca);
+  await using terminal = spawn(denoClient, { stdin: true });
+  assert.equal(await terminal.nextLine(), "* you are guest-2");
+  assert.deepEqual(await waitForLog(page, 1), ["* guest-2 joined"]);
+  const typed = "typed in Chromium, over wss";
+  await typeMessage(page, typed, "enter");
+  assert.equal((await waitForLog(page, 2))[1], `mine: guest-1: ${typed}`);
+  assert.equal(await terminal.nextLine(), `guest-1: ${typed}`);
+  await terminal.write("and back from the terminal\n");
+  assert.equal(await terminal.nextLine(), "guest-2: and back from the terminal");
+  assert.equal((await waitForLog(page, 3))[2], "guest-2: and back from the terminal");
+  const { code } = await terminal.finish();
+  assert.equal(code, 0);
+  assert.equal((await waitForLog(page, 4))[3], "* guest-2 left");
+});

@@ -9,21 +9,28 @@
  * "* you are NAME", joins and leaves), printed but not a reply,
  * and prints how the connection closed: `closed CODE REASON`. With
  * --protocol=A,B it offers those subprotocols (ws insists that the server
- * picks one) and prints the one chosen first: `protocol NAME`.
+ * picks one) and prints the one chosen first: `protocol NAME`. With
+ * --ca=FILE (for a wss:// URL) it trusts that CA's certificates, and only
+ * those (ws hands `ca` to Node's tls.connect).
  *
  *     node interop/ws_client.mjs ws://127.0.0.1:8080/ hello binary:256
  *     node interop/ws_client.mjs ws://127.0.0.1:8080/ --stay hello
  *     node interop/ws_client.mjs ws://127.0.0.1:8080/ --protocol=graphql-ws hello
+ *     node interop/ws_client.mjs wss://127.0.0.1:8443/ --ca=.certs/ca.pem hello
  */
 
 import { createHash } from "node:crypto";
+import { readFileSync } from "node:fs";
 import process from "node:process";
 import WebSocket from "ws";
 
 const [url, ...args] = process.argv.slice(2);
 const stay = args.includes("--stay");
 const protocols = args.find((arg) => arg.startsWith("--protocol="))?.slice(11).split(",");
-const messages = args.filter((arg) => arg !== "--stay" && !arg.startsWith("--protocol="));
+const caFile = args.find((arg) => arg.startsWith("--ca="))?.slice(5);
+const messages = args.filter((arg) =>
+  arg !== "--stay" && !arg.startsWith("--protocol=") && !arg.startsWith("--ca=")
+);
 let received = 0;
 
 function payload(message) {
@@ -38,7 +45,7 @@ function describe(data, isBinary) {
   return `<binary ${data.length} bytes sha256 ${createHash("sha256").update(data).digest("hex")}>`;
 }
 
-const socket = new WebSocket(url, protocols);
+const socket = new WebSocket(url, protocols, caFile ? { ca: readFileSync(caFile) } : {});
 socket.on("open", () => {
   if (protocols) console.log(`protocol ${socket.protocol}`);
   for (const message of messages) socket.send(payload(message));
