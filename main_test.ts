@@ -3711,3 +3711,186 @@ Deno.test("tls end to end: ws_client --ca echoes through ws_server --cert/--key;
   // as far as a WebSocket to log.
   assert.equal(exit.stderr.match(/disconnected: code 1000$/gm)?.length, 2, exit.stderr);
 });
+
+Deno.test("wire faults: --close-after ends the echo with a clean FIN after exactly that many bytes", async () => {
+  await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--close-after",
+    "5",
+    "--faults-to",
+    "client",
+  ]);
+  using client = await connectTcp(wire.port);
+  await client.write("hello world\n");
+  // readBytes gives fewer bytes only at a clean EOF; a reset would throw.
+  const received = await within(client.readBytes(100), "the echo up to the FIN");
+  assert.equal(decoder.decode(received), "hello");
+  const closed = await wire.waitFor((e) => e.type === "fault", "the close-after event");
+  assert.deepEqual([closed.dir, closed.name, closed.bytes], ["s2c", "close-after", 5]);
+  await wire.waitFor((e) => e.type === "close", "the close");
+  assert.equal(faultEvents(wire.events).length, 1, JSON.stringify(faultEvents(wire.events)));
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire faults: --stall-after forwards that many bytes, then nothing, with the connection kept open", async () => {
+  using upstream = rawTcpServer();
+  const target = upstream.url.replace("tcp://", "");
+  await using wire = await spawnWire([
+    "--to",
+    target,
+    "--stall-after",
+    "5",
+    "--faults-to",
+    "client",
+  ]);
+  using client = await connectTcp(wire.port);
+  using server = connectedPeer(await upstream.accept());
+  await server.write("hello world\n");
+  assert.equal(decoder.decode(await within(client.readBytes(5), "the first 5 bytes")), "hello");
+  const stalled = await wire.waitFor((e) => e.type === "fault", "the stall-after event");
+  assert.deepEqual([stalled.dir, stalled.name, stalled.bytes], ["s2c", "stall-after", 5]);
+  // A hang, not a close: the other direction still reaches the server after the stall.
+  await client.write("still there?\n");
+  assert.equal(
+    decoder.decode(await within(server.readBytes(13), "the client's bytes after the stall")),
+    "still there?\n",
+  );
+  // The server finishes (more bytes, then its FIN); none of it passes while the proxy runs.
+  await server.write("more\n");
+  server.close();
+  const { code } = await wire.stop();
+  assert.equal(code, 0);
+  // Only the proxy's own exit ended the client's connection, and nothing came after "hello".
+  const rest = await within(client.readBytes(100).catch(() => new Uint8Array(0)), "the end");
+  assert.equal(decoder.decode(rest), "");
+  assert.equal(faultEvents(wire.events).length, 1, JSON.stringify(faultEvents(wire.events)));
+  assert.ok(!wire.events.some((e) => e.type === "fin" && e.dir === "s2c"), "no FIN passed on");
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire faults: --bandwidth paces the echo in tenth-of-a-second pieces, bytes unchanged", async () => {
+  await using server = await spawnServer("tcp_server.ts", ["--quiet"]);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--bandwidth",
+    "100",
+    "--faults-to",
+    "client",
+  ]);
+  const line = "x".repeat(49);
+  {
+    using client = await connectTcp(wire.port);
+    await client.write(line + "\n");
+    assert.equal(await within(client.readLine(), "the paced echo"), line);
+  }
+  await wire.waitFor((e) => e.type === "close", "the close");
+  const paced = faultEvents(wire.events);
+  assert.ok(paced.length >= 1, "at least one bandwidth event");
+  // 100 bytes per second is 10 bytes per tenth of a second: each chunk the
+  // server sent was written in pieces of 10, each waiting its turn.
+  for (const e of paced) {
+    assert.deepEqual([e.dir, e.name], ["s2c", "bandwidth"]);
+    assert.equal(e.pieces, Math.ceil(Number(e.bytes) / 10), JSON.stringify(e));
+  }
+  assert.equal(paced.reduce((sum, e) => sum + Number(e.bytes), 0), 50);
+  assert.ok(paced.reduce((sum, e) => sum + Number(e.pieces), 0) >= 5);
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire faults: --ping-every pings a client of ws_server, and the proxy swallows each pong it answers", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+  await using wire = await spawnWire(["--to", `127.0.0.1:${server.port}`, "--ping-every", "50"]);
+  // A raw client, so that the pings it is sent are seen, and its pongs are its own.
+  using client = await connectTcp(wire.port);
+  await client.write(
+    "GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+      "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+  );
+  assert.match((await within(client.readLine(), "the 101"))!, /^HTTP\/1\.1 101 /);
+  for (let i = 0; i < 32 && await within(client.readLine(), "the head") !== "\r"; i++);
+  const mask = Uint8Array.of(9, 8, 7, 6);
+  const pings: string[] = [];
+  let echo: string | undefined;
+  // Bounded: a ping every 50 ms, so three come long before 64 frames.
+  await within(
+    (async () => {
+      for (let frames = 0; frames < 64 && (pings.length < 3 || echo === undefined); frames++) {
+        const [first, second] = await client.readBytes(2);
+        const payload = await client.readBytes(second & 0x7f);
+        const opcode = first & 0x0f;
+        if (opcode === 9) {
+          // RFC 6455 section 5.5.3: the pong carries the ping's payload.
+          await client.write(wsFrame({ opcode: 10, payload, mask }));
+          pings.push(decoder.decode(payload));
+          if (pings.length === 3) {
+            await client.write(wsFrame({ opcode: 1, payload: encoder.encode("hi"), mask }));
+          }
+        } else if (opcode === 1) echo = decoder.decode(payload);
+      }
+    })(),
+    "three pings and the echo",
+  );
+  const ours = pings.filter((text) => text.startsWith("wire.ts ping "));
+  assert.deepEqual(ours.slice(0, 3), ["wire.ts ping 1", "wire.ts ping 2", "wire.ts ping 3"]);
+  assert.equal(echo, "hi", "the connection works between the pings");
+  // Every pong the client answered to our pings is swallowed on its way to the server.
+  const last = ours.at(-1);
+  await wire.waitFor(
+    (e) => e.type === "fault" && e.dir === "c2s" && e.text === last,
+    "the last pong swallowed",
+  );
+  const events = faultEvents(wire.events);
+  const injected = events.filter((e) => e.dir === "s2c").map((e) => e.text);
+  const swallowed = events.filter((e) => e.dir === "c2s").map((e) => e.text);
+  assert.ok(events.every((e) => e.name === "ping-every"), JSON.stringify(events));
+  assert.deepEqual(injected.slice(0, ours.length), ours);
+  assert.deepEqual(swallowed, ours, "each pong swallowed once, none passed on");
+  assertDocumentedFields(wire.events);
+});
+
+Deno.test("wire faults: behind --ping-every the server receives the client's frames but none of its pongs", async () => {
+  // A recording server in place of ws_server.ts: it sees every byte that reaches it.
+  using listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${listener.addr.port}`,
+    "--ping-every",
+    "50",
+  ]);
+  using client = await connectTcp(wire.port);
+  const accepted = listener.accept();
+  const request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
+    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+  await client.write(request);
+  using upstream = connectedPeer(await within(accepted, "the proxy's connection"));
+  assert.equal(decoder.decode(await upstream.readBytes(request.length)), request);
+  const response = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" +
+    "Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+  await upstream.write(response);
+  assert.equal(decoder.decode(await client.readBytes(response.length)), response);
+  const mask = Uint8Array.of(9, 8, 7, 6);
+  for (let i = 1; i <= 3; i++) {
+    const [first, second] = await within(client.readBytes(2), `ping ${i}`);
+    const payload = await client.readBytes(second & 0x7f);
+    assert.deepEqual([first, decoder.decode(payload)], [0x89, `wire.ts ping ${i}`]);
+    await client.write(wsFrame({ opcode: 10, payload, mask }));
+  }
+  await wire.waitFor(
+    (e) => e.type === "fault" && e.dir === "c2s" && e.text === "wire.ts ping 3",
+    "the third pong swallowed",
+  );
+  const text = wsFrame({ opcode: 1, payload: encoder.encode("hi"), mask });
+  const close = wsFrame({ opcode: 8, payload: Uint8Array.of(0x03, 0xe8), mask });
+  await client.write(concat([text, close]));
+  client.conn.closeWrite();
+  // Byte for byte what the client sent, its three pongs left out.
+  assert.deepEqual(await within(upstream.readToEnd(), "the client's FIN"), concat([text, close]));
+  upstream.close();
+  await wire.waitFor((e) => e.type === "close", "the close");
+  const swallowed = faultEvents(wire.events).filter((e) => e.dir === "c2s").map((e) => e.text);
+  assert.deepEqual(swallowed, ["wire.ts ping 1", "wire.ts ping 2", "wire.ts ping 3"]);
+  assertDocumentedFields(wire.events);
+});
