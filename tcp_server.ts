@@ -1087,16 +1087,18 @@ async function main(args: string[]): Promise<number> {
     );
     return 1;
   }
-  const scheme = options.cert === undefined ? "tcp" : "tls";
-  console.log(`listening on ${scheme}://${formatHost(server.addr.hostname)}:${server.addr.port}`);
-  const warning = fileLimitWarning(options.maxConnections!, openFileLimit());
-  if (warning) console.error(`tcp_server: warning: ${warning}`);
+  // Listening for signals before saying "listening": a test or a script
+  // that stops the server the moment it has read that line gets exit 0.
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {
       Deno.addSignalListener(signal, stop.resolve);
     }
   }
+  const scheme = options.cert === undefined ? "tcp" : "tls";
+  console.log(`listening on ${scheme}://${formatHost(server.addr.hostname)}:${server.addr.port}`);
+  const warning = fileLimitWarning(options.maxConnections!, openFileLimit());
+  if (warning) console.error(`tcp_server: warning: ${warning}`);
   await stop.promise;
   // Closing is quick; the timer is a guarantee that a stuck peer cannot hold
   // the process past a second.

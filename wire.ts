@@ -2891,13 +2891,15 @@ async function main(args: string[]): Promise<number> {
     );
     return 1;
   }
-  console.log(`listening on tcp://${formatHost(wire.addr.hostname)}:${wire.addr.port}`);
+  // Listening for signals before saying "listening": a script that stops
+  // the proxy the moment it has read that line gets exit 0.
   const stop = Promise.withResolvers<void>();
   for (const signal of ["SIGINT", "SIGTERM"] as const) {
     if (Deno.build.os !== "windows" || signal === "SIGINT") {
       Deno.addSignalListener(signal, stop.resolve);
     }
   }
+  console.log(`listening on tcp://${formatHost(wire.addr.hostname)}:${wire.addr.port}`);
   await stop.promise;
   // Closing is quick; the timer is a guarantee that a stuck peer or a
   // stuck stdout cannot hold the process past a second.
