@@ -3911,3 +3911,69 @@ Deno.test("cli: every server exits 0 on SIGTERM sent the moment it prints its li
     }
   }
 });
+
+Deno.test("ws server: the browser page follows Accept-Language, Portuguese for pt, English otherwise", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const base = `http://127.0.0.1:${server.addr.port}/`;
+  async function pageFor(acceptLanguage?: string) {
+    const response = await fetch(base, {
+      headers: acceptLanguage === undefined ? {} : { "accept-language": acceptLanguage },
+    });
+    assert.equal(response.status, 200, `Accept-Language: ${acceptLanguage?.slice(0, 40)}`);
+    assert.equal(response.headers.get("vary"), "Accept-Language");
+    return { language: response.headers.get("content-language"), html: await response.text() };
+  }
+  const english = [
+    /<html lang="en">/,
+    /<title>WebSocket chat client<\/title>/,
+    />Not connected\.</,
+    />Connect</,
+    /"Closed: code "/,
+  ];
+  const portuguese = [
+    /<html lang="pt-BR">/,
+    /<title>Cliente WebSocket chat<\/title>/,
+    /Cliente WebSocket, modo chat/,
+    /<p id="hint">Chat: cada mensagem vai para todo mundo/,
+    />Desconectado\.</,
+    />Conectar</,
+    /placeholder="Digite uma mensagem"/,
+    /"Conectado a "/,
+    /"Fechada: código "/,
+    /"conexão fechada, código "/,
+  ];
+  for (
+    const header of [
+      "pt-BR,pt;q=0.9,en;q=0.8",
+      "pt",
+      "PT-pt",
+      "en;q=0.5, pt-BR;q=0.8",
+      "fr, pt;q=0.1",
+    ]
+  ) {
+    const { language, html } = await pageFor(header);
+    assert.equal(language, "pt-BR", header);
+    for (const text of portuguese) assert.match(html, text, header);
+    // The protocol stays English: the page still reads "* you are NAME".
+    assert.match(html, /\\\* you are/, header);
+  }
+  const hostile = [
+    undefined,
+    "en-US",
+    "en-US,en;q=0.9,pt;q=0.8",
+    "pt;q=0, en;q=0.1",
+    "pt;q=2",
+    "pt;q=abc",
+    "*",
+    "de, fr",
+    ";;;,,,=q;pt;;",
+    "pt-" + "x".repeat(5000),
+    Array.from({ length: 100 }, () => "pt").join(","),
+    "\u00e9\u00e7\u00e3o".repeat(10),
+  ];
+  for (const header of hostile) {
+    const { language, html } = await pageFor(header);
+    assert.equal(language, "en", header?.slice(0, 40));
+    for (const text of english) assert.match(html, text, header?.slice(0, 40));
+  }
+});
