@@ -561,6 +561,7 @@ Deno.test("cli: SIGTERM sends open WebSockets 1001 and exits 0", async () => {
 // The README and the pages under docs/ that it links to.
 const PAGES = [
   "README.md",
+  "README.pt-BR.md",
   "docs/reference.md",
   "docs/reliability.md",
   "docs/deno-notes.md",
@@ -3910,4 +3911,117 @@ Deno.test("cli: every server exits 0 on SIGTERM sent the moment it prints its li
       assert.deepEqual([code, signal], [0, null], `${script}, round ${round + 1}`);
     }
   }
+});
+
+Deno.test("ws server: the browser page follows Accept-Language, Portuguese for pt, English otherwise", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
+  const base = `http://127.0.0.1:${server.addr.port}/`;
+  async function pageFor(acceptLanguage?: string) {
+    const response = await fetch(base, {
+      headers: acceptLanguage === undefined ? {} : { "accept-language": acceptLanguage },
+    });
+    assert.equal(response.status, 200, `Accept-Language: ${acceptLanguage?.slice(0, 40)}`);
+    assert.equal(response.headers.get("vary"), "Accept-Language");
+    return { language: response.headers.get("content-language"), html: await response.text() };
+  }
+  const english = [
+    /<html lang="en">/,
+    /<title>WebSocket chat client<\/title>/,
+    />Not connected\.</,
+    />Connect</,
+    /"Closed: code "/,
+  ];
+  const portuguese = [
+    /<html lang="pt-BR">/,
+    /<title>Cliente WebSocket chat<\/title>/,
+    /Cliente WebSocket, modo chat/,
+    /<p id="hint">Chat: cada mensagem vai para todo mundo/,
+    />Desconectado\.</,
+    />Conectar</,
+    /placeholder="Digite uma mensagem"/,
+    /"Conectado a "/,
+    /"Fechada: código "/,
+    /"conexão fechada, código "/,
+  ];
+  for (
+    const header of [
+      "pt-BR,pt;q=0.9,en;q=0.8",
+      "pt",
+      "PT-pt",
+      "en;q=0.5, pt-BR;q=0.8",
+      "fr, pt;q=0.1",
+    ]
+  ) {
+    const { language, html } = await pageFor(header);
+    assert.equal(language, "pt-BR", header);
+    for (const text of portuguese) assert.match(html, text, header);
+    // The protocol stays English: the page still reads "* you are NAME".
+    assert.match(html, /\\\* you are/, header);
+  }
+  const hostile = [
+    undefined,
+    "en-US",
+    "en-US,en;q=0.9,pt;q=0.8",
+    "pt;q=0, en;q=0.1",
+    "pt;q=2",
+    "pt;q=abc",
+    "*",
+    "de, fr",
+    ";;;,,,=q;pt;;",
+    "pt-" + "x".repeat(5000),
+    Array.from({ length: 100 }, () => "pt").join(","),
+    "\u00e9\u00e7\u00e3o".repeat(10),
+  ];
+  for (const header of hostile) {
+    const { language, html } = await pageFor(header);
+    assert.equal(language, "en", header?.slice(0, 40));
+    for (const text of english) assert.match(html, text, header?.slice(0, 40));
+  }
+});
+
+/**
+ * The code blocks of a Markdown page, fenced or indented by four spaces, each
+ * with whether an `<!-- differs: reason -->` comment stands right before it.
+ */
+function markdownCodeBlocks(text: string): { code: string; differs: boolean }[] {
+  const lines = text.split("\n");
+  const blocks: { code: string; differs: boolean }[] = [];
+  const differsBefore = (start: number) => {
+    let before = start - 1;
+    while (before >= 0 && lines[before].trim() === "") before--;
+    return before >= 0 && /^<!-- differs: .+ -->$/.test(lines[before].trim());
+  };
+  for (let i = 0; i < lines.length; i++) {
+    if (lines[i].startsWith("```")) {
+      const end = lines.indexOf("```", i + 1);
+      assert.ok(end > i, `an unclosed fence at line ${i + 1}`);
+      blocks.push({ code: lines.slice(i + 1, end).join("\n"), differs: differsBefore(i) });
+      i = end;
+    } else if (lines[i].startsWith("    ") && (i === 0 || lines[i - 1].trim() === "")) {
+      let end = i;
+      while (end < lines.length && (lines[end].startsWith("    ") || lines[end].trim() === "")) {
+        end++;
+      }
+      while (lines[end - 1].trim() === "") end--;
+      blocks.push({
+        code: lines.slice(i, end).map((line) => line.slice(4)).join("\n"),
+        differs: differsBefore(i),
+      });
+      i = end - 1;
+    }
+  }
+  return blocks;
+}
+
+Deno.test("readme: every code block in README.pt-BR.md is README.md's, or says why it differs", async () => {
+  const english = markdownCodeBlocks(await Deno.readTextFile(scriptPath("README.md")));
+  const translated = markdownCodeBlocks(await Deno.readTextFile(scriptPath("README.pt-BR.md")));
+  for (const { code, differs } of translated) {
+    if (differs) continue;
+    assert.ok(
+      english.some((block) => block.code.includes(code)),
+      `README.pt-BR.md has a code block README.md does not (mark it <!-- differs: reason -->):\n${code}`,
+    );
+  }
+  assert.ok(translated.length >= 15, `only ${translated.length} code blocks found`);
 });

@@ -145,9 +145,9 @@ function handleRequest(
     return upgrade(state, request, { peer, url });
   }
   if ((request.method === "GET" || request.method === "HEAD") && url.pathname === "/") {
-    return new Response(page(state.mode), {
-      headers: { "content-type": "text/html; charset=utf-8" },
-    });
+    // The page speaks the browser's language (Accept-Language), English by default.
+    const lang = pageLanguage(request.headers.get("accept-language"));
+    return new Response(page(state.mode, lang), { headers: pageHeaders(lang) });
   }
   const secure = url.protocol === "https:";
   return plain(
@@ -1127,23 +1127,131 @@ if (import.meta.main) Deno.exit(await main(Deno.args));
 
 // ---------------------------------------------------- 10. the browser page
 
+// The languages the browser page is written in; English is the default.
+type PageLanguage = "en" | "pt";
+
+/**
+ * The page's language for an `Accept-Language` header (RFC 9110 §12.5.4):
+ * Portuguese when the highest-q language the page speaks is any `pt`
+ * (`pt`, `pt-BR`, `pt-PT`), English otherwise. Ties keep the header's order.
+ * Never throws; a missing, oversize or malformed header means English.
+ *
+ * @example
+ * ```ts
+ * pageLanguage("pt-BR,pt;q=0.9,en;q=0.8"); // "pt"
+ * pageLanguage("en-US,pt;q=0.5"); // "en"
+ * ```
+ */
+function pageLanguage(header: string | null): PageLanguage {
+  // Accept-Language is whatever the peer sent: past this size, or past this
+  // many entries, it is not a browser's list and the page stays English.
+  // (Local, not top-level: the server is already answering before a
+  // top-level constant down here would be initialized.)
+  const ACCEPT_LANGUAGE_MAX_CHARS = 1024;
+  const ACCEPT_LANGUAGE_MAX_ENTRIES = 32;
+  if (!header || header.length > ACCEPT_LANGUAGE_MAX_CHARS) return "en";
+  const entries = header.split(",");
+  if (entries.length > ACCEPT_LANGUAGE_MAX_ENTRIES) return "en";
+  let best: PageLanguage = "en";
+  let bestQ = 0;
+  for (const entry of entries) {
+    const [range, ...params] = entry.trim().toLowerCase().split(";");
+    const tag = range.trim();
+    const primary = tag === "*" ? "en" : tag.split("-")[0];
+    if (primary !== "pt" && primary !== "en") continue;
+    const q = acceptQuality(params);
+    if (q > bestQ) [best, bestQ] = [primary, q];
+  }
+  return best;
+}
+
+// A q parameter is 0 to 1 with at most three decimals; anything else
+// ("q=2", "q=abc") is not a weight and the range counts as not wanted.
+function acceptQuality(params: string[]): number {
+  const q = params.map((param) => param.trim()).find((param) => param.startsWith("q="));
+  if (q === undefined) return 1;
+  return /^q=(0(\.\d{0,3})?|1(\.0{0,3})?)$/.test(q) ? Number(q.slice(2)) : 0;
+}
+
+// The page's response headers. Vary: a cache must not hand the Portuguese
+// page to an English browser, or the other way round.
+function pageHeaders(lang: PageLanguage): Record<string, string> {
+  return {
+    "content-type": "text/html; charset=utf-8",
+    "content-language": lang === "pt" ? "pt-BR" : "en",
+    "vary": "Accept-Language",
+  };
+}
+
+// Every text the page shows, in each language it speaks. The protocol
+// messages ("NAME: TEXT", "* NAME joined") are the server's, not the page's:
+// they stay as they are. A function for the same reason as page().
+function pageTexts(lang: PageLanguage) {
+  return {
+    en: {
+      title: (mode: Mode) => `WebSocket ${mode} client`,
+      heading: (mode: Mode) => `WebSocket client, ${mode} mode`,
+      chatHint: "Chat: every message goes to everyone connected, you included. Your own lines " +
+        "come back from the server like everyone else's (in blue): that is how you know " +
+        "they arrived. Open a second tab to talk to yourself.",
+      echoHint: "Echo: the server sends every message straight back, whole. → marks what you " +
+        "sent; the line under it is the server's reply, one message in, one message out.",
+      serverUrl: "Server URL",
+      connect: "Connect",
+      disconnect: "Disconnect",
+      notConnected: "Not connected.",
+      message: "Message",
+      placeholder: "Type a message",
+      send: "Send",
+      youAre: "— you are ",
+      connecting: "Connecting to ",
+      connected: "Connected to ",
+      protocol: ", protocol ",
+      closed: "Closed: code ",
+      lost: " — the connection was lost or refused",
+      closedNote: "connection closed, code ",
+      binary: "<binary ",
+    },
+    pt: {
+      title: (mode: Mode) => `Cliente WebSocket ${mode}`,
+      heading: (mode: Mode) => `Cliente WebSocket, modo ${mode}`,
+      chatHint: "Chat: cada mensagem vai para todo mundo que está conectado, inclusive você. " +
+        "Suas próprias linhas voltam do servidor igual às dos outros (em azul): é assim que " +
+        "você sabe que elas chegaram. Abra uma segunda aba para conversar com você mesmo.",
+      echoHint: "Echo: o servidor devolve cada mensagem na hora, inteira. → marca o que você " +
+        "enviou; a linha de baixo é a resposta do servidor, uma mensagem de ida, uma de volta.",
+      serverUrl: "URL do servidor",
+      connect: "Conectar",
+      disconnect: "Desconectar",
+      notConnected: "Desconectado.",
+      message: "Mensagem",
+      placeholder: "Digite uma mensagem",
+      send: "Enviar",
+      youAre: "— você é ",
+      connecting: "Conectando a ",
+      connected: "Conectado a ",
+      protocol: ", protocolo ",
+      closed: "Fechada: código ",
+      lost: " — a conexão caiu ou foi recusada",
+      closedNote: "conexão fechada, código ",
+      binary: "<binário, ",
+    },
+  }[lang];
+}
+
 // The browser client: one self-contained page, no external assets. It uses
 // the same standard WebSocket API as ws_client.ts.
 // A function, not a constant: functions are hoisted, and the command line
 // above starts serving (and may call this) before a constant down here
-// would be initialized. The mode is the only thing the server fills in.
-function page(mode: Mode): string {
-  const hint = mode === "chat"
-    ? "Chat: every message goes to everyone connected, you included. Your own lines " +
-      "come back from the server like everyone else's (in blue): that is how you know " +
-      "they arrived. Open a second tab to talk to yourself."
-    : "Echo: the server sends every message straight back, whole. → marks what you " +
-      "sent; the line under it is the server's reply, one message in, one message out.";
+// would be initialized. The mode and the language are all the server fills in.
+function page(mode: Mode, lang: PageLanguage = "en"): string {
+  const t = pageTexts(lang);
+  const js = (text: string) => JSON.stringify(text);
   return `<!doctype html>
-<html lang="en">
+<html lang="${lang === "pt" ? "pt-BR" : "en"}">
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>WebSocket ${mode} client</title>
+<title>${t.title(mode)}</title>
 <style>
   body { font: 16px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #1b1b1b; }
   h1 { font-size: 1.3rem; margin: 0 0 .25rem; }
@@ -1159,17 +1267,17 @@ function page(mode: Mode): string {
   #log .sent, #log .mine { color: #1a5fb4; }
   #log .note { color: #777; font-style: italic; }
 </style>
-<h1>WebSocket client, ${mode} mode <span id="you"></span></h1>
-<p id="hint">${hint}</p>
+<h1>${t.heading(mode)} <span id="you"></span></h1>
+<p id="hint">${mode === "chat" ? t.chatHint : t.echoHint}</p>
 <form id="connect-form">
-  <input id="url" aria-label="Server URL" spellcheck="false">
-  <button id="connect">Connect</button>
+  <input id="url" aria-label="${t.serverUrl}" spellcheck="false">
+  <button id="connect">${t.connect}</button>
 </form>
-<div id="status" role="status">Not connected.</div>
+<div id="status" role="status">${t.notConnected}</div>
 <ul id="log" aria-live="polite"></ul>
 <form id="send-form">
-  <input id="message" aria-label="Message" placeholder="Type a message" autocomplete="off" disabled>
-  <button id="send" disabled>Send</button>
+  <input id="message" aria-label="${t.message}" placeholder="${t.placeholder}" autocomplete="off" disabled>
+  <button id="send" disabled>${t.send}</button>
 </form>
 <script type="module">
   const $ = (id) => document.getElementById(id);
@@ -1187,7 +1295,7 @@ function page(mode: Mode): string {
   }
 
   function setConnected(connected) {
-    $("connect").textContent = connected ? "Disconnect" : "Connect";
+    $("connect").textContent = connected ? ${js(t.disconnect)} : ${js(t.connect)};
     $("message").disabled = $("send").disabled = !connected;
     if (connected) $("message").focus();
   }
@@ -1197,7 +1305,7 @@ function page(mode: Mode): string {
     const name = chat && text.match(/^\\* you are (\\S+)$/)?.[1];
     if (name) {
       me = name;
-      $("you").textContent = "— you are " + name;
+      $("you").textContent = ${js(t.youAre)} + name;
       return;
     }
     show(text, chat && me && text.startsWith(me + ": ") ? "mine" : undefined);
@@ -1208,22 +1316,24 @@ function page(mode: Mode): string {
     if (socket) return socket.close(1000, "bye");
     socket = new WebSocket($("url").value);
     socket.binaryType = "arraybuffer";
-    $("status").textContent = "Connecting to " + socket.url + " …";
+    $("status").textContent = ${js(t.connecting)} + socket.url + " …";
     socket.onopen = () => {
-      $("status").textContent = "Connected to " + socket.url +
-        (socket.protocol ? ", protocol " + socket.protocol : "");
+      $("status").textContent = ${js(t.connected)} + socket.url +
+        (socket.protocol ? ${js(t.protocol)} + socket.protocol : "");
       setConnected(true);
     };
     socket.onmessage = (event) =>
       typeof event.data === "string"
         ? received(event.data)
-        : show("<binary " + event.data.byteLength + " bytes>");
+        : show(${js(t.binary)} + event.data.byteLength + " bytes>");
     // The close event carries the code and reason from the close frame;
     // 1006 means there was none (the connection just dropped).
     socket.onclose = (event) => {
-      $("status").textContent = "Closed: code " + event.code + (event.reason ? " (" + event.reason + ")" : "") +
-        (event.code === 1006 ? " — the connection was lost or refused" : "");
-      show("connection closed, code " + event.code, "note");
+      $("status").textContent = ${
+    js(t.closed)
+  } + event.code + (event.reason ? " (" + event.reason + ")" : "") +
+        (event.code === 1006 ? ${js(t.lost)} : "");
+      show(${js(t.closedNote)} + event.code, "note");
       socket = undefined;
       me = "";
       $("you").textContent = "";

@@ -1889,3 +1889,39 @@ interopTest("chromium over TLS: the page loads over https, connects with wss: an
   assert.equal(code, 0);
   assert.equal((await waitForLog(page, 4))[3], "* guest-2 left");
 });
+
+interopTest(
+  "chromium: with --lang=pt-BR the page at / speaks Portuguese, and the chat protocol stays as it is",
+  [chromium],
+  async () => {
+    await using server = await startServer(
+      deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+    );
+    // Headless Chromium sends Accept-Language from --accept-lang; --lang
+    // alone did not change it: the page stayed English (Chromium 156).
+    await using browser = await launchChromium(["--lang=pt-BR", "--accept-lang=pt-BR"]);
+    const page = await browser.openPage(ONE_LINERS.browser(server.port));
+    assert.equal(await waitForStatus(page, "Conectado"), `Conectado a ${server.url}`);
+    assert.equal(await evaluate(page, `document.documentElement.lang`), "pt-BR");
+    assert.equal(
+      await evaluate(page, `document.getElementById("connect").textContent`),
+      "Desconectar",
+    );
+    const heading = await pageHeading(page);
+    assert.equal(heading.title, "Cliente WebSocket chat");
+    assert.match(heading.h1, /^Cliente WebSocket, modo chat/);
+    assert.match(heading.hint, /^Chat: cada mensagem vai para todo mundo/);
+    // The server still says "* you are guest-1"; only the page's words change.
+    assert.equal(await waitForYou(page, "guest-1"), "— você é guest-1");
+    await typeMessage(page, "olá, mundo ✓", "click");
+    assert.deepEqual(await waitForLog(page, 1), ["mine: guest-1: olá, mundo ✓"]);
+
+    await click(page, "#connect");
+    assert.equal(await waitForStatus(page, "Fechada"), "Fechada: código 1000 (bye)");
+    assert.equal((await waitForLog(page, 2))[1], "note: conexão fechada, código 1000");
+    assert.equal(
+      await evaluate(page, `document.getElementById("connect").textContent`),
+      "Conectar",
+    );
+  },
+);
