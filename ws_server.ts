@@ -1130,18 +1130,12 @@ if (import.meta.main) Deno.exit(await main(Deno.args));
 // The languages the browser page is written in; English is the default.
 type PageLanguage = "en" | "pt";
 
-/**
- * The page's language for an `Accept-Language` header (RFC 9110 §12.5.4):
- * Portuguese when the highest-q language the page speaks is any `pt`
- * (`pt`, `pt-BR`, `pt-PT`), English otherwise. Ties keep the header's order.
- * Never throws; a missing, oversize or malformed header means English.
- *
- * @example
- * ```ts
- * pageLanguage("pt-BR,pt;q=0.9,en;q=0.8"); // "pt"
- * pageLanguage("en-US,pt;q=0.5"); // "en"
- * ```
- */
+// The page's language for an `Accept-Language` header (RFC 9110 §12.5.4):
+// Portuguese when the highest-q language the page speaks is any `pt`
+// (`pt`, `pt-BR`, `pt-PT`), English otherwise; ties keep the header's order.
+// The header is the browser's, so never trusted: a missing, oversize or
+// malformed one means English, and nothing here throws. For example
+// "pt-BR,pt;q=0.9,en;q=0.8" is "pt", and "en-US,pt;q=0.5" is "en".
 function pageLanguage(header: string | null): PageLanguage {
   // Accept-Language is whatever the peer sent: past this size, or past this
   // many entries, it is not a browser's list and the page stays English.
