@@ -29,6 +29,7 @@ import {
 } from "./wire.ts";
 import {
   allBytes,
+  bufferedConn,
   connectTcp,
   joinTcpChat,
   joinWsChat,
@@ -2236,7 +2237,7 @@ Deno.test("wire: malformed frames are reported, and every byte still goes throug
   const request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
   await client.write(request);
-  using upstream = connectedPeer(await accepted);
+  using upstream = bufferedConn(await accepted);
   assert.equal(decoder.decode(await upstream.readBytes(request.length)), request);
   await upstream.write(
     "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
@@ -2279,47 +2280,6 @@ Deno.test("wire: malformed frames are reported, and every byte still goes throug
   assert.equal(log.of(1, "frame", "s2c")[0].text, "masked", "unmasked for the preview");
   assertDocumentedFields(log.events);
 });
-
-/** An accepted connection with connectTcp's buffered reads. */
-function connectedPeer(conn: Deno.Conn) {
-  // connectTcp opens its own connection; this wraps one we accepted instead.
-  let buffered: Uint8Array = new Uint8Array(0);
-  const buffer = new Uint8Array(64 * 1024);
-  async function fill(): Promise<boolean> {
-    const n = await conn.read(buffer);
-    if (n === null) return false;
-    buffered = concat([buffered, buffer.subarray(0, n)]);
-    return true;
-  }
-  return {
-    async readBytes(n: number) {
-      while (buffered.length < n && await fill());
-      const head = buffered.slice(0, n);
-      buffered = buffered.subarray(n);
-      return head;
-    },
-    async readToEnd() {
-      while (await fill());
-      const all = buffered;
-      buffered = new Uint8Array(0);
-      return all;
-    },
-    async write(data: string | Uint8Array) {
-      const bytes = typeof data === "string" ? encoder.encode(data) : data;
-      for (let done = 0; done < bytes.length;) done += await conn.write(bytes.subarray(done));
-    },
-    close() {
-      try {
-        conn.close();
-      } catch {
-        // Already closed.
-      }
-    },
-    [Symbol.dispose]() {
-      this.close();
-    },
-  };
-}
 
 Deno.test("wire: keep-alive HTTP shows each head in turn; TLS is byte counts only", async () => {
   await using server = startWsServer({ port: 0, log: quiet });
@@ -3747,7 +3707,7 @@ Deno.test("wire faults: --stall-after forwards that many bytes, then nothing, wi
     "client",
   ]);
   using client = await connectTcp(wire.port);
-  using server = connectedPeer(await upstream.accept());
+  using server = bufferedConn(await upstream.accept());
   await server.write("hello world\n");
   assert.equal(decoder.decode(await within(client.readBytes(5), "the first 5 bytes")), "hello");
   const stalled = await wire.waitFor((e) => e.type === "fault", "the stall-after event");
@@ -3866,7 +3826,7 @@ Deno.test("wire faults: behind --ping-every the server receives the client's fra
   const request = "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
   await client.write(request);
-  using upstream = connectedPeer(await within(accepted, "the proxy's connection"));
+  using upstream = bufferedConn(await within(accepted, "the proxy's connection"));
   assert.equal(decoder.decode(await upstream.readBytes(request.length)), request);
   const response = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n" +
     "Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";

@@ -74,6 +74,11 @@ export async function connectTcp(port: number, tls?: { caCerts: string[] }) {
   const conn = tls
     ? await connectTls(port, tls.caCerts) as unknown as Deno.TcpConn
     : await Deno.connect({ hostname: "127.0.0.1", port });
+  return bufferedConn(conn);
+}
+
+/** The same buffered reads and writes as `connectTcp`, on a connection already open (one accepted, say). */
+export function bufferedConn<C extends Deno.Conn>(conn: C) {
   let buffered = new Uint8Array(0);
   let eof = false;
   async function fill(): Promise<boolean> {
