@@ -668,8 +668,10 @@ function handleRequest(
     return upgrade(state, request, info, url);
   }
   if ((request.method === "GET" || request.method === "HEAD") && url.pathname === "/") {
-    return new Response(page(state.to.url), {
-      headers: { "content-type": "text/html; charset=utf-8" },
+    // The page speaks the browser's language (Accept-Language), English by default.
+    const lang = pageLanguage(request.headers.get("accept-language"));
+    return new Response(page({ to: state.to.url, framing: state.framing }, lang), {
+      headers: pageHeaders(lang),
     });
   }
   return plain(
@@ -760,50 +762,184 @@ function plain(status: number, text: string): Response {
   });
 }
 
-// The browser client: ws_server.ts's page, saying where its messages go.
-function page(to: string): string {
-  return PAGE.replaceAll("{{TO}}", escapeHtml(to));
+// ------------------------------------------------------ the browser page
+
+// The page is ws_server.ts's, in the same two languages and with the same
+// functions (copied, not imported: every script runs on its own). What the
+// bridge adds is where the messages go, and that it cannot know what the TCP
+// server speaks: the page learns that it is in a chat from the server itself.
+
+// The languages the browser page is written in; English is the default.
+type PageLanguage = "en" | "pt";
+
+// The page's language for an `Accept-Language` header (RFC 9110 §12.5.4):
+// Portuguese when the highest-q language the page speaks is any `pt`
+// (`pt`, `pt-BR`, `pt-PT`), English otherwise; ties keep the header's order.
+// The header is the browser's, so never trusted: a missing, oversize or
+// malformed one means English, and nothing here throws. For example
+// "pt-BR,pt;q=0.9,en;q=0.8" is "pt", and "en-US,pt;q=0.5" is "en".
+function pageLanguage(header: string | null): PageLanguage {
+  // Accept-Language is whatever the peer sent: past this size, or past this
+  // many entries, it is not a browser's list and the page stays English.
+  // (Local, as in ws_server.ts, where the server may answer before a
+  // top-level constant would be initialized.)
+  const ACCEPT_LANGUAGE_MAX_CHARS = 1024;
+  const ACCEPT_LANGUAGE_MAX_ENTRIES = 32;
+  if (!header || header.length > ACCEPT_LANGUAGE_MAX_CHARS) return "en";
+  const entries = header.split(",");
+  if (entries.length > ACCEPT_LANGUAGE_MAX_ENTRIES) return "en";
+  let best: PageLanguage = "en";
+  let bestQ = 0;
+  for (const entry of entries) {
+    const [range, ...params] = entry.trim().toLowerCase().split(";");
+    const tag = range.trim();
+    const primary = tag === "*" ? "en" : tag.split("-")[0];
+    if (primary !== "pt" && primary !== "en") continue;
+    const q = acceptQuality(params);
+    if (q > bestQ) [best, bestQ] = [primary, q];
+  }
+  return best;
 }
 
-function escapeHtml(text: string): string {
-  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+// A q parameter is 0 to 1 with at most three decimals; anything else
+// ("q=2", "q=abc") is not a weight and the range counts as not wanted.
+function acceptQuality(params: string[]): number {
+  const q = params.map((param) => param.trim()).find((param) => param.startsWith("q="));
+  if (q === undefined) return 1;
+  return /^q=(0(\.\d{0,3})?|1(\.0{0,3})?)$/.test(q) ? Number(q.slice(2)) : 0;
 }
 
-const PAGE = `<!doctype html>
-<html lang="en">
+// The page's response headers. Vary: a cache must not hand the Portuguese
+// page to an English browser, or the other way round.
+function pageHeaders(lang: PageLanguage): Record<string, string> {
+  return {
+    "content-type": "text/html; charset=utf-8",
+    "content-language": lang === "pt" ? "pt-BR" : "en",
+    "vary": "Accept-Language",
+  };
+}
+
+// Every text the page shows, in each language it speaks. The protocol
+// messages ("NAME: TEXT", "* NAME joined") are the TCP server's, not the
+// page's: they stay as they are. `to` arrives as HTML, already escaped.
+function pageTexts(lang: PageLanguage) {
+  return {
+    en: {
+      title: "WebSocket to TCP bridge",
+      heading: "WebSocket client, bridged to TCP",
+      relay: (to: string, framing: Framing) =>
+        `This page speaks WebSocket to bridge.ts, which relays to the TCP server at ${to}: ` +
+        (framing === "lines"
+          ? "each message you send becomes one line to it, and each line it sends comes back " +
+            "as one message."
+          : "each message you send is written to it as it is, with no newline, and each read " +
+            "from it comes back as one binary message, cut wherever TCP cut the bytes."),
+      lineHint: "→ marks what you sent; the lines after it are the server's answer. A chat " +
+        "server names you as you join: from then on your own lines come back from it in blue, " +
+        "like everyone else's.",
+      chatHint: "Chat: every message goes to everyone connected, you included. Your own lines " +
+        "come back from the server like everyone else's (in blue): that is how you know " +
+        "they arrived. Open a second tab to talk to yourself.",
+      bridgeUrl: "Bridge URL",
+      connect: "Connect",
+      disconnect: "Disconnect",
+      notConnected: "Not connected.",
+      message: "Message",
+      placeholder: "Type a message",
+      send: "Send",
+      youAre: "— you are ",
+      connecting: "Connecting to ",
+      connected: "Connected to ",
+      closed: "Closed: code ",
+      lost: " — the connection was lost or refused",
+      closedNote: "connection closed, code ",
+      binary: "<binary ",
+    },
+    pt: {
+      title: "Ponte WebSocket para TCP",
+      heading: "Cliente WebSocket, via ponte para TCP",
+      relay: (to: string, framing: Framing) =>
+        `Esta página fala WebSocket com o bridge.ts, que repassa tudo para o servidor TCP em ${to}: ` +
+        (framing === "lines"
+          ? "cada mensagem que você envia vira uma linha para ele, e cada linha que ele manda " +
+            "volta como uma mensagem."
+          : "cada mensagem que você envia vai para ele do jeito que está, sem quebra de linha, " +
+            "e cada leitura volta como uma mensagem binária, cortada onde o TCP cortou os bytes."),
+      lineHint: "→ marca o que você enviou; as linhas que vêm depois são a resposta do servidor. " +
+        "Um servidor de chat te dá um nome assim que você entra: daí em diante as suas " +
+        "próprias linhas voltam dele em azul, igual às dos outros.",
+      chatHint: "Chat: cada mensagem vai para todo mundo que está conectado, inclusive você. " +
+        "Suas próprias linhas voltam do servidor igual às dos outros (em azul): é assim que " +
+        "você sabe que elas chegaram. Abra uma segunda aba para conversar com você mesmo.",
+      bridgeUrl: "URL da ponte",
+      connect: "Conectar",
+      disconnect: "Desconectar",
+      notConnected: "Desconectado.",
+      message: "Mensagem",
+      placeholder: "Digite uma mensagem",
+      send: "Enviar",
+      youAre: "— você é ",
+      connecting: "Conectando a ",
+      connected: "Conectado a ",
+      closed: "Fechada: código ",
+      lost: " — a conexão caiu ou foi recusada",
+      closedNote: "conexão fechada, código ",
+      binary: "<binário, ",
+    },
+  }[lang];
+}
+
+// The browser client: one self-contained page, no external assets, using
+// the same standard WebSocket API as ws_client.ts. Where its messages go and
+// how they are framed are all the bridge fills in, besides the language.
+function page(
+  { to, framing }: { to: string; framing: Framing },
+  lang: PageLanguage = "en",
+): string {
+  const t = pageTexts(lang);
+  const js = (text: string) => JSON.stringify(text);
+  return `<!doctype html>
+<html lang="${lang === "pt" ? "pt-BR" : "en"}">
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>WebSocket to TCP bridge</title>
+<title>${t.title}</title>
 <style>
   body { font: 16px/1.4 system-ui, sans-serif; max-width: 46rem; margin: 1.5rem auto; padding: 0 1rem; color: #1b1b1b; }
   h1 { font-size: 1.3rem; margin: 0 0 .25rem; }
-  p { margin: 0 0 .75rem; color: #555; font-size: .95rem; }
+  #relay, #hint { font-size: .9rem; color: #444; margin: 0 0 .75rem; }
   form { display: flex; gap: .5rem; margin: .5rem 0; }
   input { flex: 1; font: inherit; padding: .4rem .5rem; border: 1px solid #999; border-radius: 4px; }
   button { font: inherit; padding: .4rem .9rem; border-radius: 4px; border: 1px solid #555; background: #f2f2f2; cursor: pointer; }
   button:disabled { opacity: .5; cursor: default; }
   #status { font-size: .9rem; color: #555; margin: .25rem 0; }
+  #you { font-weight: 600; }
   #log { list-style: none; margin: .5rem 0; padding: .5rem; height: 22rem; overflow-y: auto; border: 1px solid #ccc; border-radius: 4px; background: #fafafa; font: 15px/1.5 ui-monospace, monospace; }
   #log li { white-space: pre-wrap; word-break: break-word; }
-  #log .sent { color: #1a5fb4; }
+  #log .sent, #log .mine { color: #1a5fb4; }
   #log .note { color: #777; font-style: italic; }
 </style>
-<h1>WebSocket to TCP bridge</h1>
-<p>Each message you send becomes one line to <code>{{TO}}</code>; each line it sends arrives here as one message.</p>
+<h1>${t.heading} <span id="you"></span></h1>
+<p id="relay">${t.relay(`<code>${escapeHtml(to)}</code>`, framing)}</p>
+<p id="hint">${t.lineHint}</p>
 <form id="connect-form">
-  <input id="url" aria-label="Bridge URL" spellcheck="false">
-  <button id="connect">Connect</button>
+  <input id="url" aria-label="${t.bridgeUrl}" spellcheck="false">
+  <button id="connect">${t.connect}</button>
 </form>
-<div id="status" role="status">Not connected.</div>
+<div id="status" role="status">${t.notConnected}</div>
 <ul id="log" aria-live="polite"></ul>
 <form id="send-form">
-  <input id="message" aria-label="Message" placeholder="Type a message" autocomplete="off" disabled>
-  <button id="send" disabled>Send</button>
+  <input id="message" aria-label="${t.message}" placeholder="${t.placeholder}" autocomplete="off" disabled>
+  <button id="send" disabled>${t.send}</button>
 </form>
 <script type="module">
   const $ = (id) => document.getElementById(id);
   $("url").value = (location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/";
   let socket;
+  // Whether the TCP server is a chat: the bridge cannot know, the server says so.
+  let chat = false;
+  let me = "";
+  // Nothing has been received or sent yet on this connection.
+  let fresh = true;
 
   function show(text, kind) {
     const item = document.createElement("li");
@@ -814,9 +950,25 @@ const PAGE = `<!doctype html>
   }
 
   function setConnected(connected) {
-    $("connect").textContent = connected ? "Disconnect" : "Connect";
+    $("connect").textContent = connected ? ${js(t.disconnect)} : ${js(t.connect)};
     $("message").disabled = $("send").disabled = !connected;
     if (connected) $("message").focus();
+  }
+
+  // A chat server names each newcomer in a notice of its own, before
+  // anything else: only that first message can be it (an echo server sends
+  // "* you are x" back to whoever types it).
+  function received(text) {
+    const name = fresh && text.match(/^\\* you are (\\S+)$/)?.[1];
+    fresh = false;
+    if (name) {
+      chat = true;
+      me = name;
+      $("you").textContent = ${js(t.youAre)} + name;
+      $("hint").textContent = ${js(t.chatHint)};
+      return;
+    }
+    show(text, chat && me && text.startsWith(me + ": ") ? "mine" : undefined);
   }
 
   $("connect-form").onsubmit = (event) => {
@@ -824,20 +976,30 @@ const PAGE = `<!doctype html>
     if (socket) return socket.close(1000, "bye");
     socket = new WebSocket($("url").value);
     socket.binaryType = "arraybuffer";
-    $("status").textContent = "Connecting to " + socket.url + " …";
+    $("status").textContent = ${js(t.connecting)} + socket.url + " …";
     socket.onopen = () => {
-      $("status").textContent = "Connected to " + socket.url;
+      $("status").textContent = ${js(t.connected)} + socket.url;
       setConnected(true);
     };
     socket.onmessage = (event) =>
-      show(typeof event.data === "string" ? event.data : "<binary " + event.data.byteLength + " bytes>");
+      typeof event.data === "string"
+        ? received(event.data)
+        : show(${js(t.binary)} + event.data.byteLength + " bytes>");
     // The close event carries the code and reason from the close frame;
     // 1006 means there was none (the connection just dropped).
     socket.onclose = (event) => {
-      $("status").textContent = "Closed: code " + event.code + (event.reason ? " (" + event.reason + ")" : "") +
-        (event.code === 1006 ? " — the connection was lost or refused" : "");
-      show("connection closed, code " + event.code, "note");
+      $("status").textContent = ${
+    js(t.closed)
+  } + event.code + (event.reason ? " (" + event.reason + ")" : "") +
+        (event.code === 1006 ? ${js(t.lost)} : "");
+      show(${js(t.closedNote)} + event.code, "note");
+      // The next connection gets an upstream of its own, which names it anew.
       socket = undefined;
+      chat = false;
+      me = "";
+      fresh = true;
+      $("you").textContent = "";
+      $("hint").textContent = ${js(t.lineHint)};
       setConnected(false);
     };
   };
@@ -847,7 +1009,9 @@ const PAGE = `<!doctype html>
     const text = $("message").value;
     if (!socket || socket.readyState !== WebSocket.OPEN || text === "") return;
     socket.send(text);
-    show("→ " + text, "sent");
+    fresh = false;
+    // In chat the server's relay is the confirmation; otherwise, its answer.
+    if (!chat) show("→ " + text, "sent");
     $("message").value = "";
   };
 
@@ -855,6 +1019,11 @@ const PAGE = `<!doctype html>
 </script>
 </html>
 `;
+}
+
+function escapeHtml(text: string): string {
+  return text.replace(/[&<>"']/g, (c) => `&#${c.charCodeAt(0)};`);
+}
 
 // ----------------------------------------------------------- the API
 

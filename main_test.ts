@@ -3985,3 +3985,88 @@ Deno.test("readme: every code block in README.pt-BR.md is README.md's, or says w
   }
   assert.ok(translated.length >= 15, `only ${translated.length} code blocks found`);
 });
+
+Deno.test("bridge ws://: the browser page follows Accept-Language like ws_server.ts's, and says where it relays", async () => {
+  using tcp = rawTcpServer();
+  await using lines = startBridge({ listen: "ws://127.0.0.1:0/", to: tcp.url, log: quiet });
+  await using raw = startBridge({
+    listen: "ws://127.0.0.1:0/",
+    to: tcp.url,
+    framing: "raw",
+    log: quiet,
+  });
+  async function pageFor(
+    acceptLanguage: string | undefined,
+    { bridge = lines, method = "GET" } = {},
+  ) {
+    const response = await fetch(`http://127.0.0.1:${bridge.addr.port}/`, {
+      method,
+      headers: acceptLanguage === undefined ? {} : { "accept-language": acceptLanguage },
+    });
+    const what = `${method} Accept-Language: ${acceptLanguage?.slice(0, 40)}`;
+    assert.equal(response.status, 200, what);
+    assert.equal(response.headers.get("vary"), "Accept-Language", what);
+    assert.equal(response.headers.get("content-type"), "text/html; charset=utf-8", what);
+    return { language: response.headers.get("content-language"), html: await response.text() };
+  }
+  const english = [
+    /<html lang="en">/,
+    /<title>WebSocket to TCP bridge<\/title>/,
+    /WebSocket client, bridged to TCP <span id="you">/,
+    /relays to the TCP server at <code>tcp:\/\/127\.0\.0\.1:\d+<\/code>: each message you send becomes one line/,
+    /<p id="hint">→ marks what you sent/,
+    /"Chat: every message goes to everyone connected/,
+    />Not connected\.</,
+    />Connect</,
+    /"— you are "/,
+    /"Closed: code "/,
+  ];
+  const portuguese = [
+    /<html lang="pt-BR">/,
+    /<title>Ponte WebSocket para TCP<\/title>/,
+    /Cliente WebSocket, via ponte para TCP <span id="you">/,
+    /repassa tudo para o servidor TCP em <code>tcp:\/\/127\.0\.0\.1:\d+<\/code>: cada mensagem que você envia vira uma linha/,
+    /<p id="hint">→ marca o que você enviou/,
+    /"Chat: cada mensagem vai para todo mundo/,
+    /aria-label="URL da ponte"/,
+    />Desconectado\.</,
+    />Conectar</,
+    /placeholder="Digite uma mensagem"/,
+    /"— você é "/,
+    /"Conectado a "/,
+    /"Fechada: código "/,
+    /"conexão fechada, código "/,
+  ];
+  for (const header of ["pt-BR,pt;q=0.9,en;q=0.8", "pt", "PT-pt", "en;q=0.5, pt-BR;q=0.8"]) {
+    const { language, html } = await pageFor(header);
+    assert.equal(language, "pt-BR", header);
+    for (const text of portuguese) assert.match(html, text, header);
+    // The protocol is the TCP server's: the page still reads "* you are NAME".
+    assert.match(html, /\\\* you are/, header);
+  }
+  const hostile = [
+    undefined,
+    "en-US,en;q=0.9,pt;q=0.8",
+    "pt;q=0, en;q=0.1",
+    "pt;q=2",
+    "*",
+    ";;;,,,=q;pt;;",
+    "pt-" + "x".repeat(5000),
+    Array.from({ length: 100 }, () => "pt").join(","),
+  ];
+  for (const header of hostile) {
+    const { language, html } = await pageFor(header);
+    assert.equal(language, "en", header?.slice(0, 40));
+    for (const text of english) assert.match(html, text, header?.slice(0, 40));
+  }
+  // HEAD answers with the same headers and no body.
+  const head = await pageFor("pt-BR", { method: "HEAD" });
+  assert.deepEqual(head, { language: "pt-BR", html: "" });
+  // With --framing raw the page does not promise lines.
+  const rawPt = await pageFor("pt-BR", { bridge: raw });
+  assert.match(rawPt.html, /vai para ele do jeito que está, sem quebra de linha/);
+  assert.doesNotMatch(rawPt.html, /vira uma linha/);
+  const rawEn = await pageFor("en", { bridge: raw });
+  assert.match(rawEn.html, /is written to it as it is, with no newline/);
+  assert.doesNotMatch(rawEn.html, /becomes one line/);
+});
