@@ -1606,14 +1606,16 @@ interopTest("chromium + netcat: the page bridge.ts serves joins a tcp_server.ts 
   const page = await browser.openPage(bridge.url.replace("ws:", "http:"));
   assert.equal(await waitForStatus(page, "Connected"), `Connected to ${bridge.url}`);
   assert.equal(await nc.nextLine(), "* guest-2 joined");
+  // tcp_server's "* you are guest-2" crosses the bridge as a message: the
+  // page learns from it that it is in a chat, and its name, as on ws_server's.
+  assert.equal(await waitForYou(page, "guest-2"), "— you are guest-2");
+  assert.match((await pageHeading(page)).hint, /^Chat: every message goes to everyone/);
   await typeMessage(page, "hello from the bridge's page ✓", "click");
   assert.equal(await nc.nextLine(), "guest-2: hello from the bridge's page ✓");
   await nc.write("welcome, browser\n");
   assert.equal(await nc.nextLine(), "guest-1: welcome, browser");
-  assert.deepEqual(await waitForLog(page, 4), [
-    "* you are guest-2",
-    "sent: → hello from the bridge's page ✓",
-    "guest-2: hello from the bridge's page ✓",
+  assert.deepEqual(await waitForLog(page, 2), [
+    "mine: guest-2: hello from the bridge's page ✓",
     "guest-1: welcome, browser",
   ]);
   // Disconnect: close 1000 becomes a FIN to tcp_server, which says so.
@@ -1923,5 +1925,82 @@ interopTest(
       await evaluate(page, `document.getElementById("connect").textContent`),
       "Conectar",
     );
+  },
+);
+
+interopTest(
+  "chromium: with --lang=pt-BR the page bridge.ts serves speaks Portuguese, and a line round-trips through tcp_server.ts",
+  [chromium],
+  async () => {
+    await using server = await startServer(
+      deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
+    );
+    const to = `tcp://127.0.0.1:${server.port}`;
+    await using bridge = await startServer(
+      deno("bridge.ts", "--listen", "ws://127.0.0.1:0/", "--to", to, "--quiet"),
+    );
+    // As for ws_server.ts's page: --accept-lang is what sets Accept-Language.
+    await using browser = await launchChromium(["--lang=pt-BR", "--accept-lang=pt-BR"]);
+    const page = await browser.openPage(bridge.url.replace("ws:", "http:"));
+    assert.equal(await waitForStatus(page, "Conectado"), `Conectado a ${bridge.url}`);
+    assert.equal(await evaluate(page, `document.documentElement.lang`), "pt-BR");
+    assert.equal(
+      await evaluate(page, `document.getElementById("connect").textContent`),
+      "Desconectar",
+    );
+    assert.equal(
+      await evaluate(page, `document.getElementById("relay").textContent`),
+      `Esta página fala WebSocket com o bridge.ts, que repassa tudo para o servidor TCP em ${to}: ` +
+        "cada mensagem que você envia vira uma linha para ele, e cada linha que ele manda volta " +
+        "como uma mensagem.",
+    );
+    // tcp_server still says "* you are guest-1"; only the page's words change.
+    assert.equal(await waitForYou(page, "guest-1"), "— você é guest-1");
+    const heading = await pageHeading(page);
+    assert.equal(heading.title, "Ponte WebSocket para TCP");
+    assert.match(heading.h1, /^Cliente WebSocket, via ponte para TCP/);
+    assert.match(heading.hint, /^Chat: cada mensagem vai para todo mundo/);
+    // Page → WebSocket → bridge → a line to tcp_server → relayed back, once.
+    await typeMessage(page, "olá, mundo ✓", "click");
+    assert.deepEqual(await waitForLog(page, 1), ["mine: guest-1: olá, mundo ✓"]);
+
+    await click(page, "#connect");
+    assert.equal(await waitForStatus(page, "Fechada"), "Fechada: código 1000 (bye)");
+    assert.equal((await waitForLog(page, 2))[1], "note: conexão fechada, código 1000");
+    assert.equal(
+      await evaluate(page, `document.getElementById("connect").textContent`),
+      "Conectar",
+    );
+    assert.match((await pageHeading(page)).hint, /^→ marca o que você enviou/);
+  },
+);
+
+interopTest(
+  "chromium: the page bridge.ts serves in front of tcp_server.ts echo marks what was sent, and is not fooled by '* you are'",
+  [chromium],
+  async () => {
+    await using server = await startServer(
+      deno("tcp_server.ts", "--port", "0", "--quiet"),
+    );
+    await using bridge = await startServer(
+      deno("bridge.ts", "--listen", "ws://127.0.0.1:0/", "--to", `tcp://127.0.0.1:${server.port}`),
+    );
+    await using browser = await launchChromium();
+    const page = await browser.openPage(bridge.url.replace("ws:", "http:"));
+    assert.equal(await waitForStatus(page, "Connected"), `Connected to ${bridge.url}`);
+    // An echo server names no one: what comes back is the typed line, and
+    // only a chat's first notice, before anything was sent, names the page.
+    await typeMessage(page, "* you are mallory", "enter");
+    await typeMessage(page, "mallory: hi", "enter");
+    assert.deepEqual(await waitForLog(page, 4), [
+      "sent: → * you are mallory",
+      "* you are mallory",
+      "sent: → mallory: hi",
+      "mallory: hi",
+    ]);
+    assert.equal(await evaluate(page, `document.getElementById("you").textContent`), "");
+    assert.match((await pageHeading(page)).hint, /^→ marks what you sent/);
+    const { code } = await bridge.stop("SIGTERM");
+    assert.equal(code, 0);
   },
 );
