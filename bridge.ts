@@ -758,7 +758,7 @@ async function serveWsClient(state: BridgeState, link: Link): Promise<void> {
 function plain(status: number, text: string): Response {
   return new Response(`${text}\n`, {
     status,
-    headers: { "content-type": "text/plain; charset=utf-8" },
+    headers: { "content-type": "text/plain; charset=utf-8", "x-content-type-options": "nosniff" },
   });
 }
 
@@ -816,6 +816,10 @@ function pageHeaders(lang: PageLanguage): Record<string, string> {
     "content-type": "text/html; charset=utf-8",
     "content-language": lang === "pt" ? "pt-BR" : "en",
     "vary": "Accept-Language",
+    "x-content-type-options": "nosniff",
+    // No other site may frame the page (clickjacking: a hidden frame that
+    // makes a visitor click Send).
+    "content-security-policy": "frame-ancestors 'none'",
   };
 }
 

@@ -3882,6 +3882,8 @@ Deno.test("ws server: the browser page follows Accept-Language, Portuguese for p
     });
     assert.equal(response.status, 200, `Accept-Language: ${acceptLanguage?.slice(0, 40)}`);
     assert.equal(response.headers.get("vary"), "Accept-Language");
+    assert.equal(response.headers.get("x-content-type-options"), "nosniff");
+    assert.equal(response.headers.get("content-security-policy"), "frame-ancestors 'none'");
     return { language: response.headers.get("content-language"), html: await response.text() };
   }
   const english = [
@@ -4006,6 +4008,8 @@ Deno.test("bridge ws://: the browser page follows Accept-Language like ws_server
     const what = `${method} Accept-Language: ${acceptLanguage?.slice(0, 40)}`;
     assert.equal(response.status, 200, what);
     assert.equal(response.headers.get("vary"), "Accept-Language", what);
+    assert.equal(response.headers.get("x-content-type-options"), "nosniff", what);
+    assert.equal(response.headers.get("content-security-policy"), "frame-ancestors 'none'", what);
     assert.equal(response.headers.get("content-type"), "text/html; charset=utf-8", what);
     return { language: response.headers.get("content-language"), html: await response.text() };
   }

@@ -1174,6 +1174,10 @@ function pageHeaders(lang: PageLanguage): Record<string, string> {
     "content-type": "text/html; charset=utf-8",
     "content-language": lang === "pt" ? "pt-BR" : "en",
     "vary": "Accept-Language",
+    "x-content-type-options": "nosniff",
+    // No other site may frame the page (clickjacking: a hidden frame that
+    // makes a visitor click Send).
+    "content-security-policy": "frame-ancestors 'none'",
   };
 }
 
