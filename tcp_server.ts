@@ -316,7 +316,10 @@ async function chatLoop(state: ServerState, client: Client): Promise<void> {
 }
 
 // A newcomer is told its name at once ("* " lines are the server speaking),
-// and everyone already there learns it from the join.
+// and everyone already there learns it from the join. That is one line to
+// each of them: N clients arriving together cost N²/2 deliveries (12.5
+// million for 5,000), a burst whose garbage the runtime takes a few seconds
+// to give back (docs/performance.md, "Idle connections").
 function join(state: ServerState, client: Client): void {
   client.name = `guest-${++state.guests}`;
   broadcast(state, `* ${client.name} joined\n`);
