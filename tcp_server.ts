@@ -200,6 +200,10 @@ async function echoLoop(client: Client): Promise<void> {
 // KiB. A read that would have fit in the small buffer means the burst is
 // over: back to it, and the large one becomes garbage, so a connection that
 // went quiet costs 1 KiB again. Reused otherwise: no garbage per message.
+// The price: a client that stops right after a bulk read keeps its 64 KiB
+// until its next read, since a read that is waiting cannot be given another
+// buffer. Dropping to 1 KiB after every read short of 64 KiB would free it,
+// but allocates 64 KiB at each new burst: bulk echo measured 0.94× as fast.
 function nextReadBuffer(
   buf: Uint8Array<ArrayBuffer>,
   n: number,

@@ -118,7 +118,9 @@ const MEANING = [
   "Memory is how much the server's resident set grew while the idle connections were open,",
   "divided by their number; a garbage collection in between can move it by a few KiB either way.",
   "Expect about 10 KiB for TCP (tcp_server.ts reads into 1 KiB until reads fill it; Deno's own",
-  "floor is 7-8 KiB) and about 20 KiB for WebSocket: the protocol costs memory, not TCP.",
+  "floor is 7-8 KiB) and about 20 KiB for WebSocket: the protocol costs memory, not TCP. With a",
+  "few hundred connections the heap a server already has absorbs part of it, and the figures come",
+  "out lower; tools/idle_memory.ts measures TCP with 5,000, next to plain Deno read loops.",
 ];
 
 /**
