@@ -16,7 +16,6 @@ import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
-import { type CertificateFiles, makeCertificates } from "./tools/cert.ts";
 import { startBridge } from "./bridge.ts";
 import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
@@ -33,12 +32,12 @@ import {
   connectTcp,
   joinTcpChat,
   joinWsChat,
-  opensslCertificates,
   openWs,
   randomBytes,
   runScript,
   scriptPath,
   spawnServer,
+  testCertificates,
   within,
 } from "./tests/helpers.ts";
 
@@ -2513,38 +2512,6 @@ Deno.test("wire: --hex and --preview bound what each event shows", async () => {
 });
 // ------------------------------------------------------ TLS: the two clients
 
-/**
- * Certificates made by tools/cert.ts in a temporary folder: a CA and a
- * localhost/127.0.0.1 leaf it signed, a leaf for another name and an expired
- * one from the same CA, and a second CA nobody's leaf comes from.
- */
-async function testCertificates() {
-  const dir = await Deno.makeTempDir({ prefix: "tls_test_" });
-  const good = await makeCertificates({ out: `${dir}/good` });
-  const caDir = `${dir}/good`;
-  const wrongName = await makeCertificates({ out: `${dir}/name`, caDir, names: ["example.com"] });
-  const expired = await makeCertificates({ out: `${dir}/expired`, caDir, days: -1 });
-  const other = await makeCertificates({ out: `${dir}/other` });
-  const pair = async (files: CertificateFiles) => ({
-    cert: await Deno.readTextFile(files.cert),
-    key: await Deno.readTextFile(files.key),
-  });
-  return {
-    ca: good.ca,
-    otherCa: other.ca,
-    good: await pair(good),
-    wrongName: await pair(wrongName),
-    expired: await pair(expired),
-    // A CA's own certificate shown by a server: what a lone self-signed one amounts to.
-    caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
-    /** The good leaf's and the CA's files, for the servers' --cert and --key. */
-    files: good,
-    async [Symbol.asyncDispose]() {
-      await Deno.remove(dir, { recursive: true });
-    },
-  };
-}
-
 /** A TLS echo server on a free port; a refused handshake just ends that connection. */
 function tlsEchoServer(pair: { cert: string; key: string }) {
   const listener = Deno.listenTls({ hostname: "127.0.0.1", port: 0, ...pair });
@@ -2595,24 +2562,24 @@ Deno.test("tls: tcp_client --tls trusts --ca, and refuses a wrong CA, a wrong na
   const client = (port: number, ...args: string[]) =>
     runScript("tcp_client.ts", ["--port", String(port), "--tls", ...args, "hello"]);
 
-  const trusted = await client(good.port, "--ca", certs.ca);
+  const trusted = await client(good.port, "--ca", certs.files.ca);
   assert.deepEqual(trusted, { code: 0, stdout: "hello\n", stderr: "" });
 
   const refusals: [number, string, RegExp][] = [
     [
       good.port,
-      certs.otherCa,
+      certs.files.otherCa,
       /certificate refused: unknown issuer, .*trust its CA with --ca FILE/,
     ],
     [
       wrongName.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
     ],
-    [expired.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [expired.port, certs.files.ca, /certificate refused: expired; the server needs a new one/],
     [
       caAsServer.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: the server shows a CA certificate as its own;/,
     ],
   ];
@@ -2676,24 +2643,24 @@ Deno.test("tls: ws_client wss:// trusts --ca, refuses a wrong CA, a wrong name, 
   const client = (port: number, ca: string) =>
     runScript("ws_client.ts", ["--url", url(port), "--ca", ca, "hello"]);
 
-  const trusted = await client(good.addr.port, certs.ca);
+  const trusted = await client(good.addr.port, certs.files.ca);
   assert.deepEqual(trusted, { code: 0, stdout: "hello\n", stderr: "" });
 
   const refusals: [number, string, RegExp][] = [
     [
       good.addr.port,
-      certs.otherCa,
+      certs.files.otherCa,
       /certificate refused: unknown issuer, .*trust its CA with --ca FILE/,
     ],
     [
       wrongName.addr.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
     ],
-    [expired.addr.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [expired.addr.port, certs.files.ca, /certificate refused: expired; the server needs a new one/],
     [
       caAsServer.addr.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: the server shows a CA certificate as its own;/,
     ],
   ];
@@ -3117,7 +3084,7 @@ Deno.test("ws server: the page names its mode and says what to try", async () =>
 Deno.test("ws server over TLS: wss:// echo and chat, and a plain client on the TLS port harms no one", async () => {
   await using certs = await testCertificates();
   await using echo = startWsServer({ port: 0, tls: certs.good, log: quiet });
-  using client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(certs.ca)] });
+  using client = Deno.createHttpClient({ caCerts: [certs.ca] });
   const url = `wss://127.0.0.1:${echo.addr.port}/`;
   const opened = await openWsWith(new WebSocket(url, { client }));
   // A client that speaks plain TCP, and one that speaks plain WebSocket,
@@ -3238,8 +3205,8 @@ async function lineWhere(
 }
 
 Deno.test("tcp over TLS: echo is byte-exact and chat relays lines, for clients that trust the test CA", async () => {
-  await using certs = await opensslCertificates();
-  const tls = { cert: certs.leaf, key: certs.leafKey, log: quiet };
+  await using certs = await testCertificates();
+  const tls = { ...certs.good, log: quiet };
   {
     await using server = startTcpServer({ port: 0, ...tls });
     using client = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
@@ -3264,9 +3231,9 @@ Deno.test("tcp over TLS: echo is byte-exact and chat relays lines, for clients t
 });
 
 Deno.test("tcp over TLS: a plain client and one that rejects our certificate each cost one log line; a TLS client carries on", async () => {
-  await using certs = await opensslCertificates();
+  await using certs = await testCertificates();
   const events = awaitableLog();
-  const server = startTcpServer({ port: 0, cert: certs.leaf, key: certs.leafKey, log: events.log });
+  const server = startTcpServer({ port: 0, ...certs.good, log: events.log });
   try {
     using good = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
     await good.write("before\n");
@@ -3305,8 +3272,8 @@ Deno.test("tcp over TLS: a plain client and one that rejects our certificate eac
 });
 
 Deno.test("tcp_server cli: --cert/--key listen on tls://; bad or missing files are one line and exit 1", async () => {
-  await using certs = await opensslCertificates();
-  const { leaf, leafKey, otherKey, ca } = certs.files;
+  await using certs = await testCertificates();
+  const { cert: leaf, key: leafKey, otherKey, ca } = certs.files;
   {
     await using server = await spawnServer("tcp_server.ts", ["--cert", leaf, "--key", leafKey]);
     assert.equal(server.line, `listening on tls://127.0.0.1:${server.port}`);
@@ -3326,9 +3293,12 @@ Deno.test("tcp_server cli: --cert/--key listen on tls://; bad or missing files a
     ],
     [
       ["--cert", leaf, "--key", otherKey],
-      /--key .*other\.key is not the private key of the certificate in --cert .*leaf\.pem$/,
+      /--key .*other\/localhost\.key is not the private key of the certificate in --cert .*good\/localhost\.pem$/,
     ],
-    [["--cert", leafKey, "--key", leafKey], /--cert .*leaf\.key holds no PEM certificate/],
+    [
+      ["--cert", leafKey, "--key", leafKey],
+      /--cert .*good\/localhost\.key holds no PEM certificate/,
+    ],
     [["--cert", leaf, "--key", ca], /--key .*ca\.pem holds no PEM private key$/],
   ];
   for (const [args, expected] of cases) {

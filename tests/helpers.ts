@@ -17,6 +17,7 @@ import {
   spawnServer as spawnServerProcess,
   within,
 } from "../tools/shared.ts";
+import { type CertificateFiles, makeCertificates } from "../tools/cert.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -272,69 +273,78 @@ export async function joinWsChat(url: string, expected?: string) {
   }
 }
 
-/** PEM files for TLS tests, in a temporary folder: see `opensslCertificates`. */
+/** A server's certificate and private key as PEM text: what `Deno.listenTls` takes. */
+export interface PemPair {
+  cert: string;
+  key: string;
+}
+
+/** Certificates for TLS tests, in a temporary folder: see `testCertificates`. */
 export interface TestCertificates extends AsyncDisposable {
+  /** The temporary folder; disposing of the certificates removes it. */
   dir: string;
-  /** File names. `leaf` is signed by `ca`, for localhost and 127.0.0.1; `other` is a self-signed stranger. */
-  files: { ca: string; leaf: string; leafKey: string; otherKey: string };
-  /** The PEM texts of the same files. */
+  /**
+   * Paths. `ca`, `caKey`, `cert` and `key` are tools/cert.ts's files: the CA
+   * and the localhost/127.0.0.1 leaf it signed, for a server's --cert and
+   * --key. `otherCa` is a second CA that signed none of the leaves below, and
+   * `otherKey` a private key that belongs to none of them.
+   */
+  files: CertificateFiles & { otherCa: string; otherKey: string };
+  /** The CA's certificate as PEM text: what a client's `caCerts` takes. */
   ca: string;
-  leaf: string;
-  leafKey: string;
+  /** The localhost/127.0.0.1 leaf the CA signed. */
+  good: PemPair;
+  /** A leaf from the same CA for example.com only. */
+  wrongName: PemPair;
+  /** A leaf from the same CA that has already expired. */
+  expired: PemPair;
+  /** The CA's own certificate shown by a server: what a lone self-signed one amounts to. */
+  caAsServer: PemPair;
 }
 
 /**
- * A test CA and a leaf certificate it signed, for localhost and 127.0.0.1,
- * made with the system's openssl in a temporary folder that disposing of it
- * removes. A CA and a leaf, not one self-signed certificate: rustls (Deno)
- * refuses a CA used as its own end entity (CaUsedAsEndEntity).
+ * The certificates TLS tests need, made by tools/cert.ts (what `deno task
+ * cert` runs, so the tests exercise it) in a temporary folder that disposing
+ * of them removes: a CA and the localhost/127.0.0.1 leaf it signed, a leaf
+ * for another name and an expired one from the same CA, and a second CA.
+ *
+ * @example A TLS listener with the good leaf, for clients that trust the CA
+ * ```ts
+ * await using certs = await testCertificates();
+ * using listener = Deno.listenTls({ hostname: "127.0.0.1", port: 0, ...certs.good });
+ * // A client trusts certs.ca (PEM text) or certs.files.ca (its path, for --ca).
+ * ```
  */
-export async function opensslCertificates(): Promise<TestCertificates> {
+export async function testCertificates(): Promise<TestCertificates> {
   const dir = await Deno.makeTempDir({ prefix: "tls_test_" });
-  const at = (name: string) => `${dir}/${name}`;
-  await Deno.writeTextFile(
-    at("leaf.ext"),
-    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n" +
-      "extendedKeyUsage=serverAuth\n",
-  );
-  const steps = [
-    ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", at("ca.key"), "-out", at("ca.pem")]
-      .concat(["-days", "2", "-subj", "/CN=tcp_server test CA"])
-      .concat(["-addext", "basicConstraints=critical,CA:TRUE"])
-      .concat(["-addext", "keyUsage=critical,keyCertSign"]),
-    ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", at("leaf.key"), "-out", at("leaf.csr")]
-      .concat(["-subj", "/CN=localhost"]),
-    ["x509", "-req", "-in", at("leaf.csr"), "-CA", at("ca.pem"), "-CAkey", at("ca.key")]
-      .concat([
-        "-CAcreateserial",
-        "-out",
-        at("leaf.pem"),
-        "-days",
-        "2",
-        "-extfile",
-        at("leaf.ext"),
-      ]),
-    ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", at("other.key"), "-out"]
-      .concat([at("other.pem"), "-days", "2", "-subj", "/CN=other"]),
-  ];
-  for (const args of steps) {
-    const { success, stderr } = await new Deno.Command("openssl", { args, stdout: "null" })
-      .output();
-    if (!success) throw new Error(`openssl ${args[0]} failed: ${decoder.decode(stderr)}`);
+  try {
+    const good = await makeCertificates({ out: `${dir}/good` });
+    const caDir = `${dir}/good`;
+    const wrongName = await makeCertificates({
+      out: `${dir}/wrong-name`,
+      caDir,
+      names: ["example.com"],
+    });
+    const expired = await makeCertificates({ out: `${dir}/expired`, caDir, days: -1 });
+    const other = await makeCertificates({ out: `${dir}/other` });
+    const pair = async (files: CertificateFiles): Promise<PemPair> => ({
+      cert: await Deno.readTextFile(files.cert),
+      key: await Deno.readTextFile(files.key),
+    });
+    return {
+      dir,
+      files: { ...good, otherCa: other.ca, otherKey: other.key },
+      ca: await Deno.readTextFile(good.ca),
+      good: await pair(good),
+      wrongName: await pair(wrongName),
+      expired: await pair(expired),
+      caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
+      async [Symbol.asyncDispose]() {
+        await Deno.remove(dir, { recursive: true });
+      },
+    };
+  } catch (error) {
+    await Deno.remove(dir, { recursive: true });
+    throw error;
   }
-  return {
-    dir,
-    files: {
-      ca: at("ca.pem"),
-      leaf: at("leaf.pem"),
-      leafKey: at("leaf.key"),
-      otherKey: at("other.key"),
-    },
-    ca: await Deno.readTextFile(at("ca.pem")),
-    leaf: await Deno.readTextFile(at("leaf.pem")),
-    leafKey: await Deno.readTextFile(at("leaf.key")),
-    async [Symbol.asyncDispose]() {
-      await Deno.remove(dir, { recursive: true });
-    },
-  };
 }

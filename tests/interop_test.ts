@@ -30,8 +30,14 @@
  */
 
 import assert from "node:assert/strict";
-import { allBytes, opensslCertificates, randomBytes, scriptPath, within } from "./helpers.ts";
-import { type CertificateFiles, makeCertificates } from "../tools/cert.ts";
+import {
+  allBytes,
+  randomBytes,
+  scriptPath,
+  type TestCertificates,
+  testCertificates,
+  within,
+} from "./helpers.ts";
 
 const TIMEOUT_MS = 15_000;
 const CI = Deno.env.get("CI") === "true";
@@ -1695,8 +1701,8 @@ interopTest(
     openssl,
   ],
   async () => {
-    await using certs = await opensslCertificates();
-    const tls = ["--cert", certs.files.leaf, "--key", certs.files.leafKey];
+    await using certs = await testCertificates();
+    const tls = ["--cert", certs.files.cert, "--key", certs.files.key];
     const client = (port: number, ...args: string[]) =>
       spawn(
         [
@@ -1761,21 +1767,9 @@ for (const fault of [["--fragment", "1"], ["--slice", "1"]]) {
 // The same servers with --cert and --key: TLS under the WebSocket, and each
 // peer trusting our test CA (tools/cert.ts) its own way.
 
-/** A CA and a localhost/127.0.0.1 leaf it signed (tools/cert.ts), in a temporary folder. */
-async function testCertificates(): Promise<CertificateFiles & AsyncDisposable> {
-  const out = await Deno.makeTempDir({ prefix: "interop-tls-" });
-  const files = await makeCertificates({ out });
-  return {
-    ...files,
-    async [Symbol.asyncDispose]() {
-      await Deno.remove(out, { recursive: true });
-    },
-  };
-}
-
 /** ws_server.ts with the test certificate: it prints "listening on wss://127.0.0.1:PORT/". */
-async function startWssServer(certs: CertificateFiles, ...args: string[]) {
-  const tls = ["--cert", certs.cert, "--key", certs.key];
+async function startWssServer(certs: TestCertificates, ...args: string[]) {
+  const tls = ["--cert", certs.files.cert, "--key", certs.files.key];
   const server = spawn(deno("ws_server.ts", "--port", "0", ...tls, ...args));
   const line = await server.nextLine().catch(() => null);
   const port = Number(line?.match(/^listening on wss:\/\/127\.0\.0\.1:(\d+)\/$/)?.[1]);
@@ -1815,7 +1809,7 @@ interopTest(
       peer("ws_client.py"),
       server.url,
       "--ca",
-      certs.ca,
+      certs.files.ca,
       "hello over wss",
       "binary:256",
     ]]);
@@ -1836,7 +1830,7 @@ interopTest(
   ],
   async () => {
     await using certs = await testCertificates();
-    const ca = `--ca=${certs.ca}`;
+    const ca = `--ca=${certs.files.ca}`;
     {
       await using echo = await startWssServer(certs, "--quiet");
       await assertPeerWsClientEchoed("node", "ws_client.mjs", echo.url, 65536, [ca]);
@@ -1846,7 +1840,7 @@ interopTest(
       assert.match(untrusted.stderr, /^ws_client\.mjs: unable to verify the first certificate$/m);
     }
     await using chat = await startWssServer(certs, "--mode", "chat", "--quiet");
-    const denoClient = deno("ws_client.ts", "--url", chat.url, "--ca", certs.ca);
+    const denoClient = deno("ws_client.ts", "--url", chat.url, "--ca", certs.files.ca);
     await using terminal = spawn(denoClient, { stdin: true });
     assert.equal(await terminal.nextLine(), "* you are guest-1");
     const js = await run(["node", [peer("ws_client.mjs"), chat.url, ca, "from ws"]]);
@@ -1869,14 +1863,14 @@ interopTest("chromium over TLS: the page loads over https, connects with wss: an
   // Trust exactly our leaf's key: Chromium's switch for test servers, short
   // of installing the CA in its certificate store. Without it the page does
   // not load (net::ERR_CERT_AUTHORITY_INVALID).
-  const spki = await spkiHash(certs.cert);
+  const spki = await spkiHash(certs.files.cert);
   await using browser = await launchChromium([`--ignore-certificate-errors-spki-list=${spki}`]);
   const page = await browser.openPage(`https://127.0.0.1:${server.port}/`);
   assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
   assert.equal(await waitForYou(page, "guest-1"), "— you are guest-1");
   assert.equal(await evaluate(page, "location.protocol"), "https:");
 
-  const denoClient = deno("ws_client.ts", "--url", server.url, "--ca", certs.ca);
+  const denoClient = deno("ws_client.ts", "--url", server.url, "--ca", certs.files.ca);
   await using terminal = spawn(denoClient, { stdin: true });
   assert.equal(await terminal.nextLine(), "* you are guest-2");
   assert.deepEqual(await waitForLog(page, 1), ["* guest-2 joined"]);
