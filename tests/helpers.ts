@@ -1,8 +1,8 @@
 /**
  * tests/helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
  * share. A script's path, a bound on a wait, test bytes, the scripts run as
- * real processes, and a TCP connection and a WebSocket whose reads are
- * awaitable.
+ * real processes, a TCP connection and a WebSocket whose reads are
+ * awaitable, a log whose lines are awaitable, and test certificates.
  *
  * Its name does not end in _test.ts, so `deno test` runs nothing here. The
  * helpers keep the tests' rules: every wait is for an event (a line, a
@@ -15,6 +15,7 @@ import {
   scriptPath,
   type ServerProcess,
   spawnServer as spawnServerProcess,
+  WAIT_MS,
   within,
 } from "../tools/shared.ts";
 import { type CertificateFiles, makeCertificates } from "../tools/cert.ts";
@@ -272,6 +273,90 @@ export async function joinWsChat(url: string, expected?: string) {
     throw error;
   }
 }
+
+/** What a log line is looked for by: a pattern, or a test of the line. */
+export type LineMatch = RegExp | ((line: string) => boolean);
+
+/**
+ * A log to pass as a server's `log` option (or to feed a process's stderr
+ * into), whose lines can be awaited. `next` takes lines in order, as a
+ * reader would; `waitFor` and `count` look at every line so far. Every wait
+ * is bounded (WAIT_MS unless told), and one that times out says what the
+ * log held by then.
+ *
+ * @example Waiting for the disconnect line of a server's log
+ * ```ts
+ * const log = awaitableLog();
+ * await using server = startTcpServer({ port: 0, log: log.push });
+ * // … a client connects and leaves …
+ * assert.match(await log.next(/^- /), /disconnected/);
+ * await log.waitFor(/^\+ /, { atLeast: 1 });
+ * ```
+ */
+export function awaitableLog() {
+  const lines: string[] = [];
+  // Lines before this index have been passed by `next`.
+  let taken = 0;
+  const waiters = new Set<() => void>();
+  const matches = (match: LineMatch, line: string) =>
+    typeof match === "function" ? match(line) : match.test(line);
+  function count(match: LineMatch): number {
+    return lines.filter((line) => matches(match, line)).length;
+  }
+  async function until<T>(found: () => T | undefined, what: string, ms: number): Promise<T> {
+    const waiting = (async () => {
+      for (let value = found();; value = found()) {
+        if (value !== undefined) return value;
+        await new Promise<void>((resolve) => waiters.add(resolve));
+      }
+    })();
+    try {
+      return await within(waiting, what, ms);
+    } catch (error) {
+      const last = lines.slice(-5).map((line) => JSON.stringify(line)).join(" | ");
+      throw new Error(`${(error as Error).message}; ${lines.length} line(s), the last: ${last}`);
+    }
+  }
+  return {
+    /** Every line so far, oldest first. */
+    lines,
+    /** The sink: give it to a server as its `log`. */
+    push: (line: string) => {
+      lines.push(line);
+      for (const wake of waiters) wake();
+      waiters.clear();
+    },
+    /** How many lines so far match. */
+    count,
+    /**
+     * The next line that matches, after the one `next` last returned; the
+     * lines passed over on the way are not looked at again.
+     */
+    next(match: LineMatch, what = `a log line matching ${match}`): Promise<string> {
+      return until(
+        () => {
+          for (; taken < lines.length; taken++) {
+            if (matches(match, lines[taken])) return lines[taken++];
+          }
+        },
+        what,
+        WAIT_MS,
+      );
+    },
+    /** Waits until at least `atLeast` (1) lines so far match, within `ms` (WAIT_MS). */
+    async waitFor(match: LineMatch, options: { atLeast?: number; ms?: number } = {}) {
+      const { atLeast = 1, ms = WAIT_MS } = options;
+      await until(
+        () => count(match) >= atLeast || undefined,
+        `${atLeast} log line(s) matching ${match}`,
+        ms,
+      );
+    },
+  };
+}
+
+/** What `awaitableLog` returns. */
+export type AwaitableLog = ReturnType<typeof awaitableLog>;
 
 /** A server's certificate and private key as PEM text: what `Deno.listenTls` takes. */
 export interface PemPair {
