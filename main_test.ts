@@ -737,48 +737,9 @@ async function closedUdpPort(): Promise<number> {
   return port;
 }
 
-/** `udp.ts serve --port 0 ARGS` as a real process: like spawnServer, with the command first. */
-async function spawnUdpServer(args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath("udp.ts"), "serve", "--port", "0", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await within(stdout.read(), "udp.ts serve's first line");
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<{ code: number; stdout: string; stderr: string; exitMs: number }>;
-  async function stop(signal: Deno.Signal) {
-    const start = performance.now();
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const { code } = await child.status;
-    const exitMs = performance.now() - start;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return { code, stdout: printed, stderr: await stderr, exitMs };
-  }
-  const line = printed.split("\n")[0];
-  const port = Number(line.match(/^listening on udp:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
-  if (!port) {
-    throw new Error(`udp.ts serve did not start: ${line} ${(await stop("SIGKILL")).stderr}`);
-  }
-  return {
-    line,
-    port,
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
+/** `udp.ts serve --port 0 ARGS` as a real process: spawnServer, with the command first. */
+function spawnUdpServer(args: string[]) {
+  return spawnServer("udp.ts", args, { listenArgs: ["serve", "--port", "0"] });
 }
 
 Deno.test("udp echo: text, binary, every byte value, empty and 65,507 bytes come back whole", async () => {
@@ -1189,44 +1150,9 @@ function wsClientSession(url: string) {
   };
 }
 
-/** The bridge as a real process: its first line, its port, and a stop that signals it. */
-async function spawnBridge(args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath("bridge.ts"), ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await within(stdout.read(), "bridge.ts's first line");
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<{ code: number; stderr: string; exitMs: number }> | undefined;
-  async function stop(signal: Deno.Signal) {
-    const start = performance.now();
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const { code } = await child.status;
-    const exitMs = performance.now() - start;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return { code, stderr: await stderr, exitMs };
-  }
-  const line = printed.split("\n")[0];
-  return {
-    line,
-    port: Number(line.match(/:(\d+)\/?$/)?.[1]),
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
+/** The bridge as a real process: spawnServer, listening where its `--listen` in `args` says. */
+function spawnBridge(args: string[]) {
+  return spawnServer("bridge.ts", args, { listenArgs: [] });
 }
 
 Deno.test("bridge tcp→ws: nc-style TCP clients and ws_client.ts in one ws_server chat, each message once", async () => {

@@ -56,13 +56,18 @@ export async function runScript(name: string, args: string[], stdin?: string) {
 }
 
 /**
- * A server script started as a real process on `--port 0`, with every
- * permission (tools/shared.ts's `spawnServer`): ready once it has printed its
- * first line; `stop` signals it and collects its output, and disposing of it
- * kills it if `stop` was not called.
+ * A server script started as a real process on `--port 0` (or what
+ * `listenArgs` says instead), with every permission (tools/shared.ts's
+ * `spawnServer`): ready once it has printed its first line; `stop` signals it
+ * and collects its output, and disposing of it kills it if `stop` was not
+ * called.
  */
-export function spawnServer(name: string, args: string[]): Promise<ServerProcess> {
-  return spawnServerProcess(name, args, { permissions: ["-A"] });
+export function spawnServer(
+  name: string,
+  args: string[],
+  options: { listenArgs?: string[] } = {},
+): Promise<ServerProcess> {
+  return spawnServerProcess(name, args, { ...options, permissions: ["-A"] });
 }
 
 /**
