@@ -289,11 +289,16 @@ export type LineMatch = RegExp | ((line: string) => boolean);
  * is bounded (WAIT_MS unless told), and one that times out says what the
  * log held by then.
  *
- * @example Waiting for the disconnect line of a server's log
+ * @example Waiting for a server's connect and disconnect lines
  * ```ts
+ * import assert from "node:assert/strict";
+ * import { startTcpServer } from "../tcp_server.ts";
+ * import { awaitableLog } from "./helpers.ts";
+ *
  * const log = awaitableLog();
  * await using server = startTcpServer({ port: 0, log: log.push });
- * // … a client connects and leaves …
+ * const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+ * conn.close();
  * assert.match(await log.next(/^- /), /disconnected/);
  * await log.waitFor(/^\+ /, { atLeast: 1 });
  * ```
@@ -400,6 +405,8 @@ export interface TestCertificates extends AsyncDisposable {
  *
  * @example A TLS listener with the good leaf, for clients that trust the CA
  * ```ts
+ * import { testCertificates } from "./helpers.ts";
+ *
  * await using certs = await testCertificates();
  * using listener = Deno.listenTls({ hostname: "127.0.0.1", port: 0, ...certs.good });
  * // A client trusts certs.ca (PEM text) or certs.files.ca (its path, for --ca).
