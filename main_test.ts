@@ -16,7 +16,6 @@ import { createLineFramer, startTcpServer } from "./tcp_server.ts";
 import { runTcpClient } from "./tcp_client.ts";
 import { startWsServer } from "./ws_server.ts";
 import { runWsClient } from "./ws_client.ts";
-import { type CertificateFiles, makeCertificates } from "./tools/cert.ts";
 import { startBridge } from "./bridge.ts";
 import { DatagramTooBig, sendDatagrams, startUdpServer } from "./udp.ts";
 import {
@@ -29,16 +28,17 @@ import {
 } from "./wire.ts";
 import {
   allBytes,
+  awaitableLog,
   bufferedConn,
   connectTcp,
   joinTcpChat,
   joinWsChat,
-  opensslCertificates,
   openWs,
   randomBytes,
   runScript,
   scriptPath,
   spawnServer,
+  testCertificates,
   within,
 } from "./tests/helpers.ts";
 
@@ -737,48 +737,9 @@ async function closedUdpPort(): Promise<number> {
   return port;
 }
 
-/** `udp.ts serve --port 0 ARGS` as a real process: like spawnServer, with the command first. */
-async function spawnUdpServer(args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath("udp.ts"), "serve", "--port", "0", ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await within(stdout.read(), "udp.ts serve's first line");
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<{ code: number; stdout: string; stderr: string; exitMs: number }>;
-  async function stop(signal: Deno.Signal) {
-    const start = performance.now();
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const { code } = await child.status;
-    const exitMs = performance.now() - start;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return { code, stdout: printed, stderr: await stderr, exitMs };
-  }
-  const line = printed.split("\n")[0];
-  const port = Number(line.match(/^listening on udp:\/\/127\.0\.0\.1:(\d+)$/)?.[1]);
-  if (!port) {
-    throw new Error(`udp.ts serve did not start: ${line} ${(await stop("SIGKILL")).stderr}`);
-  }
-  return {
-    line,
-    port,
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
+/** `udp.ts serve --port 0 ARGS` as a real process: spawnServer, with the command first. */
+function spawnUdpServer(args: string[]) {
+  return spawnServer("udp.ts", args, { listenArgs: ["serve", "--port", "0"] });
 }
 
 Deno.test("udp echo: text, binary, every byte value, empty and 65,507 bytes come back whole", async () => {
@@ -1115,26 +1076,6 @@ function inbox<T>() {
   };
 }
 
-/** A log function, and a way to wait for a line it was given. */
-function logWatcher() {
-  const lines = inbox<string>();
-  const seen: string[] = [];
-  return {
-    seen,
-    log: (line: string) => {
-      seen.push(line);
-      lines.push(line);
-    },
-    async until(pattern: RegExp): Promise<string> {
-      for (let i = 0; i < 1000; i++) {
-        const line = await lines.next(`a log line matching ${pattern}`);
-        if (pattern.test(line)) return line;
-      }
-      throw new Error(`no log line matched ${pattern}: ${JSON.stringify(seen)}`);
-    },
-  };
-}
-
 /**
  * A WebSocket server that records what each connection sends and how it
  * closes; `onOpen` may talk to the connection.
@@ -1209,44 +1150,9 @@ function wsClientSession(url: string) {
   };
 }
 
-/** The bridge as a real process: its first line, its port, and a stop that signals it. */
-async function spawnBridge(args: string[]) {
-  const child = new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath("bridge.ts"), ...args],
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-  }).spawn();
-  const stderr = new Response(child.stderr).text();
-  const stdout = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
-  let printed = "";
-  while (!printed.includes("\n")) {
-    const { done, value } = await within(stdout.read(), "bridge.ts's first line");
-    if (done) break;
-    printed += value;
-  }
-  let stopped: Promise<{ code: number; stderr: string; exitMs: number }> | undefined;
-  async function stop(signal: Deno.Signal) {
-    const start = performance.now();
-    try {
-      child.kill(signal);
-    } catch {
-      // Already exited.
-    }
-    const { code } = await child.status;
-    const exitMs = performance.now() - start;
-    for (let r = await stdout.read(); !r.done; r = await stdout.read()) printed += r.value;
-    return { code, stderr: await stderr, exitMs };
-  }
-  const line = printed.split("\n")[0];
-  return {
-    line,
-    port: Number(line.match(/:(\d+)\/?$/)?.[1]),
-    stop: (signal: Deno.Signal = "SIGTERM") => stopped ??= stop(signal),
-    async [Symbol.asyncDispose]() {
-      await (stopped ??= stop("SIGKILL"));
-    },
-  };
+/** The bridge as a real process: spawnServer, listening where its `--listen` in `args` says. */
+function spawnBridge(args: string[]) {
+  return spawnServer("bridge.ts", args, { listenArgs: [] });
 }
 
 Deno.test("bridge tcp→ws: nc-style TCP clients and ws_client.ts in one ws_server chat, each message once", async () => {
@@ -1433,12 +1339,12 @@ Deno.test("bridge: FIN becomes close 1000 and a close becomes a FIN, in both dir
         for (let i = 0; i < COUNT; i++) socket.send(`${i} ${"m".repeat(64 * 1024)}`);
         socket.close(1001, "going away");
       });
-      const logs = logWatcher();
+      const logs = awaitableLog();
       await using bridge = startBridge({
         listen: "tcp://127.0.0.1:0",
         to: upstream.url,
         maxQueue: 128 * 1024 * 1024,
-        log: logs.log,
+        log: logs.push,
       });
       using client = await connectTcp(bridge.addr.port);
       assert.equal((await upstream.closes.next()).code, 1001);
@@ -1447,7 +1353,7 @@ Deno.test("bridge: FIN becomes close 1000 and a close becomes a FIN, in both dir
       assert.ok(lines.every((line, i) => line.startsWith(`${i} `)), "in order");
       client.close();
       assert.match(
-        await logs.until(/^- /),
+        await logs.next(/^- /),
         /^- 127\.0\.0\.1:\d+ disconnected: close 1001 going away → FIN; 0 lines → 0 messages, 768 messages → \d+ bytes$/,
       );
     },
@@ -1524,18 +1430,18 @@ Deno.test("bridge: --framing raw, a read is a binary message and a message's byt
 
 Deno.test("bridge: a refused upstream: the tcp client gets an error line, the ws client 1011", async () => {
   const port = closedPort();
-  const logs = logWatcher();
+  const logs = awaitableLog();
   await using toWs = startBridge({
     listen: "tcp://127.0.0.1:0",
     to: `ws://127.0.0.1:${port}/`,
-    log: logs.log,
+    log: logs.push,
   });
   using client = await connectTcp(toWs.addr.port);
   assert.deepEqual(await client.readLinesToEnd(), [
     `* error: cannot reach ws://127.0.0.1:${port}/: connection refused (is the server running?)`,
   ]);
   client.close();
-  assert.match(await logs.until(/^- /), /disconnected: cannot reach ws:\/\/127\.0\.0\.1:\d+\//);
+  assert.match(await logs.next(/^- /), /disconnected: cannot reach ws:\/\/127\.0\.0\.1:\d+\//);
 
   // Upgraded first, then told why in the close frame (at most 123 bytes).
   await using toTcp = startBridge({
@@ -1595,12 +1501,12 @@ Deno.test("bridge: a TCP client that does not read is cut off past --max-queue, 
   await using upstream = recordingWsServer((socket) => {
     for (let i = 0; i < COUNT; i++) socket.send(line.slice(0, -1));
   });
-  const logs = logWatcher();
+  const logs = awaitableLog();
   await using bridge = startBridge({
     listen: "tcp://127.0.0.1:0",
     to: upstream.url,
     maxQueue: 64 * 1024,
-    log: logs.log,
+    log: logs.push,
   });
   using client = await connectTcp(bridge.addr.port);
   // Dropped: the bridge leaves the chat at once (a private close code, as
@@ -1616,7 +1522,7 @@ Deno.test("bridge: a TCP client that does not read is cut off past --max-queue, 
   assert.equal(lines.at(-1), "* error: too slow, disconnected");
   assert.ok(newlines - 1 < COUNT, `${newlines - 1} lines got through`);
   assert.ok(lines.slice(0, -1).every((got) => got === line.slice(0, -1)), "whole lines only");
-  assert.match(await logs.until(/^- /), /disconnected: too slow, disconnected; /);
+  assert.match(await logs.next(/^- /), /disconnected: too slow, disconnected; /);
 });
 
 Deno.test("bridge: towards WebSocket it stops reading TCP while bufferedAmount is high", async () => {
@@ -1879,15 +1785,15 @@ Deno.test("bridge: a close reason a peer chose reaches the log escaped", async (
   await using upstream = recordingWsServer((socket) =>
     socket.close(4321, "bye\n- 127.0.0.1:1 disconnected: forged\x1b[2J\u202e")
   );
-  const logs = logWatcher();
+  const logs = awaitableLog();
   await using bridge = startBridge({
     listen: "tcp://127.0.0.1:0",
     to: upstream.url,
-    log: logs.log,
+    log: logs.push,
   });
   using client = await connectTcp(bridge.addr.port);
   assert.equal(await client.readLine(), null);
-  const line = await logs.until(/^- /);
+  const line = await logs.next(/^- /);
   assert.ok(
     line.includes(
       String.raw`close 4321 bye\n- 127.0.0.1:1 disconnected: forged\x1b[2J\u202e → FIN`,
@@ -2513,38 +2419,6 @@ Deno.test("wire: --hex and --preview bound what each event shows", async () => {
 });
 // ------------------------------------------------------ TLS: the two clients
 
-/**
- * Certificates made by tools/cert.ts in a temporary folder: a CA and a
- * localhost/127.0.0.1 leaf it signed, a leaf for another name and an expired
- * one from the same CA, and a second CA nobody's leaf comes from.
- */
-async function testCertificates() {
-  const dir = await Deno.makeTempDir({ prefix: "tls_test_" });
-  const good = await makeCertificates({ out: `${dir}/good` });
-  const caDir = `${dir}/good`;
-  const wrongName = await makeCertificates({ out: `${dir}/name`, caDir, names: ["example.com"] });
-  const expired = await makeCertificates({ out: `${dir}/expired`, caDir, days: -1 });
-  const other = await makeCertificates({ out: `${dir}/other` });
-  const pair = async (files: CertificateFiles) => ({
-    cert: await Deno.readTextFile(files.cert),
-    key: await Deno.readTextFile(files.key),
-  });
-  return {
-    ca: good.ca,
-    otherCa: other.ca,
-    good: await pair(good),
-    wrongName: await pair(wrongName),
-    expired: await pair(expired),
-    // A CA's own certificate shown by a server: what a lone self-signed one amounts to.
-    caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
-    /** The good leaf's and the CA's files, for the servers' --cert and --key. */
-    files: good,
-    async [Symbol.asyncDispose]() {
-      await Deno.remove(dir, { recursive: true });
-    },
-  };
-}
-
 /** A TLS echo server on a free port; a refused handshake just ends that connection. */
 function tlsEchoServer(pair: { cert: string; key: string }) {
   const listener = Deno.listenTls({ hostname: "127.0.0.1", port: 0, ...pair });
@@ -2595,24 +2469,24 @@ Deno.test("tls: tcp_client --tls trusts --ca, and refuses a wrong CA, a wrong na
   const client = (port: number, ...args: string[]) =>
     runScript("tcp_client.ts", ["--port", String(port), "--tls", ...args, "hello"]);
 
-  const trusted = await client(good.port, "--ca", certs.ca);
+  const trusted = await client(good.port, "--ca", certs.files.ca);
   assert.deepEqual(trusted, { code: 0, stdout: "hello\n", stderr: "" });
 
   const refusals: [number, string, RegExp][] = [
     [
       good.port,
-      certs.otherCa,
+      certs.files.otherCa,
       /certificate refused: unknown issuer, .*trust its CA with --ca FILE/,
     ],
     [
       wrongName.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
     ],
-    [expired.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [expired.port, certs.files.ca, /certificate refused: expired; the server needs a new one/],
     [
       caAsServer.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: the server shows a CA certificate as its own;/,
     ],
   ];
@@ -2676,24 +2550,24 @@ Deno.test("tls: ws_client wss:// trusts --ca, refuses a wrong CA, a wrong name, 
   const client = (port: number, ca: string) =>
     runScript("ws_client.ts", ["--url", url(port), "--ca", ca, "hello"]);
 
-  const trusted = await client(good.addr.port, certs.ca);
+  const trusted = await client(good.addr.port, certs.files.ca);
   assert.deepEqual(trusted, { code: 0, stdout: "hello\n", stderr: "" });
 
   const refusals: [number, string, RegExp][] = [
     [
       good.addr.port,
-      certs.otherCa,
+      certs.files.otherCa,
       /certificate refused: unknown issuer, .*trust its CA with --ca FILE/,
     ],
     [
       wrongName.addr.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: name mismatch, it is for example\.com, not 127\.0\.0\.1;/,
     ],
-    [expired.addr.port, certs.ca, /certificate refused: expired; the server needs a new one/],
+    [expired.addr.port, certs.files.ca, /certificate refused: expired; the server needs a new one/],
     [
       caAsServer.addr.port,
-      certs.ca,
+      certs.files.ca,
       /certificate refused: the server shows a CA certificate as its own;/,
     ],
   ];
@@ -3117,7 +2991,7 @@ Deno.test("ws server: the page names its mode and says what to try", async () =>
 Deno.test("ws server over TLS: wss:// echo and chat, and a plain client on the TLS port harms no one", async () => {
   await using certs = await testCertificates();
   await using echo = startWsServer({ port: 0, tls: certs.good, log: quiet });
-  using client = Deno.createHttpClient({ caCerts: [await Deno.readTextFile(certs.ca)] });
+  using client = Deno.createHttpClient({ caCerts: [certs.ca] });
   const url = `wss://127.0.0.1:${echo.addr.port}/`;
   const opened = await openWsWith(new WebSocket(url, { client }));
   // A client that speaks plain TCP, and one that speaks plain WebSocket,
@@ -3203,28 +3077,6 @@ function closeOf(socket: WebSocket): Promise<CloseEvent> {
 
 // ------------------------------------------------------- TLS for tcp_server
 
-/** A log to pass as `log`, whose lines can be awaited. */
-function awaitableLog() {
-  const lines: string[] = [];
-  let wake = () => {};
-  return {
-    lines,
-    log(line: string) {
-      lines.push(line);
-      wake();
-    },
-    /** Resolves once `predicate(lines)` holds, within WAIT_MS. */
-    async until(predicate: (lines: string[]) => boolean, what: string): Promise<void> {
-      await within(
-        (async () => {
-          while (!predicate(lines)) await new Promise<void>((resolve) => wake = resolve);
-        })(),
-        what,
-      );
-    },
-  };
-}
-
 /** Reads lines until one satisfies `predicate` (notices and joins come first in chat). */
 async function lineWhere(
   client: Awaited<ReturnType<typeof connectTcp>>,
@@ -3238,8 +3090,8 @@ async function lineWhere(
 }
 
 Deno.test("tcp over TLS: echo is byte-exact and chat relays lines, for clients that trust the test CA", async () => {
-  await using certs = await opensslCertificates();
-  const tls = { cert: certs.leaf, key: certs.leafKey, log: quiet };
+  await using certs = await testCertificates();
+  const tls = { ...certs.good, log: quiet };
   {
     await using server = startTcpServer({ port: 0, ...tls });
     using client = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
@@ -3264,9 +3116,9 @@ Deno.test("tcp over TLS: echo is byte-exact and chat relays lines, for clients t
 });
 
 Deno.test("tcp over TLS: a plain client and one that rejects our certificate each cost one log line; a TLS client carries on", async () => {
-  await using certs = await opensslCertificates();
+  await using certs = await testCertificates();
   const events = awaitableLog();
-  const server = startTcpServer({ port: 0, cert: certs.leaf, key: certs.leafKey, log: events.log });
+  const server = startTcpServer({ port: 0, ...certs.good, log: events.push });
   try {
     using good = await connectTcp(server.addr.port, { caCerts: [certs.ca] });
     await good.write("before\n");
@@ -3280,11 +3132,13 @@ Deno.test("tcp over TLS: a plain client and one that rejects our certificate eac
       const answer = await within(plain.readToEnd().catch(() => new Uint8Array()), "plain close");
       assert.ok(!decoder.decode(answer).includes("hello"), "a plain client got an echo");
     }
-    await events.until((lines) => failures().length >= 1 && lines.length >= 2, "the plain line");
+    // The plain client's failure line, after the good client's "+ " line.
+    await events.waitFor(/TLS handshake failed/);
+    await events.waitFor(() => true, { atLeast: 2 });
     const stranger = await Deno.connectTls({ hostname: "127.0.0.1", port: server.addr.port });
     await assert.rejects(stranger.handshake(), /UnknownIssuer|certificate/i);
     stranger.close();
-    await events.until(() => failures().length >= 2, "the refused certificate's line");
+    await events.waitFor(/TLS handshake failed/, { atLeast: 2 });
 
     await good.write("after\n");
     assert.equal(await within(good.readLine(), "echo after"), "after");
@@ -3305,8 +3159,8 @@ Deno.test("tcp over TLS: a plain client and one that rejects our certificate eac
 });
 
 Deno.test("tcp_server cli: --cert/--key listen on tls://; bad or missing files are one line and exit 1", async () => {
-  await using certs = await opensslCertificates();
-  const { leaf, leafKey, otherKey, ca } = certs.files;
+  await using certs = await testCertificates();
+  const { cert: leaf, key: leafKey, otherKey, ca } = certs.files;
   {
     await using server = await spawnServer("tcp_server.ts", ["--cert", leaf, "--key", leafKey]);
     assert.equal(server.line, `listening on tls://127.0.0.1:${server.port}`);
@@ -3326,9 +3180,12 @@ Deno.test("tcp_server cli: --cert/--key listen on tls://; bad or missing files a
     ],
     [
       ["--cert", leaf, "--key", otherKey],
-      /--key .*other\.key is not the private key of the certificate in --cert .*leaf\.pem$/,
+      /--key .*other\/localhost\.key is not the private key of the certificate in --cert .*good\/localhost\.pem$/,
     ],
-    [["--cert", leafKey, "--key", leafKey], /--cert .*leaf\.key holds no PEM certificate/],
+    [
+      ["--cert", leafKey, "--key", leafKey],
+      /--cert .*good\/localhost\.key holds no PEM certificate/,
+    ],
     [["--cert", leaf, "--key", ca], /--key .*ca\.pem holds no PEM private key$/],
   ];
   for (const [args, expected] of cases) {

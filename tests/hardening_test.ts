@@ -24,6 +24,8 @@ import net from "node:net";
 import { createLogLimiter, startTcpServer, type TcpServer } from "../tcp_server.ts";
 import { startWsServer, type WsServer } from "../ws_server.ts";
 import {
+  type AwaitableLog,
+  awaitableLog,
   connectTcp,
   joinTcpChat,
   joinWsChat,
@@ -66,38 +68,6 @@ const OP_CLOSE = 0x8;
 const OP_PING = 0x9;
 
 // ------------------------------------------------------------------ helpers
-
-/**
- * A server's log as it is written: the lines so far, and a wait for a
- * pattern among them.
- */
-function createLines() {
-  const lines: string[] = [];
-  let wake = () => {};
-  function count(pattern: RegExp): number {
-    return lines.filter((line) => pattern.test(line)).length;
-  }
-  return {
-    lines,
-    count,
-    push(line: string) {
-      lines.push(line);
-      wake();
-    },
-    /** Waits until `n` lines so far match `pattern`. */
-    async waitFor(pattern: RegExp, n = 1, ms = WAIT_MS) {
-      await within(
-        (async () => {
-          while (count(pattern) < n) await new Promise<void>((resolve) => wake = resolve);
-        })(),
-        `${n} line(s) matching ${pattern}; have ${count(pattern)}: ${lines.slice(-5).join(" | ")}`,
-        ms,
-      );
-    },
-  };
-}
-
-type Lines = ReturnType<typeof createLines>;
 
 /**
  * A WebSocket client on a bare TCP socket: it does the upgrade by hand, then
@@ -244,7 +214,7 @@ async function probeTcp(port: number): Promise<{ client: TcpClient; accepted: bo
  * Fills a TCP server up to its cap: exactly `free` more clients get in and
  * the next is refused. Then they leave, and the count is back where it was.
  */
-async function assertTcpRoom(server: TcpServer, log: Lines, free: number): Promise<void> {
+async function assertTcpRoom(server: TcpServer, log: AwaitableLog, free: number): Promise<void> {
   const connections = server.connections;
   const disconnects = log.count(/^- /);
   const probes: TcpClient[] = [];
@@ -262,7 +232,7 @@ async function assertTcpRoom(server: TcpServer, log: Lines, free: number): Promi
 }
 
 /** The same for a WebSocket server: `free` upgrades get 101, the next 503. */
-async function assertWsRoom(server: WsServer, log: Lines, free: number): Promise<void> {
+async function assertWsRoom(server: WsServer, log: AwaitableLog, free: number): Promise<void> {
   const connections = server.connections;
   const disconnects = log.count(/^- /);
   const probes: RawWs[] = [];
@@ -281,12 +251,12 @@ async function assertWsRoom(server: WsServer, log: Lines, free: number): Promise
 
 /** Waits until the server's log shows `n` disconnects in all, then checks the count. */
 async function waitForDisconnects(
-  log: Lines,
+  log: AwaitableLog,
   n: number,
   server: { connections: number },
   connections: number,
 ): Promise<void> {
-  await log.waitFor(/^- /, n);
+  await log.waitFor(/^- /, { atLeast: n });
   assert.equal(log.count(/^- /), n, "each connection ends exactly once");
   assert.equal(server.connections, connections, `connections after ${n} disconnects`);
 }
@@ -300,8 +270,8 @@ async function waitForDisconnects(
  */
 function connectionEndSteps<Server extends TcpServer | WsServer, Options>(
   t: Deno.TestContext,
-  start: (log: Lines, options: Options) => Server,
-  assertRoom: (server: Server, log: Lines, free: number) => Promise<void>,
+  start: (log: AwaitableLog, options: Options) => Server,
+  assertRoom: (server: Server, log: AwaitableLog, free: number) => Promise<void>,
 ) {
   return async function endsWith(
     name: string,
@@ -311,7 +281,7 @@ function connectionEndSteps<Server extends TcpServer | WsServer, Options>(
     clients = 1,
   ): Promise<void> {
     await t.step(name, async () => {
-      const log = createLines();
+      const log = awaitableLog();
       await using server = start(log, options);
       await end(server.addr.port);
       await waitForDisconnects(log, clients, server, 0);
@@ -415,7 +385,7 @@ memoryTest(
 );
 
 Deno.test("tcp chat: the too-slow client gets the reason once it reads again; the others carry on", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({
     port: 0,
     mode: "chat",
@@ -454,7 +424,7 @@ Deno.test("tcp chat: the too-slow client gets the reason once it reads again; th
 // ------------------------------------------------------------ TCP: idle peers
 
 Deno.test("tcp chat: --idle-timeout drops a silent client with a reason; one that talks stays", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({ port: 0, mode: "chat", idleTimeout: 0.5, log: log.push });
   const start = performance.now();
   using silent = await joinTcpChat(server.addr.port, "guest-1");
@@ -504,7 +474,7 @@ Deno.test("tcp echo: --idle-timeout works in echo mode too", async () => {
 // ---------------------------------------------------- TCP: connection caps
 
 Deno.test("tcp: over --max-connections a client is told the server is full and not counted; places free up", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({ port: 0, maxConnections: 2, log: log.push });
   const a = await probeTcp(server.addr.port);
   const b = await probeTcp(server.addr.port);
@@ -584,7 +554,7 @@ Deno.test("tcp chat: the count survives every way a connection ends, exactly onc
     2,
   );
   await t.step("server shutdown", async () => {
-    const log = createLines();
+    const log = awaitableLog();
     const server = startTcpServer({ port: 0, mode: "chat", log: log.push });
     using a = await joinTcpChat(server.addr.port, "guest-1");
     using b = await joinTcpChat(server.addr.port, "guest-2");
@@ -662,7 +632,7 @@ Deno.test("tcp chat: a line with no newline at all hits --max-line within that m
 // ------------------------------------- TCP: resets, silence, half-closes
 
 Deno.test("tcp chat: silent connections, resets and half-closes do not stop the server serving others", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({ port: 0, mode: "chat", log: log.push });
   const { port } = server.addr;
   using first = await joinTcpChat(port, "guest-1");
@@ -675,7 +645,7 @@ Deno.test("tcp chat: silent connections, resets and half-closes do not stop the 
   // Each has unread "joined" lines (all but the last), so closing sends a
   // reset. (Deno reports a reset seen by read() as EOF: "closed by peer".)
   for (const client of rude) client.close();
-  await log.waitFor(/^- /, 50);
+  await log.waitFor(/^- /, { atLeast: 50 });
   using halfClosed = await joinTcpChat(port, "guest-152");
   await halfClosed.write("bye\n");
   await halfClosed.conn.closeWrite();
@@ -740,7 +710,7 @@ memoryTest(
 );
 
 Deno.test("ws chat: the too-slow client is announced at once and gets 1008 once it reads again", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startWsServer({
     port: 0,
     mode: "chat",
@@ -780,7 +750,7 @@ Deno.test("ws chat: the too-slow client is announced at once and gets 1008 once 
 // ------------------------------------------------------ WebSocket: idle peers
 
 Deno.test("ws chat: --idle-timeout N pings a silent peer at N/2 and drops it at N if no pong came; one that answers stays", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   const idleTimeout = 1;
   await using server = startWsServer({ port: 0, mode: "chat", idleTimeout, log: log.push });
   // guest-1 answers pings; guest-2 never does.
@@ -819,7 +789,7 @@ Deno.test("ws chat: --idle-timeout N pings a silent peer at N/2 and drops it at 
 // ------------------------------------------------- WebSocket: connection caps
 
 Deno.test("ws: over --max-connections an upgrade gets HTTP 503 with a one-line body; places free up", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startWsServer({ port: 0, mode: "chat", maxConnections: 2, log: log.push });
   const { port } = server.addr;
   const url = `ws://127.0.0.1:${port}/`;
@@ -908,7 +878,7 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
     2,
   );
   await t.step("abandoned handshakes are never counted", async () => {
-    const log = createLines();
+    const log = awaitableLog();
     await using server = startWsServer({ port: 0, maxConnections: 2, log: log.push });
     const request = encoder.encode(UPGRADE_REQUEST);
     for (const cut of [0, 1, 20, request.length - 2]) {
@@ -920,7 +890,7 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
     assert.equal(log.count(/^\+ /), 2, "only the two probes ever connected");
   });
   await t.step("server shutdown", async () => {
-    const log = createLines();
+    const log = awaitableLog();
     const server = startWsServer({ port: 0, mode: "chat", log: log.push });
     const a = await joinWsChat(url(server.addr.port), "guest-1");
     const b = await joinWsChat(url(server.addr.port), "guest-2");
@@ -938,7 +908,7 @@ Deno.test("ws chat: the count survives every way a connection ends, exactly once
 // -------------------------- WebSocket: slowloris, silence, abrupt clients
 
 Deno.test("ws chat: slowloris handshakes and silent connections do not stop the server serving others", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startWsServer({ port: 0, mode: "chat", log: log.push });
   const { port } = server.addr;
   const silent = await openMany(50, () => Deno.connect({ hostname: "127.0.0.1", port }));
@@ -1155,7 +1125,7 @@ async function spawnWithFileLimit(files: number, args: string[]) {
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  const stderr = createLines();
+  const stderr = awaitableLog();
   const stderrDone = (async () => {
     for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) {
       for (const line of text.split("\n")) if (line) stderr.push(line);
@@ -1788,7 +1758,7 @@ Deno.test("ws server: a bad Host header is a 400 with a one-line reason and one 
 });
 
 Deno.test("ws server: the handshake is checked before upgrading: method, key, version", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startWsServer({ port: 0, log: log.push });
   const { port } = server.addr;
   const cases: [string, number, RegExp][] = [
@@ -1840,7 +1810,7 @@ Deno.test("ws server: the handshake is checked before upgrading: method, key, ve
 });
 
 Deno.test("ws server: subprotocols: the client's first offer by default, or the first in --protocol", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   {
     await using server = startWsServer({ port: 0, log: log.push });
     const { port } = server.addr;
@@ -1915,7 +1885,7 @@ async function openWsWith(url: string, protocols: string[]) {
 }
 
 Deno.test("ws chat: a refused handshake is never announced and takes no guest name", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startWsServer({ port: 0, mode: "chat", protocols: ["chat"], log: log.push });
   const { port } = server.addr;
   const url = `ws://127.0.0.1:${port}/`;
@@ -1936,7 +1906,7 @@ Deno.test("ws chat: a refused handshake is never announced and takes no guest na
 });
 
 Deno.test("ws server: Origin: its own pages, localhost and no Origin are accepted, other pages 403", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   {
     await using server = startWsServer({ port: 0, log: log.push });
     const { port } = server.addr;
@@ -2002,7 +1972,7 @@ Deno.test("ws server: Origin: its own pages, localhost and no Origin are accepte
 
 Deno.test("ws chat: control characters are relayed as visible pictures, echo stays exact, close reasons are escaped in the log", async () => {
   const hostile = "hi\n* guest-1 left\r\x1b[2J\x07\x00\x7f\x9b\ttab";
-  const log = createLines();
+  const log = awaitableLog();
   {
     await using server = startWsServer({ port: 0, mode: "chat", log: log.push });
     const url = `ws://127.0.0.1:${server.addr.port}/`;
@@ -2042,7 +2012,7 @@ Deno.test("tcp chat: a sender cannot forge lines or send terminal escapes; recei
 });
 
 Deno.test("tcp echo: two clients that send 7 MiB and stop reading are dropped at --idle-timeout; a newcomer is served", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({
     port: 0,
     idleTimeout: 2,
@@ -2055,7 +2025,7 @@ Deno.test("tcp echo: two clients that send 7 MiB and stop reading are dropped at
   const payload = new Uint8Array(7 * MiB);
   const writes = greedy.map((client) => client.write(payload).catch(() => {}));
   try {
-    await log.waitFor(/^- .*: idle timeout \(stopped reading\)$/, 2, 3 * WAIT_MS);
+    await log.waitFor(/^- .*: idle timeout \(stopped reading\)$/, { atLeast: 2, ms: 3 * WAIT_MS });
     const { client: newcomer, accepted } = await probeTcp(server.addr.port);
     newcomer.close();
     assert.ok(accepted, "the newcomer is served once the greedy clients are gone");
@@ -2066,7 +2036,7 @@ Deno.test("tcp echo: two clients that send 7 MiB and stop reading are dropped at
 });
 
 Deno.test("tcp chat: a client that talks but stopped reading is dropped once its pending write has not moved for --idle-timeout", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({
     port: 0,
     mode: "chat",
@@ -2109,7 +2079,7 @@ async function spawnLoggingServer(args: string[], options: { fileLimit?: number 
       stderr: "piped",
     });
   const child = command.spawn();
-  const log = createLines();
+  const log = awaitableLog();
   const logged = (async () => {
     let rest = "";
     for await (const text of child.stderr.pipeThrough(new TextDecoderStream())) {
@@ -2182,7 +2152,7 @@ linuxTest(
       while (server.log.count(/^accept failed/) === 0) {
         assert.ok(held.length < 1000, "the server never ran out of files");
         held.push(await within(connectTcp(server.port), "a connect"));
-        await server.log.waitFor(/^(\+ |accept failed)/, held.length);
+        await server.log.waitFor(/^(\+ |accept failed)/, { atLeast: held.length });
       }
       const served = server.log.count(/^\+ /);
       assert.ok(served > 100 && served < 256, `${served} served before the files ran out`);
@@ -2253,7 +2223,7 @@ linuxTest(
 );
 
 Deno.test("tcp: refusals over --max-connections are logged once, then summed up at close", async () => {
-  const log = createLines();
+  const log = awaitableLog();
   await using server = startTcpServer({ port: 0, maxConnections: 1, log: log.push });
   const { client } = await probeTcp(server.addr.port);
   const crowd = await openMany(50, async () => (await probeTcp(server.addr.port)).client);

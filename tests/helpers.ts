@@ -1,8 +1,8 @@
 /**
  * tests/helpers.ts: what main_test.ts, hardening_test.ts and interop_test.ts
  * share. A script's path, a bound on a wait, test bytes, the scripts run as
- * real processes, and a TCP connection and a WebSocket whose reads are
- * awaitable.
+ * real processes, a TCP connection and a WebSocket whose reads are
+ * awaitable, a log whose lines are awaitable, and test certificates.
  *
  * Its name does not end in _test.ts, so `deno test` runs nothing here. The
  * helpers keep the tests' rules: every wait is for an event (a line, a
@@ -15,8 +15,10 @@ import {
   scriptPath,
   type ServerProcess,
   spawnServer as spawnServerProcess,
+  WAIT_MS,
   within,
 } from "../tools/shared.ts";
+import { type CertificateFiles, makeCertificates } from "../tools/cert.ts";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();
@@ -54,13 +56,18 @@ export async function runScript(name: string, args: string[], stdin?: string) {
 }
 
 /**
- * A server script started as a real process on `--port 0`, with every
- * permission (tools/shared.ts's `spawnServer`): ready once it has printed its
- * first line; `stop` signals it and collects its output, and disposing of it
- * kills it if `stop` was not called.
+ * A server script started as a real process on `--port 0` (or what
+ * `listenArgs` says instead), with every permission (tools/shared.ts's
+ * `spawnServer`): ready once it has printed its first line; `stop` signals it
+ * and collects its output, and disposing of it kills it if `stop` was not
+ * called.
  */
-export function spawnServer(name: string, args: string[]): Promise<ServerProcess> {
-  return spawnServerProcess(name, args, { permissions: ["-A"] });
+export function spawnServer(
+  name: string,
+  args: string[],
+  options: { listenArgs?: string[] } = {},
+): Promise<ServerProcess> {
+  return spawnServerProcess(name, args, { ...options, permissions: ["-A"] });
 }
 
 /**
@@ -272,69 +279,169 @@ export async function joinWsChat(url: string, expected?: string) {
   }
 }
 
-/** PEM files for TLS tests, in a temporary folder: see `opensslCertificates`. */
+/** What a log line is looked for by: a pattern, or a test of the line. */
+export type LineMatch = RegExp | ((line: string) => boolean);
+
+/**
+ * A log to pass as a server's `log` option (or to feed a process's stderr
+ * into), whose lines can be awaited. `next` takes lines in order, as a
+ * reader would; `waitFor` and `count` look at every line so far. Every wait
+ * is bounded (WAIT_MS unless told), and one that times out says what the
+ * log held by then.
+ *
+ * @example Waiting for a server's connect and disconnect lines
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { startTcpServer } from "../tcp_server.ts";
+ * import { awaitableLog } from "./helpers.ts";
+ *
+ * const log = awaitableLog();
+ * await using server = startTcpServer({ port: 0, log: log.push });
+ * const conn = await Deno.connect({ hostname: "127.0.0.1", port: server.addr.port });
+ * conn.close();
+ * assert.match(await log.next(/^- /), /disconnected/);
+ * await log.waitFor(/^\+ /, { atLeast: 1 });
+ * ```
+ */
+export function awaitableLog() {
+  const lines: string[] = [];
+  // Lines before this index have been passed by `next`.
+  let taken = 0;
+  const waiters = new Set<() => void>();
+  const matches = (match: LineMatch, line: string) =>
+    typeof match === "function" ? match(line) : match.test(line);
+  function count(match: LineMatch): number {
+    return lines.filter((line) => matches(match, line)).length;
+  }
+  async function until<T>(found: () => T | undefined, what: string, ms: number): Promise<T> {
+    const waiting = (async () => {
+      for (let value = found();; value = found()) {
+        if (value !== undefined) return value;
+        await new Promise<void>((resolve) => waiters.add(resolve));
+      }
+    })();
+    try {
+      return await within(waiting, what, ms);
+    } catch (error) {
+      const last = lines.slice(-5).map((line) => JSON.stringify(line)).join(" | ");
+      throw new Error(`${(error as Error).message}; ${lines.length} line(s), the last: ${last}`);
+    }
+  }
+  return {
+    /** Every line so far, oldest first. */
+    lines,
+    /** The sink: give it to a server as its `log`. */
+    push: (line: string) => {
+      lines.push(line);
+      for (const wake of waiters) wake();
+      waiters.clear();
+    },
+    /** How many lines so far match. */
+    count,
+    /**
+     * The next line that matches, after the one `next` last returned; the
+     * lines passed over on the way are not looked at again.
+     */
+    next(match: LineMatch, what = `a log line matching ${match}`): Promise<string> {
+      return until(
+        () => {
+          for (; taken < lines.length; taken++) {
+            if (matches(match, lines[taken])) return lines[taken++];
+          }
+        },
+        what,
+        WAIT_MS,
+      );
+    },
+    /** Waits until at least `atLeast` (1) lines so far match, within `ms` (WAIT_MS). */
+    async waitFor(match: LineMatch, options: { atLeast?: number; ms?: number } = {}) {
+      const { atLeast = 1, ms = WAIT_MS } = options;
+      await until(
+        () => count(match) >= atLeast || undefined,
+        `${atLeast} log line(s) matching ${match}`,
+        ms,
+      );
+    },
+  };
+}
+
+/** What `awaitableLog` returns. */
+export type AwaitableLog = ReturnType<typeof awaitableLog>;
+
+/** A server's certificate and private key as PEM text: what `Deno.listenTls` takes. */
+export interface PemPair {
+  cert: string;
+  key: string;
+}
+
+/** Certificates for TLS tests, in a temporary folder: see `testCertificates`. */
 export interface TestCertificates extends AsyncDisposable {
+  /** The temporary folder; disposing of the certificates removes it. */
   dir: string;
-  /** File names. `leaf` is signed by `ca`, for localhost and 127.0.0.1; `other` is a self-signed stranger. */
-  files: { ca: string; leaf: string; leafKey: string; otherKey: string };
-  /** The PEM texts of the same files. */
+  /**
+   * Paths. `ca`, `caKey`, `cert` and `key` are tools/cert.ts's files: the CA
+   * and the localhost/127.0.0.1 leaf it signed, for a server's --cert and
+   * --key. `otherCa` is a second CA that signed none of the leaves below, and
+   * `otherKey` a private key that belongs to none of them.
+   */
+  files: CertificateFiles & { otherCa: string; otherKey: string };
+  /** The CA's certificate as PEM text: what a client's `caCerts` takes. */
   ca: string;
-  leaf: string;
-  leafKey: string;
+  /** The localhost/127.0.0.1 leaf the CA signed. */
+  good: PemPair;
+  /** A leaf from the same CA for example.com only. */
+  wrongName: PemPair;
+  /** A leaf from the same CA that has already expired. */
+  expired: PemPair;
+  /** The CA's own certificate shown by a server: what a lone self-signed one amounts to. */
+  caAsServer: PemPair;
 }
 
 /**
- * A test CA and a leaf certificate it signed, for localhost and 127.0.0.1,
- * made with the system's openssl in a temporary folder that disposing of it
- * removes. A CA and a leaf, not one self-signed certificate: rustls (Deno)
- * refuses a CA used as its own end entity (CaUsedAsEndEntity).
+ * The certificates TLS tests need, made by tools/cert.ts (what `deno task
+ * cert` runs, so the tests exercise it) in a temporary folder that disposing
+ * of them removes: a CA and the localhost/127.0.0.1 leaf it signed, a leaf
+ * for another name and an expired one from the same CA, and a second CA.
+ *
+ * @example A TLS listener with the good leaf, for clients that trust the CA
+ * ```ts
+ * import { testCertificates } from "./helpers.ts";
+ *
+ * await using certs = await testCertificates();
+ * using listener = Deno.listenTls({ hostname: "127.0.0.1", port: 0, ...certs.good });
+ * // A client trusts certs.ca (PEM text) or certs.files.ca (its path, for --ca).
+ * ```
  */
-export async function opensslCertificates(): Promise<TestCertificates> {
+export async function testCertificates(): Promise<TestCertificates> {
   const dir = await Deno.makeTempDir({ prefix: "tls_test_" });
-  const at = (name: string) => `${dir}/${name}`;
-  await Deno.writeTextFile(
-    at("leaf.ext"),
-    "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n" +
-      "extendedKeyUsage=serverAuth\n",
-  );
-  const steps = [
-    ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", at("ca.key"), "-out", at("ca.pem")]
-      .concat(["-days", "2", "-subj", "/CN=tcp_server test CA"])
-      .concat(["-addext", "basicConstraints=critical,CA:TRUE"])
-      .concat(["-addext", "keyUsage=critical,keyCertSign"]),
-    ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", at("leaf.key"), "-out", at("leaf.csr")]
-      .concat(["-subj", "/CN=localhost"]),
-    ["x509", "-req", "-in", at("leaf.csr"), "-CA", at("ca.pem"), "-CAkey", at("ca.key")]
-      .concat([
-        "-CAcreateserial",
-        "-out",
-        at("leaf.pem"),
-        "-days",
-        "2",
-        "-extfile",
-        at("leaf.ext"),
-      ]),
-    ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", at("other.key"), "-out"]
-      .concat([at("other.pem"), "-days", "2", "-subj", "/CN=other"]),
-  ];
-  for (const args of steps) {
-    const { success, stderr } = await new Deno.Command("openssl", { args, stdout: "null" })
-      .output();
-    if (!success) throw new Error(`openssl ${args[0]} failed: ${decoder.decode(stderr)}`);
+  try {
+    const good = await makeCertificates({ out: `${dir}/good` });
+    const caDir = `${dir}/good`;
+    const wrongName = await makeCertificates({
+      out: `${dir}/wrong-name`,
+      caDir,
+      names: ["example.com"],
+    });
+    const expired = await makeCertificates({ out: `${dir}/expired`, caDir, days: -1 });
+    const other = await makeCertificates({ out: `${dir}/other` });
+    const pair = async (files: CertificateFiles): Promise<PemPair> => ({
+      cert: await Deno.readTextFile(files.cert),
+      key: await Deno.readTextFile(files.key),
+    });
+    return {
+      dir,
+      files: { ...good, otherCa: other.ca, otherKey: other.key },
+      ca: await Deno.readTextFile(good.ca),
+      good: await pair(good),
+      wrongName: await pair(wrongName),
+      expired: await pair(expired),
+      caAsServer: await pair({ ...good, cert: good.ca, key: good.caKey }),
+      async [Symbol.asyncDispose]() {
+        await Deno.remove(dir, { recursive: true });
+      },
+    };
+  } catch (error) {
+    await Deno.remove(dir, { recursive: true });
+    throw error;
   }
-  return {
-    dir,
-    files: {
-      ca: at("ca.pem"),
-      leaf: at("leaf.pem"),
-      leafKey: at("leaf.key"),
-      otherKey: at("other.key"),
-    },
-    ca: await Deno.readTextFile(at("ca.pem")),
-    leaf: await Deno.readTextFile(at("leaf.pem")),
-    leafKey: await Deno.readTextFile(at("leaf.key")),
-    async [Symbol.asyncDispose]() {
-      await Deno.remove(dir, { recursive: true });
-    },
-  };
 }

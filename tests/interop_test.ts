@@ -30,8 +30,14 @@
  */
 
 import assert from "node:assert/strict";
-import { allBytes, opensslCertificates, randomBytes, scriptPath, within } from "./helpers.ts";
-import { type CertificateFiles, makeCertificates } from "../tools/cert.ts";
+import {
+  allBytes,
+  randomBytes,
+  scriptPath,
+  type TestCertificates,
+  testCertificates,
+  within,
+} from "./helpers.ts";
 
 const TIMEOUT_MS = 15_000;
 const CI = Deno.env.get("CI") === "true";
@@ -358,6 +364,19 @@ async function nextLines(program: { nextLine(): Promise<string | null> }, count:
   return lines;
 }
 
+/**
+ * The first member of a chat says `text`: its first line must be the
+ * server's "* you are guest-1", and its next the room's relay of `text`.
+ */
+async function assertFirstInChatSays(
+  program: { nextLine(): Promise<string | null>; write(text: string): Promise<void> },
+  text: string,
+): Promise<void> {
+  assert.equal(await program.nextLine(), "* you are guest-1");
+  await program.write(`${text}\n`);
+  assert.equal(await program.nextLine(), `guest-1: ${text}`);
+}
+
 /** How the peers print a binary message of N bytes 0, 1, 2, …: `binary:N` sends one. */
 async function binaryLine(size: number): Promise<string> {
   const bytes = Uint8Array.from({ length: size }, (_, i) => i % 256);
@@ -456,9 +475,7 @@ interopTest("python socket: tcp_client.py chats through tcp_server.ts with tcp_c
     stdin: true,
   });
   // Every client prints what the server sends, its own name first.
-  assert.equal(await denoClient.nextLine(), "* you are guest-1");
-  await denoClient.write("hi, who's there?\n");
-  assert.equal(await denoClient.nextLine(), "guest-1: hi, who's there?");
+  await assertFirstInChatSays(denoClient, "hi, who's there?");
 
   const oneLiner = await run(shell(ONE_LINERS.pythonTcp(server.port)));
   assert.equal(oneLiner.stdout, "* you are guest-2\nguest-2: hello\n", oneLiner.stderr);
@@ -503,9 +520,7 @@ interopTest("node net: tcp_client.mjs chats through tcp_server.ts with tcp_clien
   await using denoClient = spawn(deno("tcp_client.ts", "--port", String(server.port)), {
     stdin: true,
   });
-  assert.equal(await denoClient.nextLine(), "* you are guest-1");
-  await denoClient.write("hi\n");
-  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  await assertFirstInChatSays(denoClient, "hi");
   const js = await run(["node", [peer("tcp_client.mjs"), String(server.port), "one", "two"]]);
   assert.equal(js.stdout, "* you are guest-2\nguest-2: one\nguest-2: two\n", js.stderr);
   assert.deepEqual(await nextLines(denoClient, 4), [
@@ -542,9 +557,7 @@ interopTest("netcat: nc chats through tcp_server.ts with tcp_client.ts, then lea
     deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
   );
   await using nc = spawn(shell(ONE_LINERS.netcatChat(server.port)), { stdin: true });
-  assert.equal(await nc.nextLine(), "* you are guest-1");
-  await nc.write("netcat here\n");
-  assert.equal(await nc.nextLine(), "guest-1: netcat here");
+  await assertFirstInChatSays(nc, "netcat here");
   const denoClient = await run(deno("tcp_client.ts", "--port", String(server.port), "hi nc"));
   assert.equal(denoClient.stdout, "* you are guest-2\nguest-2: hi nc\n", denoClient.stderr);
   assert.deepEqual(await nextLines(nc, 3), [
@@ -583,9 +596,7 @@ interopTest("ws (Node.js): chat with ws_client.ts; binary closes 1003, too big 1
   );
   await using denoClient = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
   // Every client prints what the server sends, its own name first.
-  assert.equal(await denoClient.nextLine(), "* you are guest-1");
-  await denoClient.write("hi\n");
-  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  await assertFirstInChatSays(denoClient, "hi");
 
   const js = await run(["node", [peer("ws_client.mjs"), server.url, "from ws"]]);
   assert.equal(js.stdout, "* you are guest-2\nguest-2: from ws\nclosed 1000\n", js.stderr);
@@ -654,9 +665,7 @@ interopTest("python-websockets: chat with ws_client.ts; binary closes 1003", [
     deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
   );
   await using denoClient = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
-  assert.equal(await denoClient.nextLine(), "* you are guest-1");
-  await denoClient.write("hi\n");
-  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  await assertFirstInChatSays(denoClient, "hi");
   const py = await run([PYTHON_WITH_WEBSOCKETS!, [peer("ws_client.py"), server.url, "from py"]]);
   assert.equal(py.stdout, "* you are guest-2\nguest-2: from py\nclosed 1000\n", py.stderr);
   const binary = await run([PYTHON_WITH_WEBSOCKETS!, [
@@ -1195,9 +1204,7 @@ interopTest("ws (Node.js): a client offering a subprotocol gets one, in echo and
     deno("ws_server.ts", "--port", "0", "--mode", "chat", "--protocol", "chat", "--quiet"),
   );
   await using denoClient = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
-  assert.equal(await denoClient.nextLine(), "* you are guest-1");
-  await denoClient.write("hi\n");
-  assert.equal(await denoClient.nextLine(), "guest-1: hi");
+  await assertFirstInChatSays(denoClient, "hi");
   // ws joins several names with a bare comma: "graphql-ws,chat".
   const js = await run(["node", [
     peer("ws_client.mjs"),
@@ -1264,9 +1271,7 @@ interopTest("chromium: a page offering a subprotocol gets one, in echo and in ch
     deno("ws_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
   );
   await using terminal = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
-  assert.equal(await terminal.nextLine(), "* you are guest-1");
-  await terminal.write("hi\n");
-  assert.equal(await terminal.nextLine(), "guest-1: hi");
+  await assertFirstInChatSays(terminal, "hi");
   const page = await browser.openPage(ONE_LINERS.browser(server.port));
   // The page's own client is guest-2; the snippet's socket is guest-3.
   assert.equal(await terminal.nextLine(), "* guest-2 joined");
@@ -1318,9 +1323,7 @@ interopTest("chromium: a page from another origin cannot join the chat (403); it
         deno("ws_server.ts", "--port", "0", "--mode", "chat"),
       );
       await using terminal = spawn(deno("ws_client.ts", "--url", server.url), { stdin: true });
-      assert.equal(await terminal.nextLine(), "* you are guest-1");
-      await terminal.write("my secret\n");
-      assert.equal(await terminal.nextLine(), "guest-1: my secret");
+      await assertFirstInChatSays(terminal, "my secret");
       const page = await browser.openPage(`${origin}/?ws=${server.url}`);
       // A refused handshake is, to a page, a connection that failed.
       assert.equal(await events(page, "close"), "close 1006\n");
@@ -1596,9 +1599,7 @@ interopTest("chromium + netcat: the page bridge.ts serves joins a tcp_server.ts 
     deno("tcp_server.ts", "--port", "0", "--mode", "chat", "--quiet"),
   );
   await using nc = spawn(shell(ONE_LINERS.netcatChat(server.port)), { stdin: true });
-  assert.equal(await nc.nextLine(), "* you are guest-1");
-  await nc.write("nc here first\n");
-  assert.equal(await nc.nextLine(), "guest-1: nc here first");
+  await assertFirstInChatSays(nc, "nc here first");
   await using bridge = await startServer(
     deno("bridge.ts", "--listen", "ws://127.0.0.1:0/", "--to", `tcp://127.0.0.1:${server.port}`),
   );
@@ -1695,8 +1696,8 @@ interopTest(
     openssl,
   ],
   async () => {
-    await using certs = await opensslCertificates();
-    const tls = ["--cert", certs.files.leaf, "--key", certs.files.leafKey];
+    await using certs = await testCertificates();
+    const tls = ["--cert", certs.files.cert, "--key", certs.files.key];
     const client = (port: number, ...args: string[]) =>
       spawn(
         [
@@ -1761,21 +1762,9 @@ for (const fault of [["--fragment", "1"], ["--slice", "1"]]) {
 // The same servers with --cert and --key: TLS under the WebSocket, and each
 // peer trusting our test CA (tools/cert.ts) its own way.
 
-/** A CA and a localhost/127.0.0.1 leaf it signed (tools/cert.ts), in a temporary folder. */
-async function testCertificates(): Promise<CertificateFiles & AsyncDisposable> {
-  const out = await Deno.makeTempDir({ prefix: "interop-tls-" });
-  const files = await makeCertificates({ out });
-  return {
-    ...files,
-    async [Symbol.asyncDispose]() {
-      await Deno.remove(out, { recursive: true });
-    },
-  };
-}
-
 /** ws_server.ts with the test certificate: it prints "listening on wss://127.0.0.1:PORT/". */
-async function startWssServer(certs: CertificateFiles, ...args: string[]) {
-  const tls = ["--cert", certs.cert, "--key", certs.key];
+async function startWssServer(certs: TestCertificates, ...args: string[]) {
+  const tls = ["--cert", certs.files.cert, "--key", certs.files.key];
   const server = spawn(deno("ws_server.ts", "--port", "0", ...tls, ...args));
   const line = await server.nextLine().catch(() => null);
   const port = Number(line?.match(/^listening on wss:\/\/127\.0\.0\.1:(\d+)\/$/)?.[1]);
@@ -1815,7 +1804,7 @@ interopTest(
       peer("ws_client.py"),
       server.url,
       "--ca",
-      certs.ca,
+      certs.files.ca,
       "hello over wss",
       "binary:256",
     ]]);
@@ -1836,7 +1825,7 @@ interopTest(
   ],
   async () => {
     await using certs = await testCertificates();
-    const ca = `--ca=${certs.ca}`;
+    const ca = `--ca=${certs.files.ca}`;
     {
       await using echo = await startWssServer(certs, "--quiet");
       await assertPeerWsClientEchoed("node", "ws_client.mjs", echo.url, 65536, [ca]);
@@ -1846,7 +1835,7 @@ interopTest(
       assert.match(untrusted.stderr, /^ws_client\.mjs: unable to verify the first certificate$/m);
     }
     await using chat = await startWssServer(certs, "--mode", "chat", "--quiet");
-    const denoClient = deno("ws_client.ts", "--url", chat.url, "--ca", certs.ca);
+    const denoClient = deno("ws_client.ts", "--url", chat.url, "--ca", certs.files.ca);
     await using terminal = spawn(denoClient, { stdin: true });
     assert.equal(await terminal.nextLine(), "* you are guest-1");
     const js = await run(["node", [peer("ws_client.mjs"), chat.url, ca, "from ws"]]);
@@ -1869,14 +1858,14 @@ interopTest("chromium over TLS: the page loads over https, connects with wss: an
   // Trust exactly our leaf's key: Chromium's switch for test servers, short
   // of installing the CA in its certificate store. Without it the page does
   // not load (net::ERR_CERT_AUTHORITY_INVALID).
-  const spki = await spkiHash(certs.cert);
+  const spki = await spkiHash(certs.files.cert);
   await using browser = await launchChromium([`--ignore-certificate-errors-spki-list=${spki}`]);
   const page = await browser.openPage(`https://127.0.0.1:${server.port}/`);
   assert.equal(await waitForStatus(page, "Connected"), `Connected to ${server.url}`);
   assert.equal(await waitForYou(page, "guest-1"), "— you are guest-1");
   assert.equal(await evaluate(page, "location.protocol"), "https:");
 
-  const denoClient = deno("ws_client.ts", "--url", server.url, "--ca", certs.ca);
+  const denoClient = deno("ws_client.ts", "--url", server.url, "--ca", certs.files.ca);
   await using terminal = spawn(denoClient, { stdin: true });
   assert.equal(await terminal.nextLine(), "* you are guest-2");
   assert.deepEqual(await waitForLog(page, 1), ["* guest-2 joined"]);
@@ -1891,6 +1880,24 @@ interopTest("chromium over TLS: the page loads over https, connects with wss: an
   assert.equal(code, 0);
   assert.equal((await waitForLog(page, 4))[3], "* guest-2 left");
 });
+
+/**
+ * A pt-BR page, connected as guest-1, says "olá, mundo ✓" and sees it come
+ * back once, then disconnects: the status, the note and the button all in
+ * Portuguese.
+ */
+async function assertPortugueseRoundTrip(page: Page): Promise<void> {
+  await typeMessage(page, "olá, mundo ✓", "click");
+  assert.deepEqual(await waitForLog(page, 1), ["mine: guest-1: olá, mundo ✓"]);
+
+  await click(page, "#connect");
+  assert.equal(await waitForStatus(page, "Fechada"), "Fechada: código 1000 (bye)");
+  assert.equal((await waitForLog(page, 2))[1], "note: conexão fechada, código 1000");
+  assert.equal(
+    await evaluate(page, `document.getElementById("connect").textContent`),
+    "Conectar",
+  );
+}
 
 interopTest(
   "chromium: with --lang=pt-BR the page at / speaks Portuguese, and the chat protocol stays as it is",
@@ -1915,16 +1922,7 @@ interopTest(
     assert.match(heading.hint, /^Chat: cada mensagem vai para todo mundo/);
     // The server still says "* you are guest-1"; only the page's words change.
     assert.equal(await waitForYou(page, "guest-1"), "— você é guest-1");
-    await typeMessage(page, "olá, mundo ✓", "click");
-    assert.deepEqual(await waitForLog(page, 1), ["mine: guest-1: olá, mundo ✓"]);
-
-    await click(page, "#connect");
-    assert.equal(await waitForStatus(page, "Fechada"), "Fechada: código 1000 (bye)");
-    assert.equal((await waitForLog(page, 2))[1], "note: conexão fechada, código 1000");
-    assert.equal(
-      await evaluate(page, `document.getElementById("connect").textContent`),
-      "Conectar",
-    );
+    await assertPortugueseRoundTrip(page);
   },
 );
 
@@ -1961,16 +1959,7 @@ interopTest(
     assert.match(heading.h1, /^Cliente WebSocket, via ponte para TCP/);
     assert.match(heading.hint, /^Chat: cada mensagem vai para todo mundo/);
     // Page → WebSocket → bridge → a line to tcp_server → relayed back, once.
-    await typeMessage(page, "olá, mundo ✓", "click");
-    assert.deepEqual(await waitForLog(page, 1), ["mine: guest-1: olá, mundo ✓"]);
-
-    await click(page, "#connect");
-    assert.equal(await waitForStatus(page, "Fechada"), "Fechada: código 1000 (bye)");
-    assert.equal((await waitForLog(page, 2))[1], "note: conexão fechada, código 1000");
-    assert.equal(
-      await evaluate(page, `document.getElementById("connect").textContent`),
-      "Conectar",
-    );
+    await assertPortugueseRoundTrip(page);
     assert.match((await pageHeading(page)).hint, /^→ marca o que você enviou/);
   },
 );

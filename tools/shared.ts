@@ -145,6 +145,12 @@ export interface SpawnOptions {
   onStderrLine?: (line: string) => void;
   /** How long it may take to print its `listening on` line. Default 15 s. */
   startMs?: number;
+  /**
+   * What comes before `args` to make it listen on a free port. Default
+   * `--port 0`; `udp.ts` wants its command first (`serve --port 0`), and
+   * bridge.ts none (its `--listen` in `args` says where).
+   */
+  listenArgs?: string[];
 }
 
 /**
@@ -166,9 +172,14 @@ export interface SpawnOptions {
  * @throws {Error} when it exits or says nothing before `startMs`, with its stderr.
  */
 export async function spawnServer(script: string, args: string[], options: SpawnOptions = {}) {
-  const { permissions = ["--allow-net=127.0.0.1"], onStderrLine, startMs = 15_000 } = options;
+  const {
+    permissions = ["--allow-net=127.0.0.1"],
+    onStderrLine,
+    startMs = 15_000,
+    listenArgs = ["--port", "0"],
+  } = options;
   const child = new Deno.Command(denoCommand(), {
-    args: ["run", ...permissions, scriptPath(script), "--port", "0", ...args],
+    args: ["run", ...permissions, scriptPath(script), ...listenArgs, ...args],
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
