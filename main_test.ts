@@ -4074,3 +4074,43 @@ Deno.test("bridge ws://: the browser page follows Accept-Language like ws_server
   assert.match(rawEn.html, /is written to it as it is, with no newline/);
   assert.doesNotMatch(rawEn.html, /becomes one line/);
 });
+
+Deno.test("wire faults: behind --stall-after, a connection whose two ends have closed ends and is reported, the rest discarded and counted", async (t) => {
+  // Which way stalls, who sends, and who closes first: the stalled side's
+  // sender closes last, so its FIN is what the proxy must still read.
+  for (const faultsTo of ["client", "server"] as const) {
+    await t.step(`--faults-to ${faultsTo}`, async () => {
+      using upstream = rawTcpServer();
+      await using wire = await spawnWire([
+        "--to",
+        upstream.url.replace("tcp://", ""),
+        "--stall-after",
+        "5",
+        "--faults-to",
+        faultsTo,
+      ]);
+      using client = await connectTcp(wire.port);
+      using server = bufferedConn(await upstream.accept());
+      const [sender, receiver] = faultsTo === "client" ? [server, client] : [client, server];
+      const dir = faultsTo === "client" ? "s2c" : "c2s";
+      await sender.write("hello world\n");
+      assert.equal(
+        decoder.decode(await within(receiver.readBytes(5), "the first 5 bytes")),
+        "hello",
+      );
+      await wire.waitFor((e) => e.type === "fault" && e.name === "stall-after", "the stall");
+      // The receiver closes first; its FIN still passes the other way, so the
+      // sender reads its EOF, sends a last line nobody gets, and closes too.
+      receiver.close();
+      assert.equal((await within(sender.readToEnd(), "the receiver's FIN")).length, 0);
+      await sender.write("more\n");
+      sender.close();
+      const closed = await wire.waitFor((e) => e.type === "close", "the stalled connection's end");
+      assert.equal(closed[`bytes_${dir}`], 17, JSON.stringify(closed));
+      assert.equal(closed[`discarded_${dir}`], 12, JSON.stringify(closed));
+      assert.ok(!wire.events.some((e) => e.type === "fin" && e.dir === dir), "no FIN passed on");
+      assert.ok(!wire.events.some((e) => e.type === "reset"), "both ends closed cleanly");
+      assertDocumentedFields(wire.events);
+    });
+  }
+});
