@@ -4114,3 +4114,30 @@ Deno.test("wire faults: behind --stall-after, a connection whose two ends have c
     });
   }
 });
+
+Deno.test("wire faults: --drop-close when the client closes first: ws_client says its close frame got no answer, not code 1005", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--drop-close",
+    "--faults-to",
+    "server",
+  ]);
+  // Interactive: the end of stdin is what makes the client close, with 1000.
+  const client = await within(
+    runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wire.port}/`], "hello\n"),
+    "ws_client behind --drop-close, closing first",
+  );
+  assert.equal(client.stdout, "hello\n");
+  assert.equal(client.code, 1);
+  assert.match(client.stderr, /connection lost: .*our close frame/);
+  assert.doesNotMatch(client.stderr, /the server closed the connection/);
+  assert.equal(client.stderr.trimEnd().split("\n").length, 1, client.stderr);
+  assertNoStackTrace(client.stderr);
+  const dropped = await wire.waitFor(
+    (e) => e.type === "fault" && e.name === "drop-close",
+    "the drop-close event",
+  );
+  assert.deepEqual([dropped.dir, dropped.code], ["c2s", 1000]);
+});

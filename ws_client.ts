@@ -49,6 +49,9 @@ const DEFAULT_MAX_MESSAGE = 1024 * 1024;
 // only 1000 and 3000-4999, so "too big" (1009) goes out as a private 4009.
 const NORMAL_CLOSURE = 1000;
 const MESSAGE_TOO_BIG = 4009;
+// Never sent in a frame: what a close event says when no code came with it.
+const NO_STATUS_RECEIVED = 1005;
+const ABNORMAL_CLOSURE = 1006;
 
 const encoder = new TextEncoder();
 
@@ -105,7 +108,7 @@ const encoder = new TextEncoder();
  *
  * @throws {Error} when the connection fails (the message says why: refused,
  * not a WebSocket server, a certificate refused and why), drops without a
- * close frame, brings a message over `maxMessage`, the replies have not come
+ * close frame (before the server's or, after ours, before its answer), brings a message over `maxMessage`, the replies have not come
  * back within `timeout`, or the server does not answer our close frame
  * within 2 s. Having given up, it does not wait for the server to let go:
  * the connection may linger until the server hangs up (the command line
@@ -180,13 +183,29 @@ export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
       ? `${echoes.count} of ${echoes.total} messages came back`
       : `${received} of ${replies} replies`
   );
-  // Code 1006 (shown by Deno as 0) is never sent: it means no close frame came.
-  if (!event.wasClean || event.code === 0 || event.code === 1006) {
-    throw new Error(
-      "connection lost: it closed without a close frame (server crashed or network dropped?)",
-    );
-  }
+  const lost = lostConnection(event, { weClosed });
+  if (lost) throw new Error(`connection lost: ${lost}`);
   return { code: event.code, reason: event.reason, byServer: !weClosed };
+}
+
+// Code 1006 (shown by Deno as 0) is never sent: it means no close frame
+// came. Once we have sent ours, Deno reports a connection that drops before
+// the answer as 1005, clean, the code of a close frame with no code in it
+// (RFC 6455 section 7.1.5 says 1006). We always send a code and a server
+// echoes it (section 5.5.1), so no code back is the answer that never came.
+function lostConnection(
+  event: CloseEvent,
+  { weClosed }: { weClosed: boolean },
+): string | undefined {
+  if (!event.wasClean || event.code === 0 || event.code === ABNORMAL_CLOSURE) {
+    return "it closed without a close frame (server crashed or network dropped?)";
+  }
+  if (weClosed && event.code === NO_STATUS_RECEIVED) {
+    return "no close code came back for our close frame: the connection closed without the " +
+      "server's close frame (server crashed or network dropped?), or its close frame had no " +
+      "code; Deno reports both as 1005";
+  }
+  return undefined;
 }
 
 const STOPPED: unique symbol = Symbol("stopped");
