@@ -4153,3 +4153,38 @@ Deno.test("style: ws_client.ts keeps its limits in functions (createGuard), no c
   assert.match(source.split("*/")[0], /6\. Limits:.*createGuard/);
   assert.match(source, /using guard = createGuard\(/);
 });
+
+Deno.test("wire faults: behind --stall-after towards the server, a client's reset still ends the connection", async () => {
+  const { default: net } = await import("node:net");
+  using upstream = rawTcpServer();
+  await using wire = await spawnWire([
+    "--to",
+    upstream.url.replace("tcp://", ""),
+    "--stall-after",
+    "5",
+    "--faults-to",
+    "server",
+  ]);
+  // node:net, because a Deno socket cannot send a reset (RST).
+  const client = net.connect(wire.port, "127.0.0.1");
+  const connected = new Promise<void>((resolve, reject) => {
+    client.once("connect", resolve);
+    client.once("error", reject);
+  });
+  try {
+    await within(connected, "the client's connection");
+    client.write("hello world\n");
+    using server = bufferedConn(await upstream.accept());
+    assert.equal(decoder.decode(await within(server.readBytes(5), "the first 5 bytes")), "hello");
+    await wire.waitFor((e) => e.type === "fault" && e.name === "stall-after", "the stall");
+    client.resetAndDestroy();
+    await wire.waitFor((e) => e.type === "close", "the end after the client's reset");
+    const reset = wire.events.find((e) => e.type === "reset");
+    assert.equal(reset?.side, "client", JSON.stringify(wire.events.map((e) => e.type)));
+    // As after any reset, the proxy closed the server's side.
+    assert.equal((await within(server.readToEnd(), "the server's EOF")).length, 0);
+    assertDocumentedFields(wire.events);
+  } finally {
+    client.destroy();
+  }
+});
