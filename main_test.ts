@@ -3931,3 +3931,117 @@ Deno.test("bridge ws://: the browser page follows Accept-Language like ws_server
   assert.match(rawEn.html, /is written to it as it is, with no newline/);
   assert.doesNotMatch(rawEn.html, /becomes one line/);
 });
+
+Deno.test("wire faults: behind --stall-after, a connection whose two ends have closed ends and is reported, the rest discarded and counted", async (t) => {
+  // Which way stalls, who sends, and who closes first: the stalled side's
+  // sender closes last, so its FIN is what the proxy must still read.
+  for (const faultsTo of ["client", "server"] as const) {
+    await t.step(`--faults-to ${faultsTo}`, async () => {
+      using upstream = rawTcpServer();
+      await using wire = await spawnWire([
+        "--to",
+        upstream.url.replace("tcp://", ""),
+        "--stall-after",
+        "5",
+        "--faults-to",
+        faultsTo,
+      ]);
+      using client = await connectTcp(wire.port);
+      using server = bufferedConn(await upstream.accept());
+      const [sender, receiver] = faultsTo === "client" ? [server, client] : [client, server];
+      const dir = faultsTo === "client" ? "s2c" : "c2s";
+      await sender.write("hello world\n");
+      assert.equal(
+        decoder.decode(await within(receiver.readBytes(5), "the first 5 bytes")),
+        "hello",
+      );
+      await wire.waitFor((e) => e.type === "fault" && e.name === "stall-after", "the stall");
+      // The receiver closes first; its FIN still passes the other way, so the
+      // sender reads its EOF, sends a last line nobody gets, and closes too.
+      receiver.close();
+      assert.equal((await within(sender.readToEnd(), "the receiver's FIN")).length, 0);
+      await sender.write("more\n");
+      sender.close();
+      const closed = await wire.waitFor((e) => e.type === "close", "the stalled connection's end");
+      assert.equal(closed[`bytes_${dir}`], 17, JSON.stringify(closed));
+      assert.equal(closed[`discarded_${dir}`], 12, JSON.stringify(closed));
+      assert.ok(!wire.events.some((e) => e.type === "fin" && e.dir === dir), "no FIN passed on");
+      assert.ok(!wire.events.some((e) => e.type === "reset"), "both ends closed cleanly");
+      assertDocumentedFields(wire.events);
+    });
+  }
+});
+
+Deno.test("wire faults: --drop-close when the client closes first: ws_client says its close frame got no answer, not code 1005", async () => {
+  await using server = await spawnServer("ws_server.ts", ["--quiet"]);
+  await using wire = await spawnWire([
+    "--to",
+    `127.0.0.1:${server.port}`,
+    "--drop-close",
+    "--faults-to",
+    "server",
+  ]);
+  // Interactive: the end of stdin is what makes the client close, with 1000.
+  const client = await within(
+    runScript("ws_client.ts", ["--url", `ws://127.0.0.1:${wire.port}/`], "hello\n"),
+    "ws_client behind --drop-close, closing first",
+  );
+  assert.equal(client.stdout, "hello\n");
+  assert.equal(client.code, 1);
+  assert.match(client.stderr, /connection lost: .*our close frame/);
+  assert.doesNotMatch(client.stderr, /the server closed the connection/);
+  assert.equal(client.stderr.trimEnd().split("\n").length, 1, client.stderr);
+  assertNoStackTrace(client.stderr);
+  const dropped = await wire.waitFor(
+    (e) => e.type === "fault" && e.name === "drop-close",
+    "the drop-close event",
+  );
+  assert.deepEqual([dropped.dir, dropped.code], ["c2s", 1000]);
+});
+
+Deno.test("style: ws_client.ts keeps its limits in functions (createGuard), no class and no `this`", async () => {
+  const source = await Deno.readTextFile(scriptPath("ws_client.ts"));
+  const limits = source.split(/^\/\/ -+ 6\. limits.*$/m)[1]?.split(/^\/\/ -+ 7\. /m)[0];
+  assert.ok(limits, "ws_client.ts has a section 6 (limits) followed by a section 7");
+  assert.match(limits, /^function createGuard\(/m);
+  assert.doesNotMatch(limits, /^\s*(export\s+)?class\s/m);
+  assert.doesNotMatch(limits, /\bthis\./);
+  // The reading order at the top names it, and runWsClient uses it.
+  assert.match(source.split("*/")[0], /6\. Limits:.*createGuard/);
+  assert.match(source, /using guard = createGuard\(/);
+});
+
+Deno.test("wire faults: behind --stall-after towards the server, a client's reset still ends the connection", async () => {
+  const { default: net } = await import("node:net");
+  using upstream = rawTcpServer();
+  await using wire = await spawnWire([
+    "--to",
+    upstream.url.replace("tcp://", ""),
+    "--stall-after",
+    "5",
+    "--faults-to",
+    "server",
+  ]);
+  // node:net, because a Deno socket cannot send a reset (RST).
+  const client = net.connect(wire.port, "127.0.0.1");
+  const connected = new Promise<void>((resolve, reject) => {
+    client.once("connect", resolve);
+    client.once("error", reject);
+  });
+  try {
+    await within(connected, "the client's connection");
+    client.write("hello world\n");
+    using server = bufferedConn(await upstream.accept());
+    assert.equal(decoder.decode(await within(server.readBytes(5), "the first 5 bytes")), "hello");
+    await wire.waitFor((e) => e.type === "fault" && e.name === "stall-after", "the stall");
+    client.resetAndDestroy();
+    await wire.waitFor((e) => e.type === "close", "the end after the client's reset");
+    const reset = wire.events.find((e) => e.type === "reset");
+    assert.equal(reset?.side, "client", JSON.stringify(wire.events.map((e) => e.type)));
+    // As after any reset, the proxy closed the server's side.
+    assert.equal((await within(server.readToEnd(), "the server's EOF")).length, 0);
+    assertDocumentedFields(wire.events);
+  } finally {
+    client.destroy();
+  }
+});

@@ -142,6 +142,8 @@ export const EVENT_FIELDS = {
     "duration_ms",
     "bytes_c2s",
     "bytes_s2c",
+    "discarded_c2s",
+    "discarded_s2c",
     "frames_c2s",
     "frames_s2c",
     "messages_c2s",
@@ -182,7 +184,9 @@ export interface WireEvent {
 //
 // Each direction writes through a Sink: the socket itself here, or the fault
 // stages of section 6 in front of it, which see both the bytes and the FIN,
-// so their order holds.
+// so their order holds. A direction stalled by --stall-after is still read
+// (and what it carries discarded, section 6a), so its FIN or reset is still
+// seen: a connection ends once both of its senders are done, stalled or not.
 
 interface DirectionState {
   dir: Direction;
@@ -235,6 +239,8 @@ interface Connection {
   closing: boolean;
   /** FIN seen in each direction. */
   finished: { c2s: boolean; s2c: boolean };
+  /** Bytes read and thrown away since --stall-after stalled that direction; undefined until it does. */
+  discarded: Record<Direction, number | undefined>;
   /** The pending upgrade's Sec-WebSocket-Key, between request and response. */
   websocketKey?: string;
   /** HTTP request methods still waiting for their response (HEAD has no body). */
@@ -344,6 +350,7 @@ async function pump(
     const chunk = n === buffer.length ? buffer : buffer.subarray(0, n);
     // The bytes go first, the explanation after: decoding never delays or
     // changes what is forwarded, and it reads the same buffer, no copy.
+    const discardedBefore = conn.discarded[direction.dir] ?? 0;
     try {
       await to.write(chunk);
     } catch (error) {
@@ -351,7 +358,9 @@ async function pump(
       return;
     }
     conn.bytes[direction.dir] += n;
-    observeSafely(state, conn, direction, chunk);
+    // Only what passed is shown: a stall's discarded tail is just counted.
+    const passed = n - ((conn.discarded[direction.dir] ?? 0) - discardedBefore);
+    if (passed > 0) observeSafely(state, conn, direction, chunk.subarray(0, passed));
     const backlog = state.waitForOutput?.();
     if (backlog) await backlog;
   }
@@ -382,6 +391,8 @@ async function passFin(
   to: Sink,
 ): Promise<void> {
   if (conn.closing) return;
+  // A stalled direction passes nothing on, its FIN included (section 6a).
+  if (conn.discarded[direction.dir] !== undefined) return;
   endOfStream(state, conn, direction);
   conn.finished[direction.dir] = true;
   emit(state, conn, direction.dir, "fin", {});
@@ -433,6 +444,9 @@ function finishConnection(state: WireState, conn: Connection): void {
     bytes_c2s: conn.bytes.c2s,
     bytes_s2c: conn.bytes.s2c,
   };
+  for (const dir of ["c2s", "s2c"] as const) {
+    if (conn.discarded[dir] !== undefined) summary[`discarded_${dir}`] = conn.discarded[dir];
+  }
   if (conn.websocket) {
     summary.frames_c2s = conn.c2s.frameCount;
     summary.frames_s2c = conn.s2c.frameCount;
@@ -1332,7 +1346,7 @@ function closeCodeMaySend(code: number): boolean {
 // same messages in the same order, control frames never split, and every
 // client frame masked with a fresh key. Memory stays bounded: a delayed
 // direction holds at most DELAY_LINE_LIMIT bytes, a fragmenting one one
-// fragment, and a stalled one nothing (its sender waits, backpressure).
+// fragment, and a stalled one nothing (what still comes is discarded).
 
 /** The faults `startWire` applies; each field is the flag of the same name. */
 export interface FaultOptions {
@@ -1550,6 +1564,7 @@ function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: S
   }
 
   async function count(bytes: Uint8Array): Promise<void> {
+    if (conn.discarded[dir] !== undefined) return stallDiscard(conn, dir, bytes.length);
     if (tripped) return faults.stopped;
     const hit = limits.filter(([, after]) => forwarded + bytes.length >= after)
       .sort((a, b) => a[1] - b[1])[0];
@@ -1559,31 +1574,49 @@ function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: S
     }
     const [name, after] = hit;
     if (after > forwarded) await pace(bytes.subarray(0, after - forwarded));
-    forwarded = after;
     tripped = true;
     fault(state, conn, dir, name, { bytes: after });
     endByFault(conn, dir, name);
-    if (name === "stall-after") return faults.stopped;
+    if (name === "stall-after") stallDiscard(conn, dir, forwarded + bytes.length - after);
+    forwarded = after;
+  }
+
+  // After a stall the FIN is swallowed like the bytes; after a reset or a
+  // close the connection is going, and nothing waits on this direction.
+  function closeWrite(): Promise<void> {
+    if (conn.discarded[dir] !== undefined) return Promise.resolve();
+    return tripped ? faults.stopped : to.closeWrite();
   }
 
   const delayed = options.latency || options.jitter;
-  if (!delayed) {
-    return {
-      write: count,
-      closeWrite: () => tripped ? faults.stopped : to.closeWrite(),
-    };
-  }
-  return delayLine(state, conn, dir, { write: count, closeWrite: () => to.closeWrite() });
+  if (!delayed) return { write: count, closeWrite };
+  return delayLine(state, conn, dir, { write: count, closeWrite });
 }
 
 // --reset-after sends the receiver a RST (and closes the sender's side);
-// --close-after a FIN to the receiver, then closes; --stall-after nothing.
+// --close-after a FIN to the receiver, then closes; --stall-after nothing:
+// the receiver hears no more, and the connection stays open.
 function endByFault(conn: Connection, dir: Direction, name: string): void {
-  if (name === "stall-after") return;
+  if (name === "stall-after") {
+    conn.discarded[dir] = 0;
+    return;
+  }
   const receiver = dir === "c2s" ? conn.server! : conn.client;
   if (name === "reset-after") receiver.reset?.();
   else receiver.closeWrite().catch(() => {});
   abortConnection(conn);
+}
+
+// A stall means "stop forwarding this direction, keep the connection open".
+// Its sender is still read, for two reasons: holding its bytes would grow
+// without bound, and no longer reading would hide its FIN or its reset, so a
+// connection whose two ends had both closed would never end. What it still
+// sends is thrown away and counted (the close event's `discarded_*`); its
+// FIN is swallowed (section 1's passFin); the connection ends, and is
+// reported, once the other direction is done too, like any other.
+function stallDiscard(conn: Connection, dir: Direction, bytes: number): Promise<void> {
+  conn.discarded[dir] = (conn.discarded[dir] ?? 0) + bytes;
+  return Promise.resolve();
 }
 
 // Each chunk is copied (the read buffer is reused) and written once its time
@@ -2314,9 +2347,9 @@ function describe(
     case "error":
       return [paint("error", `${tag("error")} ${escapeControls(String(e.message))}`)];
     case "close": {
-      let line = `${
-        tag("close")
-      } after ${e.duration_ms} ms: c→s ${e.bytes_c2s} B, s→c ${e.bytes_s2c} B`;
+      let line = `${tag("close")} after ${e.duration_ms} ms: c→s ${e.bytes_c2s} B${
+        discardedNote(e.discarded_c2s)
+      }, s→c ${e.bytes_s2c} B${discardedNote(e.discarded_s2c)}`;
       if (e.frames_c2s !== undefined) {
         line +=
           `; frames ${e.frames_c2s}/${e.frames_s2c}, messages ${e.messages_c2s}/${e.messages_s2c}` +
@@ -2325,6 +2358,10 @@ function describe(
       return [line];
     }
   }
+}
+
+function discardedNote(discarded: unknown): string {
+  return discarded === undefined ? "" : ` (${discarded} B of it discarded by the stall)`;
 }
 
 // What a fault did, in words, with the choices it made.
@@ -2343,7 +2380,8 @@ function describeFault(e: Record<string, unknown>): string {
     case "close-after":
       return `${e.bytes} B forwarded: closed (FIN)`;
     case "stall-after":
-      return `${e.bytes} B forwarded: stalled, nothing more passes this way`;
+      return `${e.bytes} B forwarded: stalled, nothing more passes this way ` +
+        `(what still comes is read and discarded; the connection stays open)`;
     case "fragment":
       return `a ${e.bytes}-byte frame re-framed as ${e.frames} frames`;
     case "drop-pongs":
@@ -2424,6 +2462,7 @@ function newConnection(state: WireState, client: ProxySocket): Connection {
     s2c: newDirection("s2c"),
     closing: false,
     finished: { c2s: false, s2c: false },
+    discarded: { c2s: undefined, s2c: undefined },
     methods: [],
     websocket: false,
   };

@@ -18,7 +18,7 @@
  *     4. What rides on the handshake: wss://,       handshakeOptions
  *        subprotocols, headers
  *     5. Chat: which replies are our own            OwnEchoes
- *     6. Limits: every wait and every message       Guard
+ *     6. Limits: every wait and every message       createGuard
  *        bounded, whatever the server does
  *     7. The options                                WsClientOptions, WsClose
  *     8. The command line, slash commands,          main, typedMessages
@@ -49,6 +49,9 @@ const DEFAULT_MAX_MESSAGE = 1024 * 1024;
 // only 1000 and 3000-4999, so "too big" (1009) goes out as a private 4009.
 const NORMAL_CLOSURE = 1000;
 const MESSAGE_TOO_BIG = 4009;
+// Never sent in a frame: what a close event says when no code came with it.
+const NO_STATUS_RECEIVED = 1005;
+const ABNORMAL_CLOSURE = 1006;
 
 const encoder = new TextEncoder();
 
@@ -105,7 +108,7 @@ const encoder = new TextEncoder();
  *
  * @throws {Error} when the connection fails (the message says why: refused,
  * not a WebSocket server, a certificate refused and why), drops without a
- * close frame, brings a message over `maxMessage`, the replies have not come
+ * close frame (before the server's or, after ours, before its answer), brings a message over `maxMessage`, the replies have not come
  * back within `timeout`, or the server does not answer our close frame
  * within 2 s. Having given up, it does not wait for the server to let go:
  * the connection may linger until the server hangs up (the command line
@@ -126,7 +129,7 @@ export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
   const closed = Promise.withResolvers<CloseEvent>();
   let weClosed = false;
   // Every wait bounded, every message capped, whatever the server does (section 6).
-  using guard = new Guard(socket, {
+  using guard = createGuard(socket, {
     url: options.url,
     timeout: options.timeout ?? DEFAULT_TIMEOUT_MS,
     maxMessage: options.maxMessage ?? DEFAULT_MAX_MESSAGE,
@@ -180,13 +183,29 @@ export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
       ? `${echoes.count} of ${echoes.total} messages came back`
       : `${received} of ${replies} replies`
   );
-  // Code 1006 (shown by Deno as 0) is never sent: it means no close frame came.
-  if (!event.wasClean || event.code === 0 || event.code === 1006) {
-    throw new Error(
-      "connection lost: it closed without a close frame (server crashed or network dropped?)",
-    );
-  }
+  const lost = lostConnection(event, { weClosed });
+  if (lost) throw new Error(`connection lost: ${lost}`);
   return { code: event.code, reason: event.reason, byServer: !weClosed };
+}
+
+// Code 1006 (shown by Deno as 0) is never sent: it means no close frame
+// came. Once we have sent ours, Deno reports a connection that drops before
+// the answer as 1005, clean, the code of a close frame with no code in it
+// (RFC 6455 section 7.1.5 says 1006). We always send a code and a server
+// echoes it (section 5.5.1), so no code back is the answer that never came.
+function lostConnection(
+  event: CloseEvent,
+  { weClosed }: { weClosed: boolean },
+): string | undefined {
+  if (!event.wasClean || event.code === 0 || event.code === ABNORMAL_CLOSURE) {
+    return "it closed without a close frame (server crashed or network dropped?)";
+  }
+  if (weClosed && event.code === NO_STATUS_RECEIVED) {
+    return "no close code came back for our close frame: the connection closed without the " +
+      "server's close frame (server crashed or network dropped?), or its close frame had no " +
+      "code; Deno reports both as 1005";
+  }
+  return undefined;
 }
 
 const STOPPED: unique symbol = Symbol("stopped");
@@ -354,114 +373,106 @@ const MEMORY_CHECK_MS = 50;
  * on each message, a watch on the memory a message still being assembled
  * takes, and a bound on the wait for the answer to our close frame. Giving
  * up rejects `orGiveUp`'s promises; `throwIfCutShort` says why the run
- * ended early.
+ * ended early. Disposing of it stops every timer it set.
  */
-class Guard {
-  #socket: WebSocket;
-  #url: string;
-  #timeout: number;
-  #maxMessage: number;
-  #close: (code?: number, reason?: string) => void;
-  #failure = "";
-  #timedOut = false;
-  #tooBig = 0;
-  #abandoned = Promise.withResolvers<never>();
-  #deadline: ReturnType<typeof setTimeout>;
-  #closeWait: ReturnType<typeof setTimeout> | undefined;
-  #stopWatching: () => void;
+function createGuard(socket: WebSocket, options: {
+  url: string;
+  timeout: number;
+  maxMessage: number;
+  close: (code?: number, reason?: string) => void;
+}) {
+  const { url, timeout, close } = options;
+  const maxMessage = Math.min(options.maxMessage, DENO_MAX_FRAME);
+  // What the error event said: the close event that follows has no detail.
+  let failure = "";
+  let timedOut = false;
+  // The size of the message over the cap, once one has come.
+  let tooBig = 0;
+  const abandoned = Promise.withResolvers<never>();
+  abandoned.promise.catch(() => {});
+  const deadline = setTimeout(onDeadline, timeout);
+  let closeWait: ReturnType<typeof setTimeout> | undefined;
+  const stopWatching = watchNativeMemory(NATIVE_MEMORY_HEADROOM + 4 * maxMessage, onMemoryRunaway);
 
-  constructor(socket: WebSocket, options: {
-    url: string;
-    timeout: number;
-    maxMessage: number;
-    close: (code?: number, reason?: string) => void;
-  }) {
-    this.#socket = socket;
-    this.#url = options.url;
-    this.#timeout = options.timeout;
-    this.#maxMessage = Math.min(options.maxMessage, DENO_MAX_FRAME);
-    this.#close = options.close;
-    this.#abandoned.promise.catch(() => {});
-    this.#deadline = setTimeout(() => this.#onDeadline(), this.#timeout);
-    const limit = NATIVE_MEMORY_HEADROOM + 4 * this.#maxMessage;
-    this.#stopWatching = watchNativeMemory(limit, (grown) => this.#onMemoryRunaway(grown));
-  }
-
-  /** `promise`, unless we give up on the server first. */
-  orGiveUp<T>(promise: Promise<T>): Promise<T> {
-    return Promise.race([promise, this.#abandoned.promise]);
-  }
-
-  /** Keeps the error event's detail: the close event that follows has none. */
-  noteError(event: Event): void {
-    this.#failure ||= (event as ErrorEvent).message ?? "";
-  }
-
-  /** Why the handshake failed, in words for the user. */
-  connectError(): Error {
-    return new Error(connectFailure(this.#failure, this.#url));
-  }
-
-  /** The deadline covers only the handshake, unless the run waits for replies. */
-  handshakeDone({ runBounded }: { runBounded: boolean }): void {
-    if (!runBounded) clearTimeout(this.#deadline);
-  }
-
-  /** False for a message over the cap: the connection is closed with 4009 instead. */
-  admits(data: string | ArrayBuffer): boolean {
-    if (this.#tooBig) return false;
-    const size = messageSize(data, this.#maxMessage);
-    if (size <= this.#maxMessage) return true;
-    this.#tooBig = size;
-    this.#close(MESSAGE_TOO_BIG, `message too big (max ${this.#maxMessage} bytes)`);
-    return false;
-  }
-
-  /** A server that never answers our close frame would keep us forever. */
-  awaitCloseAnswer(): void {
-    this.#closeWait = setTimeout(() => {
-      this.#abandoned.reject(
-        new Error(`the server did not answer our close frame within ${CLOSE_WAIT_MS} ms; gave up`),
-      );
-    }, CLOSE_WAIT_MS);
-  }
-
-  /** After the close: throws if a limit, not the conversation, ended it. */
-  throwIfCutShort(progress: () => string): void {
-    if (this.#tooBig) {
-      throw new Error(
-        `the server sent a message of ${this.#tooBig} bytes, over --max-message ${this.#maxMessage}; ` +
-          "closed the connection (raise --max-message to accept it)",
-      );
-    }
-    if (this.#timedOut) throw new Error(`timed out: ${progress()} in ${this.#timeout} ms`);
-  }
-
-  [Symbol.dispose](): void {
-    clearTimeout(this.#deadline);
-    clearTimeout(this.#closeWait);
-    this.#stopWatching();
-  }
-
-  #onDeadline(): void {
-    this.#timedOut = true;
+  function onDeadline(): void {
+    timedOut = true;
     // Closing a socket that is still connecting cancels the handshake.
-    if (this.#socket.readyState === WebSocket.CONNECTING) {
-      this.#failure ||= "timed out";
-      this.#socket.close();
-    } else this.#close();
+    if (socket.readyState === WebSocket.CONNECTING) {
+      failure ||= "timed out";
+      socket.close();
+    } else close();
   }
 
-  #onMemoryRunaway(grown: number): void {
-    this.#close(MESSAGE_TOO_BIG, `message too big (max ${this.#maxMessage} bytes)`);
+  function onMemoryRunaway(grown: number): void {
+    close(MESSAGE_TOO_BIG, `message too big (max ${maxMessage} bytes)`);
     // It keeps arriving until the server reads our close: no waiting for that.
-    this.#abandoned.reject(
+    abandoned.reject(
       new Error(
-        `the server is sending a message over --max-message ${this.#maxMessage} ` +
+        `the server is sending a message over --max-message ${maxMessage} ` +
           `(${Math.round(grown / 1048576)} MiB of memory so far, and it has not ended); gave up`,
       ),
     );
   }
+
+  return {
+    /** `promise`, unless we give up on the server first. */
+    orGiveUp<T>(promise: Promise<T>): Promise<T> {
+      return Promise.race([promise, abandoned.promise]);
+    },
+
+    /** Keeps the error event's detail: the close event that follows has none. */
+    noteError(event: Event): void {
+      failure ||= (event as ErrorEvent).message ?? "";
+    },
+
+    /** Why the handshake failed, in words for the user. */
+    connectError(): Error {
+      return new Error(connectFailure(failure, url));
+    },
+
+    /** The deadline covers only the handshake, unless the run waits for replies. */
+    handshakeDone({ runBounded }: { runBounded: boolean }): void {
+      if (!runBounded) clearTimeout(deadline);
+    },
+
+    /** False for a message over the cap: the connection is closed with 4009 instead. */
+    admits(data: string | ArrayBuffer): boolean {
+      if (tooBig) return false;
+      const size = messageSize(data, maxMessage);
+      if (size <= maxMessage) return true;
+      tooBig = size;
+      close(MESSAGE_TOO_BIG, `message too big (max ${maxMessage} bytes)`);
+      return false;
+    },
+
+    /** A server that never answers our close frame would keep us forever. */
+    awaitCloseAnswer(): void {
+      closeWait = setTimeout(() => {
+        abandoned.reject(
+          new Error(
+            `the server did not answer our close frame within ${CLOSE_WAIT_MS} ms; gave up`,
+          ),
+        );
+      }, CLOSE_WAIT_MS);
+    },
+
+    /** After the close: throws if a limit, not the conversation, ended it. */
+    throwIfCutShort(progress: () => string): void {
+      if (tooBig) {
+        throw new Error(
+          `the server sent a message of ${tooBig} bytes, over --max-message ${maxMessage}; ` +
+            "closed the connection (raise --max-message to accept it)",
+        );
+      }
+      if (timedOut) throw new Error(`timed out: ${progress()} in ${timeout} ms`);
+    },
+
+    [Symbol.dispose](): void {
+      clearTimeout(deadline);
+      clearTimeout(closeWait);
+      stopWatching();
+    },
+  };
 }
 
 // A message's size in bytes, or at least enough of it to compare with `max`:
