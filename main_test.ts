@@ -3999,18 +3999,6 @@ Deno.test("wire faults: --drop-close when the client closes first: ws_client say
   assert.deepEqual([dropped.dir, dropped.code], ["c2s", 1000]);
 });
 
-Deno.test("style: ws_client.ts keeps its limits in functions (createGuard), no class and no `this`", async () => {
-  const source = await Deno.readTextFile(scriptPath("ws_client.ts"));
-  const limits = source.split(/^\/\/ -+ 6\. limits.*$/m)[1]?.split(/^\/\/ -+ 7\. /m)[0];
-  assert.ok(limits, "ws_client.ts has a section 6 (limits) followed by a section 7");
-  assert.match(limits, /^function createGuard\(/m);
-  assert.doesNotMatch(limits, /^\s*(export\s+)?class\s/m);
-  assert.doesNotMatch(limits, /\bthis\./);
-  // The reading order at the top names it, and runWsClient uses it.
-  assert.match(source.split("*/")[0], /6\. Limits:.*createGuard/);
-  assert.match(source, /using guard = createGuard\(/);
-});
-
 Deno.test("wire faults: behind --stall-after towards the server, a client's reset still ends the connection", async () => {
   const { default: net } = await import("node:net");
   using upstream = rawTcpServer();
