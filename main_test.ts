@@ -3935,8 +3935,13 @@ Deno.test("bridge ws://: the browser page follows Accept-Language like ws_server
 Deno.test("wire faults: behind --stall-after, a connection whose two ends have closed ends and is reported, the rest discarded and counted", async (t) => {
   // Which way stalls, who sends, and who closes first: the stalled side's
   // sender closes last, so its FIN is what the proxy must still read.
-  for (const faultsTo of ["client", "server"] as const) {
-    await t.step(`--faults-to ${faultsTo}`, async () => {
+  // With --latency the bytes before the stall wait in the delay line while
+  // the rest is read: what is shown and what is discarded must not change.
+  const cases = [[], ["--latency", "50"]].flatMap((delay) =>
+    (["client", "server"] as const).map((faultsTo) => ({ delay, faultsTo }))
+  );
+  for (const { delay, faultsTo } of cases) {
+    await t.step(`--faults-to ${faultsTo} ${delay.join(" ")}`, async () => {
       using upstream = rawTcpServer();
       await using wire = await spawnWire([
         "--to",
@@ -3945,6 +3950,7 @@ Deno.test("wire faults: behind --stall-after, a connection whose two ends have c
         "5",
         "--faults-to",
         faultsTo,
+        ...delay,
       ]);
       using client = await connectTcp(wire.port);
       using server = bufferedConn(await upstream.accept());
@@ -3967,6 +3973,9 @@ Deno.test("wire faults: behind --stall-after, a connection whose two ends have c
       assert.equal(closed[`discarded_${dir}`], 12, JSON.stringify(closed));
       assert.ok(!wire.events.some((e) => e.type === "fin" && e.dir === dir), "no FIN passed on");
       assert.ok(!wire.events.some((e) => e.type === "reset"), "both ends closed cleanly");
+      // Only what passed is shown: the 5 bytes, none of the discarded rest.
+      const shown = wire.events.filter((e) => e.type === "data" && e.dir === dir);
+      assert.deepEqual(shown.map((e) => e.text).join(""), "hello", JSON.stringify(shown));
       assertDocumentedFields(wire.events);
     });
   }

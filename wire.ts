@@ -359,7 +359,7 @@ async function pump(
     }
     conn.bytes[direction.dir] += n;
     // Only what passed is shown: a stall's discarded tail is just counted.
-    const passed = n - ((conn.discarded[direction.dir] ?? 0) - discardedBefore);
+    const passed = Math.max(0, n - ((conn.discarded[direction.dir] ?? 0) - discardedBefore));
     if (passed > 0) observeSafely(state, conn, direction, chunk.subarray(0, passed));
     const backlog = state.waitForOutput?.();
     if (backlog) await backlog;
@@ -1520,9 +1520,12 @@ function sleep(ms: number, faults: ConnectionFaults): Promise<void> {
 
 // ------------------------------------------------ 6a. TCP-level faults
 //
-// Bytes pass in order through: the delay line (--latency, --jitter), then the
-// byte counter (--reset-after, --close-after, --stall-after), then the pacer
-// (--bandwidth, --slice). Counts are bytes forwarded in this direction.
+// Bytes pass in order through: the stall (--stall-after), the delay line
+// (--latency, --jitter), the byte counter (--reset-after, --close-after),
+// then the pacer (--bandwidth, --slice). Counts are bytes forwarded in this
+// direction. The stall comes first so that it is decided as the bytes are
+// read: section 1 then shows only what will pass, and knows whether to pass
+// a FIN on, even while the bytes before the stall wait in the delay line.
 
 function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: Sink): Sink {
   const options = state.faults!.options;
@@ -1530,10 +1533,10 @@ function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: S
   const limits = [
     ["reset-after", options.resetAfter],
     ["close-after", options.closeAfter],
-    ["stall-after", options.stallAfter],
   ].filter(([, after]) => after !== undefined) as [string, number][];
   const paced = options.bandwidth !== undefined || options.slice !== undefined;
-  if (!limits.length && !paced && !options.latency && !options.jitter) return to;
+  const delayed = options.latency || options.jitter;
+  if (!limits.length && !paced && !delayed && options.stallAfter === undefined) return to;
   let forwarded = 0;
   let tripped = false;
   let nextFree = 0;
@@ -1564,7 +1567,6 @@ function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: S
   }
 
   async function count(bytes: Uint8Array): Promise<void> {
-    if (conn.discarded[dir] !== undefined) return stallDiscard(conn, dir, bytes.length);
     if (tripped) return faults.stopped;
     const hit = limits.filter(([, after]) => forwarded + bytes.length >= after)
       .sort((a, b) => a[1] - b[1])[0];
@@ -1577,30 +1579,24 @@ function tcpFaultStage(state: WireState, conn: Connection, dir: Direction, to: S
     tripped = true;
     fault(state, conn, dir, name, { bytes: after });
     endByFault(conn, dir, name);
-    if (name === "stall-after") stallDiscard(conn, dir, forwarded + bytes.length - after);
     forwarded = after;
   }
 
-  // After a stall the FIN is swallowed like the bytes; after a reset or a
-  // close the connection is going, and nothing waits on this direction.
+  // After a reset or a close the connection is going, and nothing waits on
+  // this direction.
   function closeWrite(): Promise<void> {
-    if (conn.discarded[dir] !== undefined) return Promise.resolve();
     return tripped ? faults.stopped : to.closeWrite();
   }
 
-  const delayed = options.latency || options.jitter;
-  if (!delayed) return { write: count, closeWrite };
-  return delayLine(state, conn, dir, { write: count, closeWrite });
+  let sink: Sink = { write: count, closeWrite };
+  if (delayed) sink = delayLine(state, conn, dir, sink);
+  if (options.stallAfter !== undefined) sink = stallStage(state, conn, dir, sink);
+  return sink;
 }
 
 // --reset-after sends the receiver a RST (and closes the sender's side);
-// --close-after a FIN to the receiver, then closes; --stall-after nothing:
-// the receiver hears no more, and the connection stays open.
+// --close-after a FIN to the receiver, then closes.
 function endByFault(conn: Connection, dir: Direction, name: string): void {
-  if (name === "stall-after") {
-    conn.discarded[dir] = 0;
-    return;
-  }
   const receiver = dir === "c2s" ? conn.server! : conn.client;
   if (name === "reset-after") receiver.reset?.();
   else receiver.closeWrite().catch(() => {});
@@ -1614,9 +1610,30 @@ function endByFault(conn: Connection, dir: Direction, name: string): void {
 // sends is thrown away and counted (the close event's `discarded_*`); its
 // FIN is swallowed (section 1's passFin); the connection ends, and is
 // reported, once the other direction is done too, like any other.
-function stallDiscard(conn: Connection, dir: Direction, bytes: number): Promise<void> {
-  conn.discarded[dir] = (conn.discarded[dir] ?? 0) + bytes;
-  return Promise.resolve();
+function stallStage(state: WireState, conn: Connection, dir: Direction, to: Sink): Sink {
+  const after = state.faults!.options.stallAfter!;
+  let forwarded = 0;
+  return {
+    async write(bytes) {
+      if (conn.discarded[dir] !== undefined) {
+        conn.discarded[dir] += bytes.length;
+        return;
+      }
+      if (forwarded + bytes.length < after) {
+        forwarded += bytes.length;
+        return await to.write(bytes);
+      }
+      const passing = after - forwarded;
+      forwarded = after;
+      // Decided before anything is awaited: the caller sees the stall at once.
+      conn.discarded[dir] = bytes.length - passing;
+      fault(state, conn, dir, "stall-after", { bytes: after });
+      if (passing > 0) await to.write(bytes.subarray(0, passing));
+    },
+    closeWrite() {
+      return conn.discarded[dir] !== undefined ? Promise.resolve() : to.closeWrite();
+    },
+  };
 }
 
 // Each chunk is copied (the read buffer is reused) and written once its time
@@ -1937,6 +1954,8 @@ function webSocketStage(
     if (dir !== "s2c") return;
     if (options.pingEvery !== undefined) {
       pingTimer = setInterval(() => {
+        // A stalled direction passes nothing, our own pings included.
+        if (conn.discarded[dir] !== undefined) return;
         const text = `${PING_PREFIX}${++pingCount}`;
         if (faults.pings.length >= 16) faults.pings.shift();
         faults.pings.push(text);
