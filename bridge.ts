@@ -839,11 +839,13 @@ function pageTexts(lang: PageLanguage) {
           : "each message you send is written to it as it is, with no newline, and each read " +
             "from it comes back as one binary message, cut wherever TCP cut the bytes."),
       lineHint: "→ marks what you sent; the lines after it are the server's answer. A chat " +
-        "server names you as you join: from then on your own lines come back from it in blue, " +
-        "like everyone else's.",
+        "server names you as you join: from then on your own lines come back from it, as " +
+        "everyone else's do, and show in blue.",
+      rawHint: "→ marks what you sent; what the server sends back shows as binary messages, " +
+        "as many as TCP made reads.",
       chatHint: "Chat: every message goes to everyone connected, you included. Your own lines " +
-        "come back from the server like everyone else's (in blue): that is how you know " +
-        "they arrived. Open a second tab to talk to yourself.",
+        "come back from the server as everyone else's do, and show in blue: that is how you " +
+        "know they arrived. Open a second tab to talk to yourself.",
       bridgeUrl: "Bridge URL",
       connect: "Connect",
       disconnect: "Disconnect",
@@ -871,10 +873,13 @@ function pageTexts(lang: PageLanguage) {
             "e cada leitura volta como uma mensagem binária, cortada onde o TCP cortou os bytes."),
       lineHint: "→ marca o que você enviou; as linhas que vêm depois são a resposta do servidor. " +
         "Um servidor de chat te dá um nome assim que você entra: daí em diante as suas " +
-        "próprias linhas voltam dele em azul, igual às dos outros.",
+        "próprias linhas voltam dele, como as dos outros, e aparecem em azul.",
+      rawHint: "→ marca o que você enviou; o que o servidor manda de volta aparece como " +
+        "mensagens binárias, tantas quantas foram as leituras do TCP.",
       chatHint: "Chat: cada mensagem vai para todo mundo que está conectado, inclusive você. " +
-        "Suas próprias linhas voltam do servidor igual às dos outros (em azul): é assim que " +
-        "você sabe que elas chegaram. Abra uma segunda aba para conversar com você mesmo.",
+        "Suas próprias linhas voltam do servidor, como as dos outros, e aparecem em azul: é " +
+        "assim que você sabe que elas chegaram. Abra uma segunda aba para conversar com você " +
+        "mesmo.",
       bridgeUrl: "URL da ponte",
       connect: "Conectar",
       disconnect: "Desconectar",
@@ -924,7 +929,7 @@ function page(
 </style>
 <h1>${t.heading} <span id="you"></span></h1>
 <p id="relay">${t.relay(`<code>${escapeHtml(to)}</code>`, framing)}</p>
-<p id="hint">${t.lineHint}</p>
+<p id="hint">${framing === "lines" ? t.lineHint : t.rawHint}</p>
 <form id="connect-form">
   <input id="url" aria-label="${t.bridgeUrl}" spellcheck="false">
   <button id="connect">${t.connect}</button>
@@ -1003,7 +1008,7 @@ function page(
       me = "";
       fresh = true;
       $("you").textContent = "";
-      $("hint").textContent = ${js(t.lineHint)};
+      $("hint").textContent = ${js(framing === "lines" ? t.lineHint : t.rawHint)};
       setConnected(false);
     };
   };

@@ -1815,7 +1815,12 @@ const COMMON_EVENT_FIELDS = ["conn", "dir", "type", "t_ms"];
 function createEventLog() {
   const events: WireEvent[] = [];
   let ended = false;
-  let wake = () => {};
+  // Every wait is woken by each event: two tests' waits may be pending at once.
+  const waiters = new Set<() => void>();
+  const wake = () => {
+    for (const resolve of waiters) resolve();
+    waiters.clear();
+  };
   return {
     events,
     onEvent(event: WireEvent) {
@@ -1833,7 +1838,7 @@ function createEventLog() {
             const found = events.find(predicate);
             if (found) return found;
             if (ended) throw new Error(`wire.ts ended before ${what}`);
-            await new Promise<void>((resolve) => wake = resolve);
+            await new Promise<void>((resolve) => waiters.add(resolve));
           }
         })(),
         what,

@@ -239,7 +239,7 @@ interface Connection {
   closing: boolean;
   /** FIN seen in each direction. */
   finished: { c2s: boolean; s2c: boolean };
-  /** Bytes read and thrown away since --stall-after stalled that direction; undefined until it does. */
+  /** Bytes read and thrown away since --stall-after stalled a direction; undefined until then. */
   discarded: Record<Direction, number | undefined>;
   /** The pending upgrade's Sec-WebSocket-Key, between request and response. */
   websocketKey?: string;
@@ -394,13 +394,19 @@ async function passFin(
   // A stalled direction passes nothing on, its FIN included (section 6a).
   if (conn.discarded[direction.dir] !== undefined) return;
   endOfStream(state, conn, direction);
-  conn.finished[direction.dir] = true;
+  markFinished(conn, direction.dir);
   emit(state, conn, direction.dir, "fin", {});
   try {
     await to.closeWrite();
   } catch {
     // The other side is gone already; its own loop reports how.
   }
+}
+
+// The FIN has passed this way. A stall the other way waits for it (section 6a).
+function markFinished(conn: Connection, dir: Direction): void {
+  conn.finished[dir] = true;
+  conn.faults?.finished[dir].resolve();
 }
 
 function sideOf(dir: Direction, end: "from" | "to"): "client" | "server" {
@@ -1408,8 +1414,13 @@ interface ConnectionFaults {
   pings: string[];
   closeSent: boolean;
   messagesToClient: number;
+  /** Resolved once the FIN has passed that way (section 1's markFinished). */
+  finished: Record<Direction, PromiseWithResolvers<void>>;
 }
 
+// What a stalled direction takes in before its sender waits: about what a
+// hung peer's kernel would still accept (Linux's default receive buffer).
+const STALL_WINDOW = 128 * 1024;
 // A delayed direction keeps at most this many bytes; past it the sender waits.
 const DELAY_LINE_LIMIT = 1024 * 1024;
 /** The largest --fragment: one fragment is what a fragmenting direction holds. */
@@ -1488,6 +1499,7 @@ function faultySinks(
     pings: [],
     closeSent: false,
     messagesToClient: 0,
+    finished: { c2s: Promise.withResolvers(), s2c: Promise.withResolvers() },
   };
   const to = options.to ?? "both";
   const server = to !== "client", client = to !== "server";
@@ -1603,20 +1615,27 @@ function endByFault(conn: Connection, dir: Direction, name: string): void {
   abortConnection(conn);
 }
 
-// A stall means "stop forwarding this direction, keep the connection open".
-// Its sender is still read, for two reasons: holding its bytes would grow
-// without bound, and no longer reading would hide its FIN or its reset, so a
-// connection whose two ends had both closed would never end. What it still
-// sends is thrown away and counted (the close event's `discarded_*`); its
-// FIN is swallowed (section 1's passFin); the connection ends, and is
-// reported, once the other direction is done too, like any other.
+// A stall means "stop forwarding this direction, keep the connection open",
+// as a peer that hangs: it stops reading, but its kernel still takes in up to
+// a receive buffer's worth. So what the sender still sends is read and thrown
+// away (counted: the close event's `discarded_*`) up to STALL_WINDOW; past
+// it, reading waits, and the sender's writes block (backpressure), until the
+// other direction's FIN has passed. From then on all of it is read and
+// discarded, so that its own FIN or reset is seen: the connection ends, and
+// is reported, like any other. Its FIN is swallowed (section 1's passFin).
 function stallStage(state: WireState, conn: Connection, dir: Direction, to: Sink): Sink {
   const after = state.faults!.options.stallAfter!;
+  const faults = conn.faults!;
   let forwarded = 0;
   return {
     async write(bytes) {
-      if (conn.discarded[dir] !== undefined) {
-        conn.discarded[dir] += bytes.length;
+      const discarded = conn.discarded[dir];
+      if (discarded !== undefined) {
+        if (discarded >= STALL_WINDOW) {
+          const other = dir === "c2s" ? "s2c" : "c2s";
+          await Promise.race([faults.finished[other].promise, faults.stopped]);
+        }
+        conn.discarded[dir] = conn.discarded[dir]! + bytes.length;
         return;
       }
       if (forwarded + bytes.length < after) {

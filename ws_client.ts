@@ -107,10 +107,10 @@ const encoder = new TextEncoder();
  * ```
  *
  * @throws {Error} when the connection fails (the message says why: refused,
- * not a WebSocket server, a certificate refused and why), drops without a
- * close frame (before the server's or, after ours, before its answer), brings a message over `maxMessage`, the replies have not come
- * back within `timeout`, or the server does not answer our close frame
- * within 2 s. Having given up, it does not wait for the server to let go:
+ * not a WebSocket server, a certificate refused and why), drops without the
+ * server's close frame (whether or not we sent ours first), brings a message
+ * over `maxMessage`, the replies have not come back within `timeout`, or the
+ * server does not answer our close frame within 2 s. Having given up, it does not wait for the server to let go:
  * the connection may linger until the server hangs up (the command line
  * exits at once).
  */
@@ -191,8 +191,9 @@ export async function runWsClient(options: WsClientOptions): Promise<WsClose> {
 // Code 1006 (shown by Deno as 0) is never sent: it means no close frame
 // came. Once we have sent ours, Deno reports a connection that drops before
 // the answer as 1005, clean, the code of a close frame with no code in it
-// (RFC 6455 section 7.1.5 says 1006). We always send a code and a server
-// echoes it (section 5.5.1), so no code back is the answer that never came.
+// (RFC 6455 section 7.1.5 says 1006). We always send a code, and servers
+// typically echo it (section 5.5.1): no code back is most likely the answer
+// that never came, and the line we print names both causes.
 function lostConnection(
   event: CloseEvent,
   { weClosed }: { weClosed: boolean },

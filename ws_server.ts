@@ -1190,8 +1190,8 @@ function pageTexts(lang: PageLanguage) {
       title: (mode: Mode) => `WebSocket ${mode} client`,
       heading: (mode: Mode) => `WebSocket client, ${mode} mode`,
       chatHint: "Chat: every message goes to everyone connected, you included. Your own lines " +
-        "come back from the server like everyone else's (in blue): that is how you know " +
-        "they arrived. Open a second tab to talk to yourself.",
+        "come back from the server as everyone else's do, and show in blue: that is how you " +
+        "know they arrived. Open a second tab to talk to yourself.",
       echoHint: "Echo: the server sends every message straight back, whole. → marks what you " +
         "sent; the line under it is the server's reply, one message in, one message out.",
       serverUrl: "Server URL",
@@ -1214,8 +1214,9 @@ function pageTexts(lang: PageLanguage) {
       title: (mode: Mode) => `Cliente WebSocket ${mode}`,
       heading: (mode: Mode) => `Cliente WebSocket, modo ${mode}`,
       chatHint: "Chat: cada mensagem vai para todo mundo que está conectado, inclusive você. " +
-        "Suas próprias linhas voltam do servidor igual às dos outros (em azul): é assim que " +
-        "você sabe que elas chegaram. Abra uma segunda aba para conversar com você mesmo.",
+        "Suas próprias linhas voltam do servidor, como as dos outros, e aparecem em azul: é " +
+        "assim que você sabe que elas chegaram. Abra uma segunda aba para conversar com você " +
+        "mesmo.",
       echoHint: "Echo: o servidor devolve cada mensagem na hora, inteira. → marca o que você " +
         "enviou; a linha de baixo é a resposta do servidor, uma mensagem de ida, uma de volta.",
       serverUrl: "URL do servidor",

@@ -213,12 +213,15 @@ Deno.test("idle_memory: a small run reads each server's memory; a 64 KiB read bu
 });
 
 Deno.test("idle_memory: bad flags are one line, the usage, exit 2", async () => {
-  const { code, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", scriptPath("tools/idle_memory.ts"), "--runs", "0"],
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-  }).output();
+  const { code, stderr } = await within(
+    new Deno.Command(Deno.execPath(), {
+      args: ["run", "-A", scriptPath("tools/idle_memory.ts"), "--runs", "0"],
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).output(),
+    "idle_memory.ts --runs 0",
+  );
   assert.equal(code, 2);
   const text = decoder.decode(stderr);
   assert.match(text.split("\n")[0], /^idle_memory\.ts: --runs must be a whole number from 1 to 20/);

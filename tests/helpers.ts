@@ -314,8 +314,12 @@ export function awaitableLog() {
     return lines.filter((line) => matches(match, line)).length;
   }
   async function until<T>(found: () => T | undefined, what: string, ms: number): Promise<T> {
+    // A wait that timed out must not wake later and take a line (`next`).
+    let gaveUp = false;
     const waiting = (async () => {
-      for (let value = found();; value = found()) {
+      for (;;) {
+        if (gaveUp) return undefined as T;
+        const value = found();
         if (value !== undefined) return value;
         await new Promise<void>((resolve) => waiters.add(resolve));
       }
@@ -323,6 +327,7 @@ export function awaitableLog() {
     try {
       return await within(waiting, what, ms);
     } catch (error) {
+      gaveUp = true;
       const last = lines.slice(-5).map((line) => JSON.stringify(line)).join(" | ");
       throw new Error(`${(error as Error).message}; ${lines.length} line(s), the last: ${last}`);
     }

@@ -4,8 +4,8 @@
  *
  * A connection that says nothing still holds its read: the buffer the kernel
  * will copy the next bytes into. This opens many connections to each server,
- * has each say one thing (an echo; in chat, the `* you are` line and the
- * join), leaves them all open and idle, and reads how much the server's
+ * has each make one exchange (in echo, a line sent and echoed; in chat, the
+ * join and the `* you are` line read back), leaves them all open and idle, and reads how much the server's
  * resident set grew, divided by the connections. The servers are, each a
  * fresh process per run, in an order that rotates from run to run:
  *
@@ -44,7 +44,7 @@ const DEFAULT_RUNS = 3;
 // Connections opened at once: fast enough to open thousands in seconds, slow
 // enough that the listener's backlog never overflows.
 const OPENING_IN_PARALLEL = 32;
-// After the last connection has said its one thing, the server may still be
+// After the last connection has made its exchange, the server may still be
 // busy (a chat delivers N joins to N clients): memory is read once it has
 // used no CPU for QUIET_MS (the burst figure), and again --settle seconds
 // later (the settled figure). In between, V8 gives back the heap that the
@@ -59,7 +59,7 @@ const QUIET_TICKS = 2;
 const RESERVED_FILES = 64;
 const MESSAGE = new TextEncoder().encode("hello, idle world\n");
 
-/** One server measured: how it is started and how a connection says its one thing. */
+/** One server measured: how it is started and the one exchange each connection makes. */
 interface Subject {
   name: string;
   script: string;
@@ -237,12 +237,13 @@ function table(figures: Map<string, Figure[]>, options: Options): string {
   );
   return [
     `Server memory per idle TCP connection, KiB: ${options.connections} connections, ` +
-    `median of ${options.runs} runs`,
+    (options.runs === 1 ? "one run" : `median of ${options.runs} runs`),
     `  ${"server".padEnd(20)} ${"burst".padStart(8)} ${"settled".padStart(8)} ` +
     `${"vs 64 KiB".padStart(10)} ${"vs 4 KiB".padStart(9)}`,
     ...rows,
-    `burst: as soon as the server is idle; settled: ${options.settle} s later, once V8 has`,
-    `given back the heap the burst's garbage grew. The ratios are of the settled figures.`,
+    `burst: as soon as the server is idle; settled: ${options.settle} s later (V8 gives back`,
+    `the heap a burst's garbage grew some 10-15 s after it ends). The ratios are of the settled`,
+    `figures.`,
   ].join("\n");
 }
 

@@ -12,6 +12,7 @@
  */
 
 import { parseArgs } from "node:util";
+import { flagError, runCommand, UsageError } from "./shared.ts";
 
 async function echo(conn: Deno.Conn, bufferSize: number): Promise<void> {
   const buf = new Uint8Array(bufferSize);
@@ -31,22 +32,50 @@ async function echo(conn: Deno.Conn, bufferSize: number): Promise<void> {
   }
 }
 
-if (import.meta.main) {
-  const { values } = parseArgs({
-    options: {
-      port: { type: "string", default: "0" },
-      buffer: { type: "string", default: "65536" },
-      // Accepted, as the project's servers do: there is nothing to log.
-      quiet: { type: "boolean" },
-    },
-  });
-  const bufferSize = Number(values.buffer);
-  if (!Number.isInteger(bufferSize) || bufferSize < 1) {
-    console.error("plain_tcp_echo.ts: --buffer must be a positive number of bytes");
-    Deno.exit(2);
+const USAGE = `Usage: plain_tcp_echo.ts [--port PORT] [--buffer BYTES]
+
+The plainest Deno TCP echo server, on 127.0.0.1: one read/write loop per
+connection over one buffer of BYTES (default 65536). A baseline for
+idle_memory.ts. --quiet is accepted and changes nothing.`;
+
+function parse(args: string[]) {
+  let values;
+  try {
+    values = parseArgs({
+      args,
+      strict: true,
+      options: {
+        port: { type: "string", default: "0" },
+        buffer: { type: "string", default: "65536" },
+        // Accepted, as the project's servers do: there is nothing to log.
+        quiet: { type: "boolean" },
+        help: { type: "boolean", short: "h", default: false },
+      },
+    }).values;
+  } catch (error) {
+    throw flagError(error);
   }
-  const listener = Deno.listen({ hostname: "127.0.0.1", port: Number(values.port) });
-  console.log(`listening on tcp://127.0.0.1:${listener.addr.port}`);
+  const port = Number(values.port);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new UsageError(`--port must be 0 to 65535, not "${values.port}"`);
+  }
+  const bufferSize = Number(values.buffer);
+  if (!Number.isInteger(bufferSize) || bufferSize < 1 || bufferSize > 16 * 1024 * 1024) {
+    throw new UsageError(`--buffer must be 1 to 16777216 bytes, not "${values.buffer}"`);
+  }
+  return { port, bufferSize, help: values.help };
+}
+
+async function serve(options: ReturnType<typeof parse>): Promise<number> {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: options.port });
   Deno.addSignalListener("SIGTERM", () => Deno.exit(0));
-  for await (const conn of listener) echo(conn, bufferSize);
+  console.log(`listening on tcp://127.0.0.1:${listener.addr.port}`);
+  for await (const conn of listener) echo(conn, options.bufferSize);
+  return 0;
+}
+
+if (import.meta.main) {
+  Deno.exit(
+    await runCommand({ name: "plain_tcp_echo.ts", usage: USAGE, parse, run: serve }, Deno.args),
+  );
 }
