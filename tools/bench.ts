@@ -488,7 +488,9 @@ async function measureConnections(round: Round): Promise<Figures> {
     phase.go(0, Math.max(settings.duration, 2));
     while (opened < settings.idle && performance.now() < phase.end) {
       const began = performance.now();
-      const connection = await open(phase);
+      const connection = await open(phase).catch((error) => {
+        throw outOfFiles(error, opened, settings.idle);
+      });
       stamp(message, opened);
       verifyEcho(message, await connection.roundTrip(message));
       openMs[opened++] = performance.now() - began;
@@ -507,6 +509,22 @@ async function measureConnections(round: Round): Promise<Figures> {
       memoryPerConnection,
     };
   });
+}
+
+// Running out of open files here is the machine's limit, not the server's
+// fault: say what to change. (WebSocket's connect error hides the errno, so
+// a failure after some connections opened is taken as the same cause.)
+function outOfFiles(error: unknown, opened: number, wanted: number): unknown {
+  const message = error instanceof Error ? error.message : String(error);
+  if (
+    !/Too many open files|os error 24/.test(message) && !(opened > 0 && /tcp open/.test(message))
+  ) {
+    return error;
+  }
+  return new Error(
+    `${message} after ${opened} of ${wanted} idle connections: raise the open-file limit ` +
+      `("ulimit -n ${wanted + 200}") or lower --idle`,
+  );
 }
 
 // ------------------------------------------------------------------------ TCP
