@@ -512,15 +512,11 @@ async function measureConnections(round: Round): Promise<Figures> {
 }
 
 // Running out of open files here is the machine's limit, not the server's
-// fault: say what to change. (WebSocket's connect error hides the errno, so
-// a failure after some connections opened is taken as the same cause.)
+// fault: say what to change. (Deno's WebSocket connect error hides the
+// errno, so only TCP's says so; the WebSocket phase fails the same way.)
 function outOfFiles(error: unknown, opened: number, wanted: number): unknown {
   const message = error instanceof Error ? error.message : String(error);
-  if (
-    !/Too many open files|os error 24/.test(message) && !(opened > 0 && /tcp open/.test(message))
-  ) {
-    return error;
-  }
+  if (!/Too many open files|os error 24/.test(message)) return error;
   return new Error(
     `${message} after ${opened} of ${wanted} idle connections: raise the open-file limit ` +
       `("ulimit -n ${wanted + 200}") or lower --idle`,
