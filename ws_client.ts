@@ -1049,13 +1049,7 @@ async function main(args: string[]): Promise<number> {
     return 0;
   }
   const why = `code ${close.code}${close.reason ? ` (${close.reason})` : ""}`;
-  report(
-    url,
-    close.byServer
-      ? `the server closed the connection: ${why}`
-      : `the server answered our close with ${why}`,
-    terminal,
-  );
+  report(url, `the server closed the connection: ${why}`, terminal);
   return close.code === NORMAL_CLOSURE ? 0 : 1;
 }
 

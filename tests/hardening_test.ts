@@ -2271,22 +2271,3 @@ Deno.test("log limiter: the first line of a kind, then one summary per window; k
     quick.close();
   }
 });
-
-Deno.test("ws_client: a server that answers our close with another code is reported as answering, not as closing", async () => {
-  await using server = fakeWsServer(async (peer) => {
-    const text = await peer.readFrame();
-    await peer.write(textFrame(decoder.decode(text!.payload)));
-    // Our close (1000) comes once the echo is in; the answer carries 4001.
-    const close = await peer.readFrame();
-    if (close?.opcode === OP_CLOSE) await peer.write(closingFrame(4001, "not so fast"));
-    while (await peer.readFrame());
-  });
-  const run = await runWsClientCli(["--url", server.url, "hi"]);
-  assert.equal(run.killed, undefined);
-  assert.equal(run.stdout, "hi\n");
-  assert.equal(
-    run.stderr,
-    `ws_client: ${server.url}: the server answered our close with code 4001 (not so fast)\n`,
-  );
-  assert.equal(run.code, 1);
-});
