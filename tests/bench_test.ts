@@ -224,6 +224,9 @@ Deno.test("idle_memory: bad flags are one line, the usage, exit 2", async () => 
   );
   assert.equal(code, 2);
   const text = decoder.decode(stderr);
-  assert.match(text.split("\n")[0], /^idle_memory\.ts: --runs must be a whole number from 1 to 20/);
+  assert.match(
+    text.split("\n")[0],
+    /^idle_memory\.ts: --runs must be an integer from 1 to 20, got "0"$/,
+  );
   assert.match(text, /Usage: idle_memory\.ts/);
 });

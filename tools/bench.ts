@@ -30,6 +30,7 @@ import {
   closeQuietly,
   delay,
   flagError,
+  optionalInteger,
   residentBytes,
   runCommand,
   type ServerProcess,
@@ -1198,21 +1199,6 @@ function checkLoopback(flag: string, hostname: string, port: number, text: strin
   if (port < 1 || port > 65535) {
     throw new UsageError(`${flag} needs a port from 1 to 65535, got "${text}"`);
   }
-}
-
-function optionalInteger(
-  name: string,
-  text: string | undefined,
-  min: number,
-  max = Number.MAX_SAFE_INTEGER,
-): number | undefined {
-  if (text === undefined) return undefined;
-  const value = Number(text);
-  if (!/^\d+$/.test(text) || value < min || value > max) {
-    const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
-    throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
-  }
-  return value;
 }
 
 function secondsOption(name: string, text: string): number {

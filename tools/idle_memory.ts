@@ -31,10 +31,10 @@ import {
   delay,
   flagError,
   openFileLimit,
+  optionalInteger,
   residentBytes,
   runCommand,
   spawnServer,
-  UsageError,
   within,
   writeAll,
 } from "./shared.ts";
@@ -282,24 +282,11 @@ function parse(args: string[]) {
   } catch (error) {
     throw flagError(error);
   }
-  const count = (
-    flag: string,
-    value: string | undefined,
-    fallback: number,
-    max: number,
-    min = 1,
-  ) => {
-    if (value === undefined) return fallback;
-    const n = Number(value);
-    if (!Number.isInteger(n) || n < min || n > max) {
-      throw new UsageError(`${flag} must be a whole number from ${min} to ${max}, not "${value}"`);
-    }
-    return n;
-  };
   return {
-    connections: count("--connections", values.connections, DEFAULT_CONNECTIONS, 50_000),
-    runs: count("--runs", values.runs, DEFAULT_RUNS, 20),
-    settle: count("--settle", values.settle, DEFAULT_SETTLE_S, 600, 0),
+    connections: optionalInteger("--connections", values.connections, 1, 50_000) ??
+      DEFAULT_CONNECTIONS,
+    runs: optionalInteger("--runs", values.runs, 1, 20) ?? DEFAULT_RUNS,
+    settle: optionalInteger("--settle", values.settle, 0, 600) ?? DEFAULT_SETTLE_S,
     json: values.json,
     help: values.help,
   };

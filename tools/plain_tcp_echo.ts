@@ -12,7 +12,7 @@
  */
 
 import { parseArgs } from "node:util";
-import { flagError, runCommand, UsageError } from "./shared.ts";
+import { flagError, optionalInteger, runCommand } from "./shared.ts";
 
 async function echo(conn: Deno.Conn, bufferSize: number): Promise<void> {
   const buf = new Uint8Array(bufferSize);
@@ -45,8 +45,8 @@ function parse(args: string[]) {
       args,
       strict: true,
       options: {
-        port: { type: "string", default: "0" },
-        buffer: { type: "string", default: "65536" },
+        port: { type: "string" },
+        buffer: { type: "string" },
         // Accepted, as the project's servers do: there is nothing to log.
         quiet: { type: "boolean" },
         help: { type: "boolean", short: "h", default: false },
@@ -55,14 +55,8 @@ function parse(args: string[]) {
   } catch (error) {
     throw flagError(error);
   }
-  const port = Number(values.port);
-  if (!Number.isInteger(port) || port < 0 || port > 65535) {
-    throw new UsageError(`--port must be 0 to 65535, not "${values.port}"`);
-  }
-  const bufferSize = Number(values.buffer);
-  if (!Number.isInteger(bufferSize) || bufferSize < 1 || bufferSize > 16 * 1024 * 1024) {
-    throw new UsageError(`--buffer must be 1 to 16777216 bytes, not "${values.buffer}"`);
-  }
+  const port = optionalInteger("--port", values.port, 0, 65535) ?? 0;
+  const bufferSize = optionalInteger("--buffer", values.buffer, 1, 16 * 1024 * 1024) ?? 65536;
   return { port, bufferSize, help: values.help };
 }
 

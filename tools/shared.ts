@@ -72,6 +72,36 @@ export function flagError(error: unknown): UsageError {
   );
 }
 
+/**
+ * A whole-number flag's value, or undefined when the flag was not given: a
+ * text that is not digits only, or is outside `min`..`max`, is a UsageError
+ * in the scripts' own words (`--runs must be an integer from 1 to 20, got "0"`).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { optionalInteger } from "./shared.ts";
+ * assert.equal(optionalInteger("--runs", "3", 1, 20), 3);
+ * assert.equal(optionalInteger("--runs", undefined, 1, 20), undefined);
+ * assert.throws(() => optionalInteger("--runs", "0", 1, 20), /--runs must be an integer from 1 to 20, got "0"/);
+ * assert.throws(() => optionalInteger("--pid", "1e3", 1), /--pid must be an integer at least 1/);
+ * ```
+ */
+export function optionalInteger(
+  name: string,
+  text: string | undefined,
+  min: number,
+  max = Number.MAX_SAFE_INTEGER,
+): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < min || value > max) {
+    const range = max === Number.MAX_SAFE_INTEGER ? `at least ${min}` : `from ${min} to ${max}`;
+    throw new UsageError(`${name} must be an integer ${range}, got "${text}"`);
+  }
+  return value;
+}
+
 /** A tool's command line: its name, its usage text, how to read its flags, and what it does. */
 export interface Command<Options extends { help: boolean }> {
   name: string;
