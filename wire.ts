@@ -184,9 +184,10 @@ export interface WireEvent {
 //
 // Each direction writes through a Sink: the socket itself here, or the fault
 // stages of section 6 in front of it, which see both the bytes and the FIN,
-// so their order holds. A direction stalled by --stall-after is still read
-// (and what it carries discarded, section 6a), so its FIN or reset is still
-// seen: a connection ends once both of its senders are done, stalled or not.
+// so their order holds. A direction stalled by --stall-after is read and
+// discarded up to a window, then waits for the other way's FIN, after which
+// it is read again (section 6a), so its FIN or reset is still seen: a
+// connection ends once both of its senders are done, stalled or not.
 
 interface DirectionState {
   dir: Direction;
@@ -350,20 +351,33 @@ async function pump(
     const chunk = n === buffer.length ? buffer : buffer.subarray(0, n);
     // The bytes go first, the explanation after: decoding never delays or
     // changes what is forwarded, and it reads the same buffer, no copy.
-    const discardedBefore = conn.discarded[direction.dir] ?? 0;
+    let passed: Uint8Array;
     try {
-      await to.write(chunk);
+      passed = await forward(conn, direction.dir, to, chunk);
     } catch (error) {
       sideFailed(state, conn, direction.dir, sideOf(direction.dir, "to"), error);
       return;
     }
     conn.bytes[direction.dir] += n;
-    // Only what passed is shown: a stall's discarded tail is just counted.
-    const passed = Math.max(0, n - ((conn.discarded[direction.dir] ?? 0) - discardedBefore));
-    if (passed > 0) observeSafely(state, conn, direction, chunk.subarray(0, passed));
+    if (passed.length > 0) observeSafely(state, conn, direction, passed);
     const backlog = state.waitForOutput?.();
     if (backlog) await backlog;
   }
+}
+
+// Writes a chunk on and returns the part that passed, which is what is shown:
+// all of it, unless a stall (section 6a) discarded its tail, which is only
+// counted.
+async function forward(
+  conn: Connection,
+  dir: Direction,
+  to: Sink,
+  chunk: Uint8Array,
+): Promise<Uint8Array> {
+  const discardedBefore = conn.discarded[dir] ?? 0;
+  await to.write(chunk);
+  const discarded = (conn.discarded[dir] ?? 0) - discardedBefore;
+  return discarded > 0 ? chunk.subarray(0, Math.max(0, chunk.length - discarded)) : chunk;
 }
 
 // Deno's read ends with null after a reset just as after a FIN (Python's
@@ -1352,7 +1366,8 @@ function closeCodeMaySend(code: number): boolean {
 // same messages in the same order, control frames never split, and every
 // client frame masked with a fresh key. Memory stays bounded: a delayed
 // direction holds at most DELAY_LINE_LIMIT bytes, a fragmenting one one
-// fragment, and a stalled one nothing (what still comes is discarded).
+// fragment, and a stalled one nothing (it discards what comes, up to
+// STALL_WINDOW, then its sender waits).
 
 /** The faults `startWire` applies; each field is the flag of the same name. */
 export interface FaultOptions {
@@ -2419,7 +2434,7 @@ function describeFault(e: Record<string, unknown>): string {
       return `${e.bytes} B forwarded: closed (FIN)`;
     case "stall-after":
       return `${e.bytes} B forwarded: stalled, nothing more passes this way ` +
-        `(what still comes is read and discarded; the connection stays open)`;
+        `(what still comes is discarded, then held back; the connection stays open)`;
     case "fragment":
       return `a ${e.bytes}-byte frame re-framed as ${e.frames} frames`;
     case "drop-pongs":
