@@ -3735,72 +3735,92 @@ Deno.test("cli: every server exits 0 on SIGTERM sent the moment it prints its li
   }
 });
 
-Deno.test("ws server: the browser page follows Accept-Language, Portuguese for pt, English otherwise", async () => {
-  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
-  const base = `http://127.0.0.1:${server.addr.port}/`;
-  async function pageFor(acceptLanguage?: string) {
-    const response = await fetch(base, {
-      headers: acceptLanguage === undefined ? {} : { "accept-language": acceptLanguage },
-    });
-    assert.equal(response.status, 200, `Accept-Language: ${acceptLanguage?.slice(0, 40)}`);
-    assert.equal(response.headers.get("vary"), "Accept-Language");
-    assert.equal(response.headers.get("x-content-type-options"), "nosniff");
-    assert.equal(response.headers.get("content-security-policy"), "frame-ancestors 'none'");
-    return { language: response.headers.get("content-language"), html: await response.text() };
-  }
-  const english = [
-    /<html lang="en">/,
-    /<title>WebSocket chat client<\/title>/,
-    />Not connected\.</,
-    />Connect</,
-    /"Closed: code "/,
-  ];
-  const portuguese = [
-    /<html lang="pt-BR">/,
-    /<title>Cliente WebSocket chat<\/title>/,
-    /Cliente WebSocket, modo chat/,
-    /<p id="hint">Chat: cada mensagem vai para todo mundo/,
-    />Desconectado\.</,
-    />Conectar</,
-    /placeholder="Digite uma mensagem"/,
-    /"Conectado a "/,
-    /"Fechada: código "/,
-    /"conexão fechada, código "/,
-  ];
-  for (
-    const header of [
-      "pt-BR,pt;q=0.9,en;q=0.8",
-      "pt",
-      "PT-pt",
-      "en;q=0.5, pt-BR;q=0.8",
-      "fr, pt;q=0.1",
-    ]
-  ) {
-    const { language, html } = await pageFor(header);
+/** Accept-Language headers that must get a page in Portuguese. */
+const PORTUGUESE_ACCEPT_LANGUAGE = [
+  "pt-BR,pt;q=0.9,en;q=0.8",
+  "pt",
+  "PT-pt",
+  "en;q=0.5, pt-BR;q=0.8",
+  "fr, pt;q=0.1",
+];
+/** And ones that must get English: none, other languages, and hostile or broken headers. */
+const ENGLISH_ACCEPT_LANGUAGE = [
+  undefined,
+  "en-US",
+  "en-US,en;q=0.9,pt;q=0.8",
+  "pt;q=0, en;q=0.1",
+  "pt;q=2",
+  "pt;q=abc",
+  "*",
+  "de, fr",
+  ";;;,,,=q;pt;;",
+  "pt-" + "x".repeat(5000),
+  Array.from({ length: 100 }, () => "pt").join(","),
+  "\u00e9\u00e7\u00e3o".repeat(10),
+];
+
+/**
+ * The page at `url` for one Accept-Language, once the headers every served
+ * page carries are checked: its Content-Language and its text.
+ */
+async function fetchPage(url: string, acceptLanguage: string | undefined, method = "GET") {
+  const response = await fetch(url, {
+    method,
+    headers: acceptLanguage === undefined ? {} : { "accept-language": acceptLanguage },
+  });
+  const what = `${method} Accept-Language: ${acceptLanguage?.slice(0, 40)}`;
+  assert.equal(response.status, 200, what);
+  assert.equal(response.headers.get("vary"), "Accept-Language", what);
+  assert.equal(response.headers.get("x-content-type-options"), "nosniff", what);
+  assert.equal(response.headers.get("content-security-policy"), "frame-ancestors 'none'", what);
+  assert.equal(response.headers.get("content-type"), "text/html; charset=utf-8", what);
+  return { language: response.headers.get("content-language"), html: await response.text() };
+}
+
+/**
+ * Every Portuguese header gets the page in Portuguese (with the protocol's
+ * own "* you are NAME" still English), every other one the English page.
+ */
+async function assertFollowsAcceptLanguage(
+  url: string,
+  texts: { portuguese: RegExp[]; english: RegExp[] },
+): Promise<void> {
+  for (const header of PORTUGUESE_ACCEPT_LANGUAGE) {
+    const { language, html } = await fetchPage(url, header);
     assert.equal(language, "pt-BR", header);
-    for (const text of portuguese) assert.match(html, text, header);
-    // The protocol stays English: the page still reads "* you are NAME".
+    for (const text of texts.portuguese) assert.match(html, text, header);
     assert.match(html, /\\\* you are/, header);
   }
-  const hostile = [
-    undefined,
-    "en-US",
-    "en-US,en;q=0.9,pt;q=0.8",
-    "pt;q=0, en;q=0.1",
-    "pt;q=2",
-    "pt;q=abc",
-    "*",
-    "de, fr",
-    ";;;,,,=q;pt;;",
-    "pt-" + "x".repeat(5000),
-    Array.from({ length: 100 }, () => "pt").join(","),
-    "\u00e9\u00e7\u00e3o".repeat(10),
-  ];
-  for (const header of hostile) {
-    const { language, html } = await pageFor(header);
+  for (const header of ENGLISH_ACCEPT_LANGUAGE) {
+    const { language, html } = await fetchPage(url, header);
     assert.equal(language, "en", header?.slice(0, 40));
-    for (const text of english) assert.match(html, text, header?.slice(0, 40));
+    for (const text of texts.english) assert.match(html, text, header?.slice(0, 40));
   }
+}
+
+Deno.test("ws server: the browser page follows Accept-Language, Portuguese for pt, English otherwise", async () => {
+  await using server = startWsServer({ port: 0, mode: "chat", log: quiet });
+  await assertFollowsAcceptLanguage(`http://127.0.0.1:${server.addr.port}/`, {
+    english: [
+      /<html lang="en">/,
+      /<title>WebSocket chat client<\/title>/,
+      />Not connected\.</,
+      />Connect</,
+      /"Closed: code "/,
+    ],
+    portuguese: [
+      /<html lang="pt-BR">/,
+      /<title>Cliente WebSocket chat<\/title>/,
+      /Cliente WebSocket, modo chat/,
+      /<p id="hint">Chat: cada mensagem vai para todo mundo/,
+      />Desconectado\.</,
+      />Conectar</,
+      /placeholder="Digite uma mensagem"/,
+      /"Conectado a "/,
+      /"Fechada: código "/,
+      /"conexão fechada, código "/,
+    ],
+  });
 });
 
 /**
@@ -3859,80 +3879,46 @@ Deno.test("bridge ws://: the browser page follows Accept-Language like ws_server
     framing: "raw",
     log: quiet,
   });
-  async function pageFor(
-    acceptLanguage: string | undefined,
-    { bridge = lines, method = "GET" } = {},
-  ) {
-    const response = await fetch(`http://127.0.0.1:${bridge.addr.port}/`, {
-      method,
-      headers: acceptLanguage === undefined ? {} : { "accept-language": acceptLanguage },
-    });
-    const what = `${method} Accept-Language: ${acceptLanguage?.slice(0, 40)}`;
-    assert.equal(response.status, 200, what);
-    assert.equal(response.headers.get("vary"), "Accept-Language", what);
-    assert.equal(response.headers.get("x-content-type-options"), "nosniff", what);
-    assert.equal(response.headers.get("content-security-policy"), "frame-ancestors 'none'", what);
-    assert.equal(response.headers.get("content-type"), "text/html; charset=utf-8", what);
-    return { language: response.headers.get("content-language"), html: await response.text() };
-  }
-  const english = [
-    /<html lang="en">/,
-    /<title>WebSocket to TCP bridge<\/title>/,
-    /WebSocket client, bridged to TCP <span id="you">/,
-    /relays to the TCP server at <code>tcp:\/\/127\.0\.0\.1:\d+<\/code>: each message you send becomes one line/,
-    /<p id="hint">→ marks what you sent/,
-    /"Chat: every message goes to everyone connected/,
-    />Not connected\.</,
-    />Connect</,
-    /"— you are "/,
-    /"Closed: code "/,
-  ];
-  const portuguese = [
-    /<html lang="pt-BR">/,
-    /<title>Ponte WebSocket para TCP<\/title>/,
-    /Cliente WebSocket, via ponte para TCP <span id="you">/,
-    /repassa tudo para o servidor TCP em <code>tcp:\/\/127\.0\.0\.1:\d+<\/code>: cada mensagem que você envia vira uma linha/,
-    /<p id="hint">→ marca o que você enviou/,
-    /"Chat: cada mensagem vai para todo mundo/,
-    /aria-label="URL da ponte"/,
-    />Desconectado\.</,
-    />Conectar</,
-    /placeholder="Digite uma mensagem"/,
-    /"— você é "/,
-    /"Conectado a "/,
-    /"Fechada: código "/,
-    /"conexão fechada, código "/,
-  ];
-  for (const header of ["pt-BR,pt;q=0.9,en;q=0.8", "pt", "PT-pt", "en;q=0.5, pt-BR;q=0.8"]) {
-    const { language, html } = await pageFor(header);
-    assert.equal(language, "pt-BR", header);
-    for (const text of portuguese) assert.match(html, text, header);
-    // The protocol is the TCP server's: the page still reads "* you are NAME".
-    assert.match(html, /\\\* you are/, header);
-  }
-  const hostile = [
-    undefined,
-    "en-US,en;q=0.9,pt;q=0.8",
-    "pt;q=0, en;q=0.1",
-    "pt;q=2",
-    "*",
-    ";;;,,,=q;pt;;",
-    "pt-" + "x".repeat(5000),
-    Array.from({ length: 100 }, () => "pt").join(","),
-  ];
-  for (const header of hostile) {
-    const { language, html } = await pageFor(header);
-    assert.equal(language, "en", header?.slice(0, 40));
-    for (const text of english) assert.match(html, text, header?.slice(0, 40));
-  }
+  const linesUrl = `http://127.0.0.1:${lines.addr.port}/`;
+  const rawUrl = `http://127.0.0.1:${raw.addr.port}/`;
+  await assertFollowsAcceptLanguage(linesUrl, {
+    english: [
+      /<html lang="en">/,
+      /<title>WebSocket to TCP bridge<\/title>/,
+      /WebSocket client, bridged to TCP <span id="you">/,
+      /relays to the TCP server at <code>tcp:\/\/127\.0\.0\.1:\d+<\/code>: each message you send becomes one line/,
+      /<p id="hint">→ marks what you sent/,
+      /"Chat: every message goes to everyone connected/,
+      />Not connected\.</,
+      />Connect</,
+      /"— you are "/,
+      /"Closed: code "/,
+    ],
+    portuguese: [
+      /<html lang="pt-BR">/,
+      /<title>Ponte WebSocket para TCP<\/title>/,
+      /Cliente WebSocket, via ponte para TCP <span id="you">/,
+      /repassa tudo para o servidor TCP em <code>tcp:\/\/127\.0\.0\.1:\d+<\/code>: cada mensagem que você envia vira uma linha/,
+      /<p id="hint">→ marca o que você enviou/,
+      /"Chat: cada mensagem vai para todo mundo/,
+      /aria-label="URL da ponte"/,
+      />Desconectado\.</,
+      />Conectar</,
+      /placeholder="Digite uma mensagem"/,
+      /"— você é "/,
+      /"Conectado a "/,
+      /"Fechada: código "/,
+      /"conexão fechada, código "/,
+    ],
+  });
   // HEAD answers with the same headers and no body.
-  const head = await pageFor("pt-BR", { method: "HEAD" });
+  const head = await fetchPage(linesUrl, "pt-BR", "HEAD");
   assert.deepEqual(head, { language: "pt-BR", html: "" });
   // With --framing raw the page does not promise lines.
-  const rawPt = await pageFor("pt-BR", { bridge: raw });
+  const rawPt = await fetchPage(rawUrl, "pt-BR");
   assert.match(rawPt.html, /vai para ele do jeito que está, sem quebra de linha/);
   assert.doesNotMatch(rawPt.html, /vira uma linha/);
-  const rawEn = await pageFor("en", { bridge: raw });
+  const rawEn = await fetchPage(rawUrl, "en");
   assert.match(rawEn.html, /is written to it as it is, with no newline/);
   assert.doesNotMatch(rawEn.html, /becomes one line/);
 });
